@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The main job: set up, pretrain MoCo v2 on Fashion-MNIST, report test kNN, plot the curves.
+# Extra arguments are passed to `moco pretrain` (e.g. a config name or key=value overrides).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if [ $# -eq 0 ]; then set -- fmnist_v2; fi
+exec .venv/bin/moco pretrain "$@"

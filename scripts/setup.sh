@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up everything moco needs on a fresh machine: Debian's Fashion-MNIST package (when we can
+# install packages), a virtual environment in .venv with the pinned PyTorch, and moco itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+if [ ! -f "$FMNIST" ]; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo"; else SUDO="none"; fi
+  if [ "$SUDO" != none ] && command -v apt-get >/dev/null; then
+    echo "setup: installing Debian's dataset-fashion-mnist"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "setup: Fashion-MNIST is not installed and this user cannot apt-get install it." >&2
+    echo "setup: run 'sudo apt-get install dataset-fashion-mnist', or pass data.download=true to moco." >&2
+  fi
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+echo "setup: installing torch==2.14.1 torchvision==0.29.1 and moco into .venv"
+.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+echo "setup: done"

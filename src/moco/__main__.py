@@ -1,0 +1,5 @@
+import sys
+
+from moco.cli import main
+
+sys.exit(main())

@@ -1,0 +1,139 @@
+"""MoCo: a query encoder, a momentum key encoder and a queue of keys (He et al., 2020).
+
+``MoCo`` keeps the reference implementation's constructor, attributes and call, so code
+written against it ports unchanged, but runs on CPU or one GPU without a process group.
+The forward pass mirrors Algorithm 1 of the paper::
+
+    q = normalize(f_q(x_q))                       # queries, N x C
+    k = normalize(f_k(x_k)).detach()              # keys, no gradient, shuffle BN
+    logits = cat([q·k+, q·queue]) / T             # N x (1+K), positive at index 0
+    loss = CrossEntropy(logits, zeros)
+    θk ← m·θk + (1−m)·θq ; enqueue(k), dequeue(oldest)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moco.dictionary import check_queue_divisible, enqueue, init_queue
+from moco.distributed import concat_all_gather, encode_with_shuffle_bn, world_size
+from moco.loss import info_nce_logits, positive_first_labels
+from moco.models.heads import add_mlp_head
+from moco.momentum import make_momentum_copy, momentum_update
+
+EncoderFactory = Callable[..., nn.Module]
+
+
+@dataclass
+class MoCoOutput:
+    """What one training step needs: the loss plus the logits behind it (for pretext accuracy)."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor
+
+
+class MoCo(nn.Module):
+    """Momentum Contrast with a queue dictionary.
+
+    Args:
+        base_encoder: ``base_encoder(num_classes=dim)`` builds the encoder (torchvision style),
+            or an ``nn.Module`` instance mapping images to ``dim``-d vectors.
+        dim: feature dimension C of queries and keys.
+        K: queue size (number of negative keys); a multiple of the global key batch.
+        m: momentum of the key encoder, in [0, 1].
+        T: softmax temperature, > 0.
+        mlp: replace the encoder's linear ``fc`` by MoCo v2's 2-layer MLP head.
+        shuffle_bn: encode keys in shuffled batch order (pair with split BN on one device).
+    """
+
+    def __init__(
+        self,
+        base_encoder: Union[EncoderFactory, nn.Module],
+        dim: int = 128,
+        K: int = 65536,
+        m: float = 0.999,
+        T: float = 0.07,
+        mlp: bool = False,
+        *,
+        shuffle_bn: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= m <= 1.0:
+            raise ValueError(f"momentum m must lie in [0, 1], got {m}")
+        if T <= 0:
+            raise ValueError(f"temperature T must be > 0, got {T}")
+        if K <= 0 or dim <= 0:
+            raise ValueError(f"K and dim must be positive, got K={K}, dim={dim}")
+        self.K, self.m, self.T, self.shuffle_bn = K, m, T, shuffle_bn
+
+        encoder = base_encoder if isinstance(base_encoder, nn.Module) else base_encoder(num_classes=dim)
+        if mlp:
+            add_mlp_head(encoder)
+        self.encoder_q = encoder
+        self.encoder_k = make_momentum_copy(encoder)
+
+        self.register_buffer("queue", init_queue(dim, K))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    # --- the pieces of Algorithm 1 -------------------------------------------------------
+    def encode_query(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.encoder_q(images).float(), dim=1)
+
+    @torch.no_grad()
+    def encode_key(self, images: torch.Tensor) -> torch.Tensor:
+        if self.shuffle_bn:
+            k = encode_with_shuffle_bn(self.encoder_k, images)
+        else:
+            k = self.encoder_k(images)
+        return F.normalize(k.float(), dim=1)
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        momentum_update(self.encoder_k, self.encoder_q, self.m)
+
+    def logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """N x (1+K) logits against the queue as it was *before* this batch is enqueued."""
+        return info_nce_logits(q, k, self.queue.clone().detach(), self.T)
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Enqueue this step's keys from every process, so all ranks hold the same queue."""
+        enqueue(self.queue, self.queue_ptr, concat_all_gather(keys))
+
+    def check_batch_size(self, batch_size: int, symmetric: bool = False) -> None:
+        """Raise a clear error if a per-process batch cannot fill the queue in whole batches."""
+        check_queue_divisible(self.K, batch_size * world_size() * (2 if symmetric else 1))
+
+    # --- the reference call and a loss-returning one ------------------------------------
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference-compatible: returns ``(logits, labels)``; ``cross_entropy`` of them is the loss."""
+        q = self.encode_query(im_q)
+        with torch.no_grad():
+            self.momentum_update()
+            k = self.encode_key(im_k)
+        logits = self.logits(q, k)
+        self.enqueue(k)
+        return logits, positive_first_labels(logits)
+
+    def contrastive_loss(self, x1: torch.Tensor, x2: torch.Tensor, symmetric: bool = False) -> MoCoOutput:
+        """One MoCo step's loss. With ``symmetric`` both views serve as query and key and the
+        two InfoNCE terms are summed (2N keys are enqueued)."""
+        if not symmetric:
+            logits, labels = self(x1, x2)
+            return MoCoOutput(F.cross_entropy(logits, labels), logits, labels)
+        q1, q2 = self.encode_query(x1), self.encode_query(x2)
+        with torch.no_grad():
+            self.momentum_update()
+            k1, k2 = self.encode_key(x1), self.encode_key(x2)
+        logits = torch.cat([self.logits(q1, k2), self.logits(q2, k1)])
+        labels = positive_first_labels(logits)
+        n = q1.shape[0]
+        loss = F.cross_entropy(logits[:n], labels[:n]) + F.cross_entropy(logits[n:], labels[n:])
+        self.enqueue(torch.cat([k1, k2]))
+        return MoCoOutput(loss, logits, labels)

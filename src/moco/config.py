@@ -1,0 +1,247 @@
+"""Run configuration: typed dataclasses, loaded from YAML plus ``section.key=value`` overrides.
+
+Every key is checked before any work starts: unknown keys get a "did you mean", wrong types and
+impossible values are one-line errors that name the option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, or impossible."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet18"
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    small_images: bool = True          # 3x3 stride-1 stem, no max-pool
+    dim: int = 128                     # feature dimension C of q and k
+    mlp: bool = True                   # MoCo v2 MLP head
+    bn_splits: int = 8                 # split BN on one device (shuffle BN's single-device form)
+    shuffle_bn: bool = True
+    K: int = 4096                      # queue size
+    m: float = 0.99                    # key-encoder momentum
+    T: float = 0.2                     # softmax temperature
+    symmetric: bool = False            # both views as query and key, two InfoNCE terms summed
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion_mnist"     # fashion_mnist | cifar10 | cifar100 | stl10 | folder
+    root: Optional[str] = None         # None: the dataset's default place
+    download: bool = False             # let torchvision download when files are missing
+    train_split: str = "train"         # STL-10: 'unlabeled' or 'train+unlabeled' for pretraining
+    image_size: int = 28               # side of the augmented views (and eval images)
+    load_size: int = 0                 # image folders: decode + resize to this before cropping; 0 = image_size
+    channels: int = 0                  # 0: whatever the dataset has
+    val_size: int = 5000               # held out from pretraining for the kNN monitor
+    train_subset: int = 0              # use a seeded random subset of the training split; 0 = all
+    test_subset: int = 0               # likewise for the test split
+    workers: int = 2                   # DataLoader workers (image folders only)
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+
+
+@dataclass
+class AugConfig:
+    preset: str = "v2"                 # v1 | v2 | none; the fields below override the preset
+    crop_scale: Optional[list[float]] = None
+    flip_p: Optional[float] = None
+    jitter_p: Optional[float] = None
+    brightness: Optional[float] = None
+    contrast: Optional[float] = None
+    saturation: Optional[float] = None
+    hue: Optional[float] = None
+    grayscale_p: Optional[float] = None
+    blur_p: Optional[float] = None
+    blur_sigma: Optional[list[float]] = None
+    solarize_p: Optional[float] = None
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 10
+    batch_size: int = 256              # global batch (all processes together)
+    lr: float = 0.06                   # learning rate at base_batch_size
+    base_batch_size: int = 256         # lr is scaled by batch_size / base_batch_size
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"           # cosine | step | constant
+    milestones: list[int] = field(default_factory=lambda: [120, 160])
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/moco"
+    seed: int = 0
+    device: str = "auto"               # auto | cpu | cuda | cuda:N
+    precision: str = "auto"            # auto | fp32 | bf16 | fp16
+    channels_last: bool = True
+    threads: int = 0                   # CPU threads; 0 = all cores
+    log_every: int = 10                # steps between metrics.jsonl / TensorBoard points
+    progress: bool = True              # tqdm bar
+    tensorboard: bool = True
+    knn_every: int = 1                 # epochs between kNN monitor runs on the validation split; 0 = never
+    knn_k: int = 200
+    knn_t: float = 0.1
+    knn_bank_size: int = 0             # training images in the monitor's feature bank; 0 = all
+    test_knn: bool = True              # final kNN on the test split
+    keep_checkpoints: int = 1          # epoch checkpoints kept besides checkpoint_last.pth
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.arch": ("resnet18", "resnet34", "resnet50", "resnet101"),
+    "data.dataset": ("fashion_mnist", "cifar10", "cifar100", "stl10", "folder"),
+    "aug.preset": ("v1", "v2", "none"),
+    "optim.schedule": ("cosine", "step", "constant"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+}
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(name, value, args[0])
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if annotation in (int, str, bool) and not (isinstance(value, annotation) and not
+                                                (annotation is int and isinstance(value, bool))):
+        raise ConfigError(f"{name}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in (values or {}).items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown option {full}{hint}")
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a mapping of options, got {value!r}")
+            kwargs[key] = _build(hints[key], value, f"{full}.")
+        else:
+            kwargs[key] = _check_type(full, value, hints[key])
+    return cls(**kwargs)
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    config = _build(Config, values, "")
+    validate(config)
+    return config
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``optim.lr=0.1`` -> (['optim', 'lr'], 0.1); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file <- overrides, then validated."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = values
+        for part in keys[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+        node[keys[-1]] = value
+    return from_dict(values)
+
+
+def validate(config: Config) -> None:
+    """Value checks that types alone cannot express."""
+    flat = {f"{section}.{k}": v for section, d in config.to_dict().items() for k, v in d.items()}
+    for key, options in CHOICES.items():
+        if flat[key] not in options:
+            raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(options)}")
+    m, o, d, t = config.model, config.optim, config.data, config.train
+    checks = [
+        (0.0 <= m.m <= 1.0, "model.m", f"momentum must lie in [0, 1], got {m.m}"),
+        (m.T > 0, "model.T", f"temperature must be > 0, got {m.T}"),
+        (m.K > 0, "model.K", f"queue size must be > 0, got {m.K}"),
+        (m.dim > 0, "model.dim", f"must be > 0, got {m.dim}"),
+        (m.bn_splits >= 1, "model.bn_splits", f"must be >= 1, got {m.bn_splits}"),
+        (len(m.widths) == 4 and all(w > 0 for w in m.widths), "model.widths", f"need four positive widths, got {m.widths}"),
+        (o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}"),
+        (o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}"),
+        (o.batch_size >= 2, "optim.batch_size", f"must be >= 2, got {o.batch_size}"),
+        (o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}"),
+        (0 <= o.warmup_epochs < o.epochs, "optim.warmup_epochs", f"must lie in [0, epochs), got {o.warmup_epochs}"),
+        (d.image_size >= 8, "data.image_size", f"must be >= 8, got {d.image_size}"),
+        (d.load_size == 0 or d.load_size >= d.image_size, "data.load_size", "must be 0 or >= data.image_size"),
+        (d.channels in (0, 1, 3), "data.channels", f"must be 0 (from data), 1 or 3, got {d.channels}"),
+        (d.val_size >= 0, "data.val_size", f"must be >= 0, got {d.val_size}"),
+        (d.train_subset >= 0 and d.test_subset >= 0, "data.train_subset", "subset sizes must be >= 0"),
+        (t.knn_k >= 1, "train.knn_k", f"must be >= 1, got {t.knn_k}"),
+        (t.knn_t > 0, "train.knn_t", f"must be > 0, got {t.knn_t}"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {message}")
+    keys_per_step = o.batch_size * (2 if m.symmetric else 1)
+    if m.K % keys_per_step:
+        raise ConfigError(
+            f"model.K: queue size {m.K} must be a multiple of the keys enqueued per step "
+            f"({keys_per_step} = optim.batch_size{' x 2 (symmetric)' if m.symmetric else ''})"
+        )
+    if o.batch_size % m.bn_splits:
+        raise ConfigError(f"model.bn_splits: {m.bn_splits} must divide optim.batch_size={o.batch_size}")
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

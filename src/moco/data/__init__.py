@@ -1,0 +1,8 @@
+"""Datasets (uint8 tensors in memory or image folders) and batched per-image augmentation."""
+
+from moco.data.augment import AugmentSpec, BatchAugment, EvalTransform, preset
+from moco.data.datasets import (DatasetNotFoundError, ImageFolderDataset, TensorImageDataset, fashion_mnist,
+                                load_dataset, make_loader, split_holdout)
+
+__all__ = ["AugmentSpec", "BatchAugment", "DatasetNotFoundError", "EvalTransform", "ImageFolderDataset",
+           "TensorImageDataset", "fashion_mnist", "load_dataset", "make_loader", "preset", "split_holdout"]

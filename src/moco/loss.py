@@ -1,0 +1,55 @@
+"""InfoNCE: a (K+1)-way cross-entropy over ``q·k / T`` with the positive key at index 0."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def info_nce_logits(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits of the dictionary look-up, positive first.
+
+    Args:
+        q: queries, N x C, L2-normalised.
+        k: the positive key of each query, N x C, L2-normalised.
+        negatives: C x K negative keys (the queue's layout).
+        temperature: T in ``q·k / T``.
+
+    Returns:
+        N x (1+K) logits; column 0 holds the positive.
+    """
+    # Computed in fp32 even under autocast: T=0.07 amplifies bf16 rounding of q·k.
+    q, k, negatives = q.float(), k.float(), negatives.float()
+    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+    l_neg = q @ negatives
+    return torch.cat([l_pos, l_neg], dim=1) / temperature
+
+
+def positive_first_labels(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy targets when the positive sits at index 0: all zeros."""
+    return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+
+
+def info_nce_loss(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean InfoNCE loss of queries against their positives and a shared set of negatives."""
+    logits = info_nce_logits(q, k, negatives, temperature)
+    return F.cross_entropy(logits, positive_first_labels(logits))
+
+
+class InfoNCELoss(nn.Module):
+    """Module form of :func:`info_nce_loss`, usable in anyone's training loop."""
+
+    def __init__(self, temperature: float = 0.07) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        return info_nce_loss(q, k, negatives, self.temperature)
+
+
+def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of rows whose arg-max is the label (the pretext task's accuracy)."""
+    return (logits.argmax(dim=1) == labels).float().mean().item()

@@ -1,0 +1,66 @@
+"""The README's commands, exercised on a tiny config: `moco pretrain` through the real CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from moco.checkpoint import load_checkpoint
+from tests.conftest import needs_fashion_mnist
+
+TINY = [
+    "model.widths=[4,8,8,8]", "model.K=256", "model.bn_splits=2", "optim.batch_size=64",
+    "data.train_subset=1000", "data.val_size=200", "data.test_subset=300", "train.knn_bank_size=500",
+    "train.progress=false", "train.tensorboard=true",
+]
+
+
+def _moco(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moco", *args], capture_output=True, text=True, timeout=300)
+
+
+@needs_fashion_mnist
+def test_pretrain_cli_writes_the_run_directory_and_resumes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = _moco("pretrain", "fmnist_v2", *TINY, "optim.epochs=1", f"train.output_dir={run}")
+    assert result.returncode == 0, result.stderr
+    assert "test kNN top-1" in result.stdout
+    for name in ("config.yaml", "metrics.jsonl", "checkpoint_last.pth", "curves.png", "summary.json"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert 10.0 < summary["test_knn_top1"] <= 100.0
+    ckpt = load_checkpoint(run / "checkpoint_last.pth")
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 800 // 64
+    queue = ckpt["model"]["queue"]
+    torch.testing.assert_close(queue.norm(dim=0), torch.ones(256))
+
+    # Resume to 2 epochs: starts from epoch 1's checkpoint, keeps its metrics, adds epoch 2.
+    result = _moco("pretrain", "fmnist_v2", *TINY, "optim.epochs=2", f"train.output_dir={run}", "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "epoch 1/2" not in result.stdout and "epoch 2/2" in result.stdout
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]
+    assert load_checkpoint(run / "checkpoint_last.pth")["step"] == 2 * (800 // 64)
+
+
+def test_cli_reports_bad_options_in_one_line(tmp_path: Path) -> None:
+    result = _moco("pretrain", "fmnist_v2", "optim.lrr=0.1", f"train.output_dir={tmp_path}")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "moco: error: unknown option optim.lrr; did you mean optim.lr?"
+    result = _moco("pretrain", "no_such_config")
+    assert result.returncode == 2 and "neither a file nor a shipped config" in result.stderr
+
+
+def test_missing_dataset_is_a_message_not_a_traceback(tmp_path: Path) -> None:
+    result = _moco("pretrain", "fmnist_v2", f"data.root={tmp_path}", f"train.output_dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "dataset-fashion-mnist" in result.stderr
+
+
+def test_configs_lists_the_shipped_configs() -> None:
+    result = _moco("configs")
+    assert result.returncode == 0
+    assert {"fmnist_v2", "fmnist_v1", "cifar10_v2", "imagenet_r50_v2"} <= set(result.stdout.split())

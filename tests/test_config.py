@@ -1,0 +1,43 @@
+"""Config loading: YAML + overrides, typed values, one-line errors naming the option."""
+
+from pathlib import Path
+
+import pytest
+
+from moco.cli import CONFIG_DIR
+from moco.config import ConfigError, load_config
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_are_valid(path: Path) -> None:
+    load_config(path)
+
+
+def test_overrides_are_parsed_as_yaml() -> None:
+    config = load_config(None, ["optim.lr=0.1", "model.widths=[8,16,32,64]", "model.K=1024", "data.root=/x"])
+    assert config.optim.lr == 0.1 and config.model.widths == [8, 16, 32, 64]
+    assert config.model.K == 1024 and config.data.root == "/x"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=0.1", "unknown option optim.lrr; did you mean optim.lr?"),
+        ("model.K=1000", "model.K: queue size 1000 must be a multiple"),
+        ("model.m=1.5", "model.m: momentum must lie in [0, 1]"),
+        ("model.T=0", "model.T: temperature must be > 0"),
+        ("optim.lr=-1", "optim.lr: must be > 0"),
+        ("optim.epochs=two", "optim.epochs: expected int"),
+        ("aug.preset=v9", "aug.preset: 'v9' is not one of"),
+        ("model.bn_splits=3", "model.bn_splits: 3 must divide"),
+    ],
+)
+def test_bad_values_name_the_option(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
