@@ -23,6 +23,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 echo "setup: installing torch==2.14.1 torchvision==0.29.1 and moco into .venv"
-.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+pip_install() {
+  # Some machines' local package index warns about every missing mirror folder; hide only that line.
+  .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+pip_install torch==2.14.1 torchvision==0.29.1
+pip_install -e ".[dev]"
 echo "setup: done"

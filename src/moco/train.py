@@ -21,7 +21,7 @@ from moco.builder import MoCo
 from moco.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from moco.config import Config, ConfigError, save_config
 from moco.data.augment import AugmentSpec, BatchAugment, EvalTransform, preset
-from moco.data.datasets import TensorImageDataset, labels_of, load_dataset, make_loader, split_holdout
+from moco.data.datasets import labels_of, load_dataset, make_loader, split_holdout
 from moco.evaluate.knn import extract_features, knn_accuracy
 from moco.models.resnet import resnet
 
@@ -104,8 +104,6 @@ class Data:
 
 def _channels_of(dataset: Any) -> int:
     inner = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
-    if isinstance(inner, TensorImageDataset):
-        return inner.channels
     return inner.channels
 
 
@@ -384,6 +382,7 @@ def _progress(loader: Any, epoch: int, config: Config) -> tuple[Iterable, Callab
     if config.train.progress and dist_utils.is_main_process():
         from tqdm import tqdm
 
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.optim.epochs}", leave=False, dynamic_ncols=True)
+        # disable=None: no bar when output is not a terminal (logs, CI), the epoch lines remain.
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.optim.epochs}", leave=False, dynamic_ncols=True, disable=None)
         return bar, bar.set_postfix
     return loader, lambda **_: None
