@@ -296,7 +296,8 @@ def pretrain(config: Config, resume: str | None = None) -> RunResult:
     last_loss = float("nan")
     try:
         for epoch in range(start_epoch, config.optim.epochs):
-            loader.set_epoch(epoch) if hasattr(loader, "set_epoch") else None
+            if hasattr(loader, "set_epoch"):  # in-memory loader: epoch order from (seed, epoch)
+                loader.set_epoch(epoch)
             model.train()
             epoch_losses: list[float] = []
             batches, show_progress = _progress(loader, epoch, config)
