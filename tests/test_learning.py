@@ -33,4 +33,5 @@ def test_short_pretraining_lowers_loss_and_beats_random_init_knn(tmp_path: Path)
     epoch_losses = [r["loss"] for r in rows if r["kind"] == "epoch"]
     assert epoch_losses[-1] < epoch_losses[0] - 0.5, epoch_losses
     assert result.test_knn is not None
+    print(f"random-init kNN {random_init_knn:.2f}%, after pretraining {result.test_knn:.2f}%, losses {epoch_losses}")
     assert result.test_knn > random_init_knn + 2.0, (random_init_knn, result.test_knn)
