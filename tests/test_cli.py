@@ -64,3 +64,12 @@ def test_configs_lists_the_shipped_configs() -> None:
     result = _moco("configs")
     assert result.returncode == 0
     assert {"fmnist_v2", "fmnist_v1", "cifar10_v2", "imagenet_r50_v2"} <= set(result.stdout.split())
+
+
+@needs_fashion_mnist
+def test_non_finite_loss_stops_with_a_message_not_a_traceback(tmp_path: Path) -> None:
+    result = _moco("pretrain", "fmnist_v2", *TINY, "optim.epochs=1", "optim.lr=1.0e30",
+                   f"train.output_dir={tmp_path / 'run'}")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "moco: training stopped: loss is" in result.stderr and "last good checkpoint" in result.stderr

@@ -28,6 +28,7 @@ def test_overrides_are_parsed_as_yaml() -> None:
         ("model.T=0", "model.T: temperature must be > 0"),
         ("optim.lr=-1", "optim.lr: must be > 0"),
         ("optim.epochs=two", "optim.epochs: expected int"),
+        ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
         ("aug.preset=v9", "aug.preset: 'v9' is not one of"),
         ("model.bn_splits=3", "model.bn_splits: 3 must divide"),
     ],
@@ -41,3 +42,8 @@ def test_bad_values_name_the_option(override: str, message: str) -> None:
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_exponent_floats_that_yaml_reads_as_strings_are_numbers() -> None:
+    config = load_config(None, ["optim.weight_decay=1e-4", "optim.lr=3e-2"])
+    assert config.optim.weight_decay == 1e-4 and config.optim.lr == 0.03

@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"moco: error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # non-finite loss: the message names the step and last checkpoint
+        print(f"moco: training stopped: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("moco: interrupted", file=sys.stderr)
         return 130

@@ -136,8 +136,15 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: expected a list, got {value!r}")
         return [_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
-    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot or sign) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
     if annotation is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if annotation in (int, str, bool) and not (isinstance(value, annotation) and not
