@@ -71,3 +71,13 @@ def test_small_resnet_parameter_count_is_cpu_sized() -> None:
     model = resnet("resnet18", 128, small_images=True, in_channels=1, widths=(16, 32, 64, 128))
     n = sum(p.numel() for p in model.parameters())
     assert 600_000 < n < 800_000  # ~1/16 of ResNet-18's 11.2M: widths are 1/4, params scale ~quadratically
+
+
+def test_stride_two_stem_halves_resolution_and_keeps_keys() -> None:
+    model = resnet("resnet18", 10, small_images=True, stem_stride=2, in_channels=1, widths=(16, 32, 64, 128))
+    assert set(model.state_dict()) == set(torchvision.models.resnet18(num_classes=10).state_dict())
+    assert model.conv1.stride == (2, 2)
+    stem = model.relu(model.bn1(model.conv1(torch.randn(2, 1, 28, 28))))
+    assert stem.shape == (2, 16, 14, 14)
+    with pytest.raises(ValueError, match="stem_stride"):
+        resnet("resnet18", 10, small_images=True, stem_stride=3)

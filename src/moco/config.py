@@ -26,7 +26,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     arch: str = "resnet18"
     widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
-    small_images: bool = True          # 3x3 stride-1 stem, no max-pool
+    small_images: bool = True          # 3x3 stem, no max-pool
+    stem_stride: int = 1               # small-image stem stride: 2 halves the resolution (wider nets for the same cost)
     dim: int = 128                     # feature dimension C of q and k
     mlp: bool = True                   # MoCo v2 MLP head
     bn_splits: int = 8                 # split BN on one device (shuffle BN's single-device form)
@@ -222,6 +223,7 @@ def validate(config: Config) -> None:
         (m.T > 0, "model.T", f"temperature must be > 0, got {m.T}"),
         (m.K > 0, "model.K", f"queue size must be > 0, got {m.K}"),
         (m.dim > 0, "model.dim", f"must be > 0, got {m.dim}"),
+        (m.stem_stride in (1, 2), "model.stem_stride", f"must be 1 or 2, got {m.stem_stride}"),
         (m.bn_splits >= 1, "model.bn_splits", f"must be >= 1, got {m.bn_splits}"),
         (len(m.widths) == 4 and all(w > 0 for w in m.widths), "model.widths", f"need four positive widths, got {m.widths}"),
         (o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}"),

@@ -159,7 +159,7 @@ def build_model(config: Config, channels: int) -> MoCo:
     m = config.model
 
     def encoder(num_classes: int) -> nn.Module:
-        return resnet(m.arch, num_classes, small_images=m.small_images, in_channels=channels,
+        return resnet(m.arch, num_classes, small_images=m.small_images, stem_stride=m.stem_stride, in_channels=channels,
                       widths=m.widths, bn_splits=m.bn_splits)
 
     return MoCo(encoder, dim=m.dim, K=m.K, m=m.m, T=m.T, mlp=m.mlp, shuffle_bn=m.shuffle_bn)
