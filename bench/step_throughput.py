@@ -1,8 +1,13 @@
-"""MoCo training-step throughput (img/s) for the CPU-sized ResNet under each precision/layout.
+"""MoCo training-step throughput (img/s) under each precision/layout, on synthetic images.
 
     python bench/step_throughput.py [--batch 256] [--steps 8] [--bn-splits 8]
+    # the GPU table of docs/performance.md:
+    python bench/step_throughput.py --device cuda --widths 64,128,256,512 --channels 3 --size 32 --batch 512
+    python bench/step_throughput.py --device cuda --arch resnet50 --widths 64,128,256,512 --channels 3 \\
+        --size 224 --imagenet-stem --batch 256 --K 65536 --m 0.999 --T 0.2
 
-Prints one line per setting; use it to pick ``train.precision`` / ``train.channels_last``.
+The defaults are the CPU-sized ResNet-18 on 28x28 gray images. Prints one line per setting;
+use it to pick ``train.precision`` / ``train.channels_last``.
 """
 
 from __future__ import annotations
@@ -17,43 +22,68 @@ from moco.builder import MoCo
 from moco.models import resnet
 
 
-def measure(precision: str, channels_last: bool, batch: int, steps: int, bn_splits: int, symmetric: bool) -> float:
+def measure(args: argparse.Namespace, precision: str, channels_last: bool) -> float:
     torch.manual_seed(0)
-    model = MoCo(lambda num_classes: resnet("resnet18", num_classes, small_images=True, in_channels=1,
-                                            widths=(16, 32, 64, 128), bn_splits=bn_splits),
-                 dim=128, K=4096, m=0.99, T=0.1, mlp=True)
+    device = torch.device(args.device)
+    widths = tuple(int(w) for w in args.widths.split(","))
+    model = MoCo(lambda num_classes: resnet(args.arch, num_classes, small_images=not args.imagenet_stem,
+                                            in_channels=args.channels, widths=widths, bn_splits=args.bn_splits),
+                 dim=128, K=args.K, m=args.m, T=args.T, mlp=True)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    opt = torch.optim.SGD(model.parameters(), lr=0.06, momentum=0.9)
-    x1 = torch.randn(batch, 1, 28, 28).to(memory_format=fmt)
-    x2 = torch.randn(batch, 1, 28, 28).to(memory_format=fmt)
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    model = model.to(device).to(memory_format=fmt)
+    opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.06, momentum=0.9)
+    shape = (args.batch, args.channels, args.size, args.size)
+    x1 = torch.randn(shape, device=device).to(memory_format=fmt)
+    x2 = torch.randn(shape, device=device).to(memory_format=fmt)
+    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+
     def step() -> None:
         with ctx():
-            out = model.contrastive_loss(x1, x2, symmetric=symmetric)
+            out = model.contrastive_loss(x1, x2, symmetric=args.symmetric)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
-    for _ in range(2):
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(args.warmup):
         step()
+    sync()
     start = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(args.steps):
         step()
-    return batch * steps / (time.perf_counter() - start)
+    sync()
+    return args.batch * args.steps / (time.perf_counter() - start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--bn-splits", type=int, default=8)
     parser.add_argument("--symmetric", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--widths", default="16,32,64,128")
+    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--size", type=int, default=28)
+    parser.add_argument("--imagenet-stem", action="store_true", help="7x7 stride-2 stem and max-pool")
+    parser.add_argument("--K", type=int, default=4096)
+    parser.add_argument("--m", type=float, default=0.99)
+    parser.add_argument("--T", type=float, default=0.1)
+    parser.add_argument("--precisions", default="fp32,bf16")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu capability "
-          f"{torch.backends.cpu.get_cpu_capability()}")
-    for precision in ("fp32", "bf16"):
+    device = torch.device(args.device)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"threads {torch.get_num_threads()}, cpu capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"torch {torch.__version__}, {where}; {args.arch} widths {args.widths}, "
+          f"{args.channels}x{args.size}x{args.size}, batch {args.batch}, bn_splits {args.bn_splits}")
+    for precision in args.precisions.split(","):
         for channels_last in (False, True):
-            ips = measure(precision, channels_last, args.batch, args.steps, args.bn_splits, args.symmetric)
+            ips = measure(args, precision, channels_last)
             print(f"precision={precision:5s} channels_last={channels_last!s:5s} {ips:7.1f} img/s")
 
 

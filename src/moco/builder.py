@@ -102,9 +102,13 @@ class MoCo(nn.Module):
         return info_nce_logits(q, k, self.queue.clone().detach(), self.T)
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Enqueue this step's keys from every process, so all ranks hold the same queue."""
-        enqueue(self.queue, self.queue_ptr, concat_all_gather(keys))
+    def enqueue(self, *keys: torch.Tensor) -> None:
+        """Enqueue this step's keys from every process, so all ranks hold the same queue.
+
+        Each key set is gathered on its own, so the queue is ordered as on one process with the
+        global batch: all of ``keys[0]``, then all of ``keys[1]``.
+        """
+        enqueue(self.queue, self.queue_ptr, torch.cat([concat_all_gather(k) for k in keys]))
 
     def check_batch_size(self, batch_size: int, symmetric: bool = False) -> None:
         """Raise a clear error if a per-process batch cannot fill the queue in whole batches."""
@@ -135,5 +139,5 @@ class MoCo(nn.Module):
         labels = positive_first_labels(logits)
         n = q1.shape[0]
         loss = F.cross_entropy(logits[:n], labels[:n]) + F.cross_entropy(logits[n:], labels[n:])
-        self.enqueue(torch.cat([k1, k2]))
+        self.enqueue(k1, k2)
         return MoCoOutput(loss, logits, labels)

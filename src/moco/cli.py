@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,8 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     config = load_config(resolve_config_path(args.config) if args.config else None, args.overrides)
     result = pretrain(config, resume=args.resume)
-    print(f"run directory: {result.run_dir} ({result.seconds:.0f} s)")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        print(f"run directory: {result.run_dir} ({result.seconds:.0f} s)")
     return 0
 
 
@@ -56,6 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except FloatingPointError as err:  # non-finite loss: the message names the step and last checkpoint
         print(f"moco: training stopped: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        from moco.distributed import DistributedFailure, ReplicasOutOfSync
+
+        if not isinstance(err, (DistributedFailure, ReplicasOutOfSync)):
+            raise
+        print(f"moco: error: {err}", file=sys.stderr)  # a rank died, timed out, or drifted
         return 1
     except KeyboardInterrupt:
         print("moco: interrupted", file=sys.stderr)

@@ -30,12 +30,13 @@ class ModelConfig:
     stem_stride: int = 1               # small-image stem stride: 2 halves the resolution (wider nets for the same cost)
     dim: int = 128                     # feature dimension C of q and k
     mlp: bool = True                   # MoCo v2 MLP head
-    bn_splits: int = 8                 # split BN on one device (shuffle BN's single-device form)
+    bn_splits: int = 8                 # BN groups in the global batch (split BN); under torchrun, per process: bn_splits / processes
     shuffle_bn: bool = True
     K: int = 4096                      # queue size
     m: float = 0.99                    # key-encoder momentum
     T: float = 0.2                     # softmax temperature
     symmetric: bool = False            # both views as query and key, two InfoNCE terms summed
+    sync_bn: bool = False              # several GPU processes: BN statistics over the global batch (SyncBatchNorm)
 
 
 @dataclass
@@ -102,6 +103,9 @@ class TrainConfig:
     knn_bank_size: int = 0             # training images in the monitor's feature bank; 0 = all
     test_knn: bool = True              # final kNN on the test split
     keep_checkpoints: int = 1          # epoch checkpoints kept besides checkpoint_last.pth
+    # Several processes (torchrun; docs/distributed.md):
+    dist_timeout_s: float = 600.0      # a collective waiting longer than this (a rank died or hangs) is an error
+    debug_sync_checks: bool = False    # every step, check that queue and weights are identical on all ranks
 
 
 @dataclass
@@ -238,6 +242,8 @@ def validate(config: Config) -> None:
         (d.train_subset >= 0 and d.test_subset >= 0, "data.train_subset", "subset sizes must be >= 0"),
         (t.knn_k >= 1, "train.knn_k", f"must be >= 1, got {t.knn_k}"),
         (t.knn_t > 0, "train.knn_t", f"must be > 0, got {t.knn_t}"),
+        (t.dist_timeout_s > 0, "train.dist_timeout_s", f"must be > 0, got {t.dist_timeout_s}"),
+        (not m.sync_bn or m.bn_splits == 1, "model.sync_bn", "SyncBatchNorm replaces split BN; set model.bn_splits=1"),
     ]
     for ok, key, message in checks:
         if not ok:

@@ -44,6 +44,8 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device: {name} requested but CUDA is not available")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun: this process's GPU
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device
 
 
@@ -155,14 +157,15 @@ def augment_spec(config: Config, data: Data) -> AugmentSpec:
 
 
 # --- model ------------------------------------------------------------------------------------
-def build_model(config: Config, channels: int) -> MoCo:
+def build_model(config: Config, channels: int, device: torch.device = torch.device("cpu")) -> MoCo:
     m = config.model
 
     def encoder(num_classes: int) -> nn.Module:
         return resnet(m.arch, num_classes, small_images=m.small_images, stem_stride=m.stem_stride, in_channels=channels,
-                      widths=m.widths, bn_splits=m.bn_splits)
+                      widths=m.widths, bn_splits=dist_utils.bn_splits_per_process(m.bn_splits))
 
-    return MoCo(encoder, dim=m.dim, K=m.K, m=m.m, T=m.T, mlp=m.mlp, shuffle_bn=m.shuffle_bn)
+    model = MoCo(encoder, dim=m.dim, K=m.K, m=m.m, T=m.T, mlp=m.mlp, shuffle_bn=m.shuffle_bn)
+    return dist_utils.convert_sync_bn(model, m.sync_bn, device)
 
 
 # --- logging ----------------------------------------------------------------------------------
@@ -201,6 +204,16 @@ class MetricsLog:
             self.writer.close()
 
 
+class NullLog:
+    """What ranks other than 0 log: nothing (rank 0 writes the run's metrics)."""
+
+    def write(self, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -222,17 +235,24 @@ def _views(batch: torch.Tensor, augment: BatchAugment, device: torch.device,
 
 def knn_eval(model: MoCo, bank: Any, queries: Any, data: Data, config: Config, device: torch.device,
              memory_format: torch.memory_format) -> float:
-    """Weighted kNN top-1 (%) of ``queries`` against ``bank`` with the query encoder's backbone."""
+    """Weighted kNN top-1 (%) of ``queries`` against ``bank`` with the query encoder's backbone.
+
+    Under several processes every rank encodes its shard of both sets with rank 0's BN
+    statistics, the bank features are gathered, and the shards' accuracies are averaged.
+    """
     preprocess = EvalTransform(config.data.image_size, data.mean, data.std)
     batch = 512
+    dist_utils.broadcast_buffers(model.encoder_q)
 
     def feats(ds: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        loader = make_loader(ds, batch, shuffle=False, drop_last=False, workers=config.data.workers)
+        loader = make_loader(dist_utils.shard(ds), batch, shuffle=False, drop_last=False, workers=config.data.workers)
         return extract_features(model.encoder_q, loader, preprocess, device, memory_format=memory_format)
 
     bank_f, bank_y = feats(bank)
+    bank_f, bank_y = dist_utils.gather_uneven(bank_f), dist_utils.gather_uneven(bank_y)
     query_f, query_y = feats(queries)
-    return knn_accuracy(bank_f, bank_y, query_f, query_y, config.train.knn_k, config.train.knn_t, data.num_classes)
+    accuracy = knn_accuracy(bank_f, bank_y, query_f, query_y, config.train.knn_k, config.train.knn_t, data.num_classes)
+    return dist_utils.weighted_mean_over_ranks(accuracy, len(query_y))
 
 
 @dataclass
@@ -245,14 +265,24 @@ class RunResult:
 
 
 def pretrain(config: Config, resume: str | None = None) -> RunResult:
-    """Pretrain MoCo as ``config`` says, writing everything into ``config.train.output_dir``."""
+    """Pretrain MoCo as ``config`` says, writing everything into ``config.train.output_dir``.
+
+    Under ``torchrun`` with several processes this joins (and finally leaves) the process group
+    from torchrun's environment; see docs/distributed.md.
+    """
+    with dist_utils.process_group(resolve_device(config.train.device), config.train.dist_timeout_s):
+        return _pretrain(config, resume)
+
+
+def _pretrain(config: Config, resume: str | None) -> RunResult:
     start_time = time.time()
     t = config.train
     run_dir = Path(t.output_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / ".write_test").write_text("")
-        (run_dir / ".write_test").unlink()
+        probe = run_dir / f".write_test.{os.getpid()}"  # one per process: ranks may share the directory
+        probe.write_text("")
+        probe.unlink()
     except OSError as err:
         raise ConfigError(f"train.output_dir: cannot write to {run_dir}: {err.strerror}") from None
     if t.threads:
@@ -266,14 +296,17 @@ def pretrain(config: Config, resume: str | None = None) -> RunResult:
     if len(data.pretrain) < config.optim.batch_size:
         raise ConfigError(f"optim.batch_size: {config.optim.batch_size} is larger than the "
                           f"{len(data.pretrain)} pretraining images")
-    model = build_model(config, data.channels).to(device).to(memory_format=memory_format)
-    model.check_batch_size(config.optim.batch_size // dist_utils.world_size(), config.model.symmetric)
+    model = build_model(config, data.channels, device).to(device).to(memory_format=memory_format)
+    local_batch = dist_utils.local_batch_size(config.optim.batch_size)  # optim.batch_size is global
+    model.check_batch_size(local_batch, config.model.symmetric)
+    if dist_utils.world_size() > 1:  # same model on every rank (seeded above), different augmentations
+        seed_everything(t.seed + 1000003 * dist_utils.rank())
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=config.optim.lr, momentum=config.optim.momentum,
                                 weight_decay=config.optim.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     augment = BatchAugment(augment_spec(config, data))
-    loader = make_loader(data.pretrain, config.optim.batch_size, shuffle=True, drop_last=True, seed=t.seed,
-                         workers=config.data.workers)
+    loader = make_loader(data.pretrain, local_batch, shuffle=True, drop_last=True, seed=t.seed,
+                         workers=config.data.workers, num_replicas=dist_utils.world_size(), rank=dist_utils.rank())
     steps_per_epoch = len(loader)
 
     start_epoch, step = 0, 0
@@ -286,12 +319,15 @@ def pretrain(config: Config, resume: str | None = None) -> RunResult:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
-        set_rng_state(ckpt["rng"])
-    save_config(config, run_dir / "config.yaml")
-    (run_dir / "resolved.json").write_text(json.dumps({"device": str(device), "precision": precision,
-                                                        "threads": torch.get_num_threads(),
-                                                        "steps_per_epoch": steps_per_epoch}, indent=2))
-    log = MetricsLog(run_dir, t.tensorboard and dist_utils.is_main_process(), step if resume else None)
+        _restore_rng(ckpt, t.seed + step)
+    train_step = dist_utils.training_step(model, config.model.symmetric, device)
+    if dist_utils.is_main_process():
+        save_config(config, run_dir / "config.yaml")
+        (run_dir / "resolved.json").write_text(json.dumps({"device": str(device), "precision": precision,
+                                                            "threads": torch.get_num_threads(),
+                                                            "steps_per_epoch": steps_per_epoch,
+                                                            "processes": dist_utils.world_size()}, indent=2))
+    log = MetricsLog(run_dir, t.tensorboard, step if resume else None) if dist_utils.is_main_process() else NullLog()
     val_knn: dict[int, float] = {}
     last_loss = float("nan")
     try:
@@ -308,21 +344,25 @@ def pretrain(config: Config, resume: str | None = None) -> RunResult:
                 tic = time.perf_counter()
                 x1, x2 = _views(images, augment, device, memory_format)
                 with autocast(device, precision):
-                    out = model.contrastive_loss(x1, x2, symmetric=config.model.symmetric)
-                if not torch.isfinite(out.loss):
+                    out = train_step(x1, x2)
+                global_loss = dist_utils.mean_over_ranks(out.loss.detach())  # the global batch's loss
+                if not torch.isfinite(global_loss):
                     raise FloatingPointError(
-                        f"loss is {out.loss.item()} at epoch {epoch} step {step}; last good checkpoint: "
+                        f"loss is {global_loss.item()} at epoch {epoch} step {step}; last good checkpoint: "
                         f"{run_dir / 'checkpoint_last.pth'} (lower optim.lr or check the data)")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(out.loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
+                if t.debug_sync_checks:
+                    dist_utils.assert_same_on_all_ranks({"queue": model.queue, "queue_ptr": model.queue_ptr,
+                                                         **dict(model.named_parameters())})
                 step += 1
-                last_loss = out.loss.item()
+                last_loss = global_loss.item()
                 epoch_losses.append(last_loss)
-                img_s = images.shape[0] / (time.perf_counter() - tic)
+                img_s = images.shape[0] * dist_utils.world_size() / (time.perf_counter() - tic)
                 if step % t.log_every == 0 or step == 1:
-                    acc = (out.logits.argmax(1) == out.labels).float().mean().item() * 100
+                    acc = dist_utils.mean_over_ranks((out.logits.argmax(1) == out.labels).float().mean()).item() * 100
                     log.write({"kind": "train", "step": step, "epoch": epoch + 1, "loss": last_loss,
                                "pretext_acc": acc, "lr": lr, "img_s": img_s})
                 show_progress(loss=f"{last_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{img_s:.0f}")
@@ -335,8 +375,9 @@ def pretrain(config: Config, resume: str | None = None) -> RunResult:
             _print(f"epoch {epoch + 1}/{config.optim.epochs}: loss {row['loss']:.4f}"
                    + (f", val kNN top-1 {row['val_knn_top1']:.2f}%" if "val_knn_top1" in row else "")
                    + f" ({row['elapsed_s']:.0f} s)")
+            rng_of_ranks = dist_utils.all_gather_objects(rng_state())  # each rank resumes its own RNG
             if dist_utils.is_main_process():
-                save_training_checkpoint(run_dir, model, optimizer, scaler, config, epoch + 1, step)
+                save_training_checkpoint(run_dir, model, optimizer, scaler, config, epoch + 1, step, rng_of_ranks)
 
         test_knn = None
         if t.test_knn and data.test is not None and data.full_train is not None:
@@ -358,11 +399,17 @@ def pretrain(config: Config, resume: str | None = None) -> RunResult:
 
 
 def save_training_checkpoint(run_dir: Path, model: MoCo, optimizer: torch.optim.Optimizer,
-                             scaler: torch.amp.GradScaler, config: Config, epoch: int, step: int) -> Path:
-    """Everything a resume needs (weights, queue, optimiser, RNGs), written atomically."""
+                             scaler: torch.amp.GradScaler, config: Config, epoch: int, step: int,
+                             rng_of_ranks: list[dict[str, Any]] | None = None) -> Path:
+    """Everything a resume needs (weights, queue, optimiser, RNGs), written atomically.
+
+    ``rng_of_ranks`` holds every process's RNG states when several processes train.
+    """
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
              "epoch": epoch, "step": step, "rng": rng_state(), "config": config.to_dict(),
              "arch": config.model.arch, "method": "moco"}
+    if rng_of_ranks is not None and len(rng_of_ranks) > 1:
+        state["rng_of_ranks"] = rng_of_ranks
     path = save_atomic(state, run_dir / "checkpoint_last.pth")
     keep = config.train.keep_checkpoints
     if keep > 0:
@@ -371,6 +418,16 @@ def save_training_checkpoint(run_dir: Path, model: MoCo, optimizer: torch.optim.
         for stale in old:
             stale.unlink(missing_ok=True)
     return path
+
+
+def _restore_rng(ckpt: dict[str, Any], fallback_seed: int) -> None:
+    """Continue each process's random stream; resumed on a different number of processes, the
+    ranks are reseeded instead (the run goes on, but not bit-for-bit as it would have)."""
+    saved = ckpt.get("rng_of_ranks", [ckpt["rng"]])
+    if len(saved) == dist_utils.world_size():
+        set_rng_state(saved[dist_utils.rank()])
+    else:
+        seed_everything(fallback_seed + 1000003 * dist_utils.rank())
 
 
 def _print(message: str) -> None:

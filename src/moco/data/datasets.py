@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -229,18 +229,27 @@ class InMemoryLoader:
     """Batches of an in-memory dataset by indexing: (images uint8, labels, indices).
 
     The order of epoch ``e`` depends only on (seed, e), so a resumed run sees the same batches.
+    With ``num_replicas`` processes every rank draws the same order, each step takes the next
+    ``batch_size * num_replicas`` samples, and rank ``r`` keeps the r-th contiguous slice: the
+    ranks' batches concatenated are exactly the one-process batch of the global size.
     """
 
-    def __init__(self, dataset: TensorImageDataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0) -> None:
+    def __init__(self, dataset: TensorImageDataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0) -> None:
+        if num_replicas > 1 and not drop_last:
+            raise ValueError("a loader sharded over processes needs drop_last=True so every rank takes as many steps")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside [0, {num_replicas})")
         self.dataset, self.batch_size, self.shuffle, self.drop_last, self.seed = dataset, batch_size, shuffle, drop_last, seed
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        n, step = len(self.dataset), self.batch_size * self.num_replicas
+        return n // step if self.drop_last else -(-n // step)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         n = len(self.dataset)
@@ -248,15 +257,33 @@ class InMemoryLoader:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
         else:
             order = torch.arange(n)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        step = self.batch_size * self.num_replicas
+        for start in range(self.rank * self.batch_size, len(self) * step, step):
             idx = order[start : start + self.batch_size]
             yield self.dataset.images[idx], self.dataset.labels[idx], idx
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0, workers: int = 0):
-    """An iterable of (images, labels, indices) batches; in-memory data skips DataLoader."""
+class _EpochDataLoader(DataLoader):
+    """A DataLoader whose ``set_epoch`` reaches its DistributedSampler (a new shuffle each epoch)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0, workers: int = 0,
+                num_replicas: int = 1, rank: int = 0):
+    """An iterable of (images, labels, indices) batches; in-memory data skips DataLoader.
+
+    ``batch_size`` is per process; with ``num_replicas > 1`` each rank gets its share of every
+    epoch (image folders through ``DistributedSampler``, reshuffled by ``set_epoch``).
+    """
     if isinstance(dataset, TensorImageDataset):
-        return InMemoryLoader(dataset, batch_size, shuffle, drop_last, seed)
+        return InMemoryLoader(dataset, batch_size, shuffle, drop_last, seed, num_replicas, rank)
+    if num_replicas > 1:
+        sampler = DistributedSampler(dataset, num_replicas, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        return _EpochDataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                                num_workers=workers, persistent_workers=workers > 0)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=workers,
                       generator=generator, persistent_workers=workers > 0)

@@ -1,0 +1,183 @@
+"""One rank of the 2-process gloo checks in test_distributed.py.
+
+Run as ``python -m tests.dist_worker OUT_DIR`` with torchrun's environment variables set (the
+test starts both ranks itself). Each rank joins the group through ``moco.distributed``, runs
+every scenario below and saves what it observed to ``OUT_DIR/rank<r>.pt``; the test compares
+the ranks with each other and with single-process runs of the same steps.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from moco import MoCo
+from moco import distributed as du
+from moco.config import ConfigError
+from moco.evaluate.knn import knn_accuracy
+from tests.conftest import LinearEncoder, tiny_resnet
+
+STEPS, GLOBAL_BATCH = 5, 8
+
+
+def equivalence_inputs(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of ``step``: the same on every rank and in the single-process run."""
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(GLOBAL_BATCH, 1, 8, 8, generator=g), torch.randn(GLOBAL_BATCH, 1, 8, 8, generator=g)
+
+
+def linear_moco() -> MoCo:
+    torch.manual_seed(0)
+    return MoCo(LinearEncoder(num_classes=8), dim=8, K=32, m=0.9, T=0.2)
+
+
+def sgd(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.5, momentum=0.9, weight_decay=1e-4)
+
+
+def my_slice(x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[0] // du.world_size()
+    return x[du.rank() * n : (du.rank() + 1) * n]
+
+
+def final_state(model: MoCo) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def reference_style_ddp() -> dict[str, Any]:
+    """The reference's pattern verbatim: DDP(MoCo(...)), forward(im_q, im_k), cross-entropy."""
+    model = linear_moco()
+    ddp = DistributedDataParallel(model)
+    optimizer = sgd(ddp.parameters())
+    losses = []
+    for step in range(STEPS):
+        im_q, im_k = equivalence_inputs(step)
+        logits, labels = ddp(my_slice(im_q), my_slice(im_k))
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(du.mean_over_ranks(loss.detach()).item())
+    return {"losses": losses, "state": final_state(model)}
+
+
+def training_loop_step_symmetric() -> dict[str, Any]:
+    """The training loop's path: ``training_step`` (DDP, no per-step buffer broadcast), symmetric loss."""
+    model = linear_moco()
+    step_fn = du.training_step(model, symmetric=True, device=torch.device("cpu"))
+    optimizer = sgd(model.encoder_q.parameters())
+    losses = []
+    for step in range(STEPS):
+        x1, x2 = equivalence_inputs(step)
+        out = step_fn(my_slice(x1), my_slice(x2))
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(du.mean_over_ranks(out.loss.detach()).item())
+    return {"losses": losses, "state": final_state(model)}
+
+
+def shuffle_scenario() -> dict[str, Any]:
+    """Sample ids through shuffle/unshuffle, and a BN layer encoding its shuffled slice."""
+    ids = (du.rank() * 8 + torch.arange(8)).float().view(8, 1)
+    torch.manual_seed(7 + du.rank())  # the ranks draw different permutations; rank 0's is used
+    shuffled, idx_unshuffle = du.shuffle_batch(ids)
+    restored = du.unshuffle_batch(shuffled, idx_unshuffle)
+
+    torch.manual_seed(1)
+    bn = nn.BatchNorm1d(3)
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(20 + du.rank())) + 10.0 * du.rank()
+    torch.manual_seed(11)
+    seen: list[torch.Tensor] = []
+    bn.register_forward_hook(lambda _m, args, _out: seen.append(args[0].clone()))
+    out = du.encode_with_shuffle_bn(bn, x)
+    return {"ids": ids, "shuffled": shuffled, "idx_unshuffle": idx_unshuffle, "restored": restored,
+            "bn_input": x, "bn_saw": seen[0], "bn_out": out, "bn_running_mean": bn.running_mean.clone()}
+
+
+def queue_sync_scenario() -> dict[str, Any]:
+    """A BN ResNet trained through the loop's path on different data per rank: queue, pointer and
+    weights must stay identical, checked every step by the debug check; then one rank drifts."""
+    torch.manual_seed(0)
+    model = MoCo(lambda num_classes: tiny_resnet(num_classes, bn_splits=2), dim=8, K=48, m=0.99, T=0.2, mlp=True)
+    step_fn = du.training_step(model, symmetric=False, device=torch.device("cpu"))
+    optimizer = sgd(model.encoder_q.parameters())
+    torch.manual_seed(1000 + du.rank())  # different images on each rank
+    for _ in range(4):
+        out = step_fn(torch.randn(4, 1, 12, 12), torch.randn(4, 1, 12, 12))
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        du.assert_same_on_all_ranks({"queue": model.queue, "queue_ptr": model.queue_ptr,
+                                     **dict(model.named_parameters())})
+    result = {"queue": model.queue.clone(), "queue_ptr": model.queue_ptr.clone(),
+              "encoder_k": {k: v.clone() for k, v in model.encoder_k.named_parameters()}}
+    if du.rank() == 1:
+        model.queue[0, 5] += 1e-3
+    try:
+        du.assert_same_on_all_ranks({"queue": model.queue, "queue_ptr": model.queue_ptr})
+        result["drift_error"] = ""
+    except du.ReplicasOutOfSync as err:
+        result["drift_error"] = str(err)
+    return result
+
+
+def knn_scenario() -> dict[str, Any]:
+    """kNN from sharded feature extraction: gathered bank, accuracies averaged by shard size."""
+    g = torch.Generator().manual_seed(3)
+    bank = F.normalize(torch.randn(51, 8, generator=g), dim=1)
+    bank_y = torch.randint(0, 4, (51,), generator=g)
+    queries = F.normalize(torch.randn(23, 8, generator=g), dim=1)
+    query_y = torch.randint(0, 4, (23,), generator=g)
+    mine = torch.arange(du.rank(), 51, du.world_size())
+    gathered_bank, gathered_y = du.gather_uneven(bank[mine]), du.gather_uneven(bank_y[mine])
+    q = torch.arange(du.rank(), 23, du.world_size())
+    accuracy = knn_accuracy(gathered_bank, gathered_y, queries[q], query_y[q], k=5, temperature=0.1, num_classes=4)
+    return {"accuracy": du.weighted_mean_over_ranks(accuracy, len(q)), "bank_rows": len(gathered_bank),
+            "objects": du.all_gather_objects({"rank": du.rank(), "t": torch.full((2,), float(du.rank()))})}
+
+
+def bn_options_scenario() -> dict[str, Any]:
+    """SyncBN conversion and how split BN's groups are shared out among processes."""
+    try:
+        du.convert_sync_bn(tiny_resnet(), True, torch.device("cpu"))
+        cpu_error = ""
+    except ConfigError as err:
+        cpu_error = str(err)
+    try:
+        du.bn_splits_per_process(3)
+        splits_error = ""
+    except ConfigError as err:
+        splits_error = str(err)
+    converted = du.convert_sync_bn(tiny_resnet(), True, torch.device("cuda", 0))  # module surgery only
+    return {"cpu_error": cpu_error, "splits": [du.bn_splits_per_process(n) for n in (1, 2, 8)],
+            "splits_error": splits_error,
+            "sync_layers": sum(isinstance(m, nn.SyncBatchNorm) for m in converted.modules()),
+            "untouched": sum(isinstance(m, nn.SyncBatchNorm) for m in du.convert_sync_bn(tiny_resnet(), False,
+                                                                                       torch.device("cuda", 0)).modules())}
+
+
+def main(out_dir: str) -> None:
+    torch.set_num_threads(1)
+    with du.process_group(torch.device("cpu"), timeout_s=60):
+        assert du.world_size() == 2, "run with WORLD_SIZE=2"
+        results = {
+            "reference_ddp": reference_style_ddp(),
+            "training_step_symmetric": training_loop_step_symmetric(),
+            "shuffle": shuffle_scenario(),
+            "queue_sync": queue_sync_scenario(),
+            "knn": knn_scenario(),
+            "bn_options": bn_options_scenario(),
+        }
+        torch.save(results, Path(out_dir) / f"rank{du.rank()}.pt")
+    assert not du.is_distributed(), "the process group is destroyed on the way out"
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
