@@ -47,3 +47,17 @@ def test_missing_config_file(tmp_path: Path) -> None:
 def test_exponent_floats_that_yaml_reads_as_strings_are_numbers() -> None:
     config = load_config(None, ["optim.weight_decay=1e-4", "optim.lr=3e-2"])
     assert config.optim.weight_decay == 1e-4 and config.optim.lr == 0.03
+
+
+def test_optimizer_choice_builds_sgd_or_adamw() -> None:
+    import torch
+
+    from moco.train import build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    sgd = build_optimizer(load_config(None, ["optim.momentum=0.8", "optim.weight_decay=1e-4"]), params)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.8 and sgd.defaults["weight_decay"] == 1e-4
+    adamw = build_optimizer(load_config(None, ["optim.optimizer=adamw", "optim.weight_decay=0.05"]), params)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["weight_decay"] == 0.05
+    with pytest.raises(ConfigError, match="optim.optimizer"):
+        load_config(None, ["optim.optimizer=lamb"])

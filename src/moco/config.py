@@ -78,7 +78,8 @@ class OptimConfig:
     batch_size: int = 256              # global batch (all processes together)
     lr: float = 0.06                   # learning rate at base_batch_size
     base_batch_size: int = 256         # lr is scaled by batch_size / base_batch_size
-    momentum: float = 0.9
+    optimizer: str = "sgd"             # sgd (MoCo v1/v2) | adamw
+    momentum: float = 0.9              # SGD momentum
     weight_decay: float = 5e-4
     schedule: str = "cosine"           # cosine | step | constant
     milestones: list[int] = field(default_factory=lambda: [120, 160])
@@ -125,6 +126,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("fashion_mnist", "cifar10", "cifar100", "stl10", "folder"),
     "aug.preset": ("v1", "v2", "none"),
     "optim.schedule": ("cosine", "step", "constant"),
+    "optim.optimizer": ("sgd", "adamw"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
 }
 

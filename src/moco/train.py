@@ -168,6 +168,14 @@ def build_model(config: Config, channels: int, device: torch.device = torch.devi
     return dist_utils.convert_sync_bn(model, m.sync_bn, device)
 
 
+def build_optimizer(config: Config, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD with momentum (the MoCo v1/v2 recipe) or AdamW; the lr is set per step by the schedule."""
+    o = config.optim
+    if o.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
 # --- logging ----------------------------------------------------------------------------------
 class MetricsLog:
     """Append-only ``metrics.jsonl`` (one JSON object per line) plus optional TensorBoard."""
@@ -301,8 +309,7 @@ def _pretrain(config: Config, resume: str | None) -> RunResult:
     model.check_batch_size(local_batch, config.model.symmetric)
     if dist_utils.world_size() > 1:  # same model on every rank (seeded above), different augmentations
         seed_everything(t.seed + 1000003 * dist_utils.rank())
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=config.optim.lr, momentum=config.optim.momentum,
-                                weight_decay=config.optim.weight_decay)
+    optimizer = build_optimizer(config, model.encoder_q.parameters())
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     augment = BatchAugment(augment_spec(config, data))
     loader = make_loader(data.pretrain, local_batch, shuffle=True, drop_last=True, seed=t.seed,
