@@ -125,9 +125,11 @@ class MoCo(nn.Module):
         self.enqueue(k)
         return logits, positive_first_labels(logits)
 
-    def contrastive_loss(self, x1: torch.Tensor, x2: torch.Tensor, symmetric: bool = False) -> MoCoOutput:
+    def contrastive_loss(self, x1: torch.Tensor, x2: torch.Tensor, symmetric: bool = False,
+                         indices: torch.Tensor | None = None) -> MoCoOutput:
         """One MoCo step's loss. With ``symmetric`` both views serve as query and key and the
-        two InfoNCE terms are summed (2N keys are enqueued)."""
+        two InfoNCE terms are summed (2N keys are enqueued). ``indices`` (the images' dataset
+        indices) is accepted for the common interface of :mod:`moco.contrast`; the queue needs none."""
         if not symmetric:
             logits, labels = self(x1, x2)
             return MoCoOutput(F.cross_entropy(logits, labels), logits, labels)

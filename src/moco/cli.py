@@ -1,4 +1,4 @@
-"""``moco`` command line: ``moco pretrain CONFIG [key=value ...] [--resume [PATH]]``."""
+"""``moco`` command line: ``moco pretrain CONFIG [key=value ...] [--resume [PATH]]``, ``moco ablate``."""
 
 from __future__ import annotations
 
@@ -34,6 +34,30 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ablate(args: argparse.Namespace) -> int:
+    from moco.ablate import list_presets, sweep
+
+    if args.preset is None:
+        print("\n".join(list_presets()))
+        return 0
+    sweep(args.ablation, args.preset, args.overrides, output=args.output, jobs=args.jobs, threads=args.threads)
+    return 0
+
+
+def _add_ablate_parser(sub: argparse._SubParsersAction) -> None:
+    a = sub.add_parser("ablate", help="the paper's ablations as resumable sweeps (docs/ablations.md)",
+                       description="Train one run per point into OUTPUT/<point>/ (finished points are skipped, "
+                                   "unfinished ones resumed), then write results.json, results.md and PNG plots. "
+                                   "Without PRESET: list the shipped presets.")
+    a.add_argument("ablation", choices=("dictionary", "momentum", "shuffle-bn"))
+    a.add_argument("preset", nargs="?", help="YAML file or shipped preset name (e.g. fmnist_cpu)")
+    a.add_argument("overrides", nargs="*", help="section.key=value for every point, or ablate.<sweep>.<key>=value")
+    a.add_argument("--jobs", type=int, default=1, help="points trained at once, in separate processes (default 1)")
+    a.add_argument("--threads", type=int, default=0, help="threads per point (default: cores / jobs)")
+    a.add_argument("--output", default=None, help="sweep folder (default runs/ablate/<preset>/<ablation>)")
+    a.set_defaults(func=_ablate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moco", description="Momentum Contrast: pretrain and evaluate encoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="resume from a checkpoint (default: <output_dir>/checkpoint_last.pth)")
     p.set_defaults(func=_pretrain)
+    _add_ablate_parser(sub)
     c = sub.add_parser("configs", help="list the shipped configs")
     c.set_defaults(func=lambda _: print("\n".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))) or 0)
     return parser

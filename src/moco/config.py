@@ -37,6 +37,11 @@ class ModelConfig:
     T: float = 0.2                     # softmax temperature
     symmetric: bool = False            # both views as query and key, two InfoNCE terms summed
     sync_bn: bool = False              # several GPU processes: BN statistics over the global batch (SyncBatchNorm)
+    # Dictionary mechanism (moco.contrast; docs/ablations.md). end_to_end ignores K (K = batch - 1)
+    # and m; memory_bank samples K negatives from a bank of one feature per image and ignores m.
+    method: str = "moco"               # moco | end_to_end | memory_bank
+    bank_momentum: float = 0.5         # memory_bank: feature momentum of the refreshed entries
+    bank_proximal: float = 0.0         # memory_bank: weight of Wu et al.'s proximal term; 0 = off
 
 
 @dataclass
@@ -123,6 +128,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("resnet18", "resnet34", "resnet50", "resnet101"),
+    "model.method": ("moco", "end_to_end", "memory_bank"),
     "data.dataset": ("fashion_mnist", "cifar10", "cifar100", "stl10", "folder"),
     "aug.preset": ("v1", "v2", "none"),
     "optim.schedule": ("cosine", "step", "constant"),
@@ -250,8 +256,14 @@ def validate(config: Config) -> None:
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"{key}: {message}")
+    if not 0.0 <= m.bank_momentum <= 1.0:
+        raise ConfigError(f"model.bank_momentum: must lie in [0, 1], got {m.bank_momentum}")
+    if m.bank_proximal < 0:
+        raise ConfigError(f"model.bank_proximal: must be >= 0, got {m.bank_proximal}")
+    if m.method == "memory_bank" and m.symmetric:
+        raise ConfigError("model.symmetric: not available with model.method=memory_bank (its keys are stored features)")
     keys_per_step = o.batch_size * (2 if m.symmetric else 1)
-    if m.K % keys_per_step:
+    if m.method == "moco" and m.K % keys_per_step:
         raise ConfigError(
             f"model.K: queue size {m.K} must be a multiple of the keys enqueued per step "
             f"({keys_per_step} = optim.batch_size{' x 2 (symmetric)' if m.symmetric else ''})"

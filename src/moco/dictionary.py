@@ -1,14 +1,20 @@
-"""The dictionary of keys that queries are contrasted against.
+"""The dictionaries of keys that queries are contrasted against.
 
 MoCo's dictionary is a FIFO queue of keys from recent mini-batches, stored as a C x K matrix
 whose columns are L2-normalised keys. Enqueueing a batch overwrites the oldest columns, so the
 dictionary size K is independent of the batch size.
+
+The memory bank (Wu et al., 2018), the mechanism MoCo is compared with, keeps one feature per
+training image instead; its entries were computed by many past versions of the encoder, which
+is the inconsistency the queue plus momentum encoder avoids. (The end-to-end mechanism has no
+stored dictionary: its keys are the current batch, see :mod:`moco.contrast`.)
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def init_queue(dim: int, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -36,3 +42,50 @@ def enqueue(queue: torch.Tensor, queue_ptr: torch.Tensor, keys: torch.Tensor) ->
     ptr = int(queue_ptr)
     queue[:, ptr : ptr + batch] = keys.T.to(queue.dtype)
     queue_ptr[0] = (ptr + batch) % size
+
+
+# --- the memory bank (Wu et al., 2018) ----------------------------------------------------------
+class MemoryBank(nn.Module):
+    """One stored L2-normalised feature per training image, the dictionary of Wu et al. (2018).
+
+    Entries start as random unit vectors. :meth:`sample` draws negatives uniformly at random
+    *with replacement* over all entries, so nothing is excluded: an entry of the current batch,
+    the query's own positive included, can be drawn as a negative (probability about K/N per
+    query on N entries), as in Wu et al.'s sampling. :meth:`update` refreshes only the entries
+    of the batch: v ← normalize(momentum·v + (1−momentum)·f).
+    """
+
+    def __init__(self, size: int, dim: int, momentum: float = 0.5) -> None:
+        super().__init__()
+        if size <= 0 or dim <= 0:
+            raise ValueError(f"memory bank size and dim must be positive, got size={size}, dim={dim}")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"memory bank momentum must lie in [0, 1], got {momentum}")
+        self.momentum = momentum
+        # Stored N x C (one row per image) so an update is a row scatter; negatives go out as C x K.
+        self.register_buffer("features", init_queue(dim, size).T.contiguous())
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    @torch.no_grad()
+    def sample(self, count: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``count`` entries drawn uniformly with replacement: (C x count negatives, their indices)."""
+        idx = torch.randint(len(self), (count,), generator=generator, device=self.features.device)
+        return self.features[idx].T, idx
+
+    @torch.no_grad()
+    def entries(self, indices: torch.Tensor) -> torch.Tensor:
+        """The stored features of ``indices`` (N x C), a copy that later updates do not change."""
+        return self.features[indices].clone()
+
+    @torch.no_grad()
+    def update(self, indices: torch.Tensor, features: torch.Tensor) -> None:
+        """Refresh the entries of ``indices`` with ``features`` (N x C) using the feature momentum."""
+        if indices.numel() != features.shape[0]:
+            raise ValueError(f"{indices.numel()} indices but {features.shape[0]} features")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= len(self)):
+            raise IndexError(f"memory bank index out of range [0, {len(self)}): "
+                             f"{int(indices.min())}..{int(indices.max())}")
+        mixed = self.momentum * self.features[indices] + (1.0 - self.momentum) * features.to(self.features.dtype)
+        self.features[indices] = F.normalize(mixed, dim=1)

@@ -273,26 +273,28 @@ def convert_sync_bn(module: nn.Module, enabled: bool, device: torch.device) -> n
 
 
 class _ContrastiveStep(nn.Module):
-    """``MoCo.contrastive_loss`` as a ``forward``, so DistributedDataParallel can hook it."""
+    """``contrastive_loss`` of any mechanism (moco.contrast) as a ``forward``, so DistributedDataParallel can hook it."""
 
     def __init__(self, moco: nn.Module, symmetric: bool) -> None:
         super().__init__()
         self.moco, self.symmetric = moco, symmetric
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = self.moco.contrastive_loss(x1, x2, symmetric=self.symmetric)
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor,
+                indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.moco.contrastive_loss(x1, x2, symmetric=self.symmetric, indices=indices)
         return out.loss, out.logits, out.labels
 
 
-def training_step(moco: nn.Module, symmetric: bool, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], Any]:
-    """``(x1, x2) -> MoCoOutput`` for this rank's slice; under several processes the query
+def training_step(moco: nn.Module, symmetric: bool, device: torch.device) -> Callable[..., Any]:
+    """``(x1, x2, indices=None) -> MoCoOutput`` for this rank's slice (``indices``: the images'
+    dataset indices, which the memory bank needs); under several processes the query
     encoder's gradients are averaged across ranks by DistributedDataParallel.
 
     Buffers are not broadcast each step: the queue is kept identical by enqueueing every rank's
     keys, and BN running statistics are synchronised before evaluation (:func:`broadcast_buffers`).
     """
     if world_size() == 1:
-        return lambda x1, x2: moco.contrastive_loss(x1, x2, symmetric=symmetric)
+        return lambda x1, x2, indices=None: moco.contrastive_loss(x1, x2, symmetric=symmetric, indices=indices)
     from moco.builder import MoCoOutput  # builder imports this module
 
     ddp_class = nn.parallel.DistributedDataParallel
@@ -301,7 +303,7 @@ def training_step(moco: nn.Module, symmetric: bool, device: torch.device) -> Cal
                       else {"broadcast_buffers": False})
     ddp = ddp_class(_ContrastiveStep(moco, symmetric), device_ids=[device.index] if device.type == "cuda" else None,
                     **no_buffer_sync)
-    return lambda x1, x2: MoCoOutput(*ddp(x1, x2))
+    return lambda x1, x2, indices=None: MoCoOutput(*ddp(x1, x2, indices))
 
 
 # --- shuffle BN --------------------------------------------------------------------------------

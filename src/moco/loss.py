@@ -26,6 +26,20 @@ def info_nce_logits(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, t
     return torch.cat([l_pos, l_neg], dim=1) / temperature
 
 
+def in_batch_logits(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
+    """End-to-end logits: each query against every key of its own batch, positive first.
+
+    Row i holds q_i·k_i in column 0, then q_i·k_j for the N−1 keys j ≠ i of the batch, so a batch
+    of N gives exactly N−1 negatives per query and the same layout (and labels) as the queue.
+    Gradients flow into ``k`` as well as ``q``.
+    """
+    q, k = q.float(), k.float()
+    sim = q @ k.T
+    n = sim.shape[0]
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=sim.device)
+    return torch.cat([sim.diagonal().unsqueeze(1), sim[off_diagonal].view(n, n - 1)], dim=1) / temperature
+
+
 def positive_first_labels(logits: torch.Tensor) -> torch.Tensor:
     """Cross-entropy targets when the positive sits at index 0: all zeros."""
     return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)

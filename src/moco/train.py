@@ -19,6 +19,7 @@ from torch import nn
 from moco import distributed as dist_utils
 from moco.builder import MoCo
 from moco.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from moco.contrast import build_contrast
 from moco.config import Config, ConfigError, save_config
 from moco.data.augment import AugmentSpec, BatchAugment, EvalTransform, preset
 from moco.data.datasets import labels_of, load_dataset, make_loader, split_holdout
@@ -157,14 +158,22 @@ def augment_spec(config: Config, data: Data) -> AugmentSpec:
 
 
 # --- model ------------------------------------------------------------------------------------
-def build_model(config: Config, channels: int, device: torch.device = torch.device("cpu")) -> MoCo:
+def index_range(dataset: Any) -> int:
+    """How many distinct image indices the loader can yield (a folder Subset yields its base indices)."""
+    return len(dataset.dataset) if isinstance(dataset, torch.utils.data.Subset) else len(dataset)
+
+
+def build_model(config: Config, channels: int, device: torch.device = torch.device("cpu"),
+                bank_size: int = 0) -> nn.Module:
+    """The dictionary mechanism ``model.method`` names (moco.contrast); ``bank_size`` is for the memory bank."""
     m = config.model
 
     def encoder(num_classes: int) -> nn.Module:
         return resnet(m.arch, num_classes, small_images=m.small_images, stem_stride=m.stem_stride, in_channels=channels,
                       widths=m.widths, bn_splits=dist_utils.bn_splits_per_process(m.bn_splits))
 
-    model = MoCo(encoder, dim=m.dim, K=m.K, m=m.m, T=m.T, mlp=m.mlp, shuffle_bn=m.shuffle_bn)
+    model = build_contrast(m.method, encoder, dim=m.dim, K=m.K, m=m.m, T=m.T, mlp=m.mlp, shuffle_bn=m.shuffle_bn,
+                           bank_size=bank_size, bank_momentum=m.bank_momentum, bank_proximal=m.bank_proximal)
     return dist_utils.convert_sync_bn(model, m.sync_bn, device)
 
 
@@ -304,9 +313,13 @@ def _pretrain(config: Config, resume: str | None) -> RunResult:
     if len(data.pretrain) < config.optim.batch_size:
         raise ConfigError(f"optim.batch_size: {config.optim.batch_size} is larger than the "
                           f"{len(data.pretrain)} pretraining images")
-    model = build_model(config, data.channels, device).to(device).to(memory_format=memory_format)
+    model = build_model(config, data.channels, device, bank_size=index_range(data.pretrain))
+    model = model.to(device).to(memory_format=memory_format)
     local_batch = dist_utils.local_batch_size(config.optim.batch_size)  # optim.batch_size is global
-    model.check_batch_size(local_batch, config.model.symmetric)
+    try:
+        model.check_batch_size(local_batch, config.model.symmetric)
+    except ValueError as err:
+        raise ConfigError(f"model.method={config.model.method}: {err}") from None
     if dist_utils.world_size() > 1:  # same model on every rank (seeded above), different augmentations
         seed_everything(t.seed + 1000003 * dist_utils.rank())
     optimizer = build_optimizer(config, model.encoder_q.parameters())
@@ -322,6 +335,9 @@ def _pretrain(config: Config, resume: str | None) -> RunResult:
         ckpt = load_checkpoint(ckpt_path, map_location=device)
         if ckpt.get("arch") != config.model.arch:
             raise ConfigError(f"--resume: {ckpt_path} holds a {ckpt.get('arch')} model, config says {config.model.arch}")
+        if ckpt.get("method", "moco") != config.model.method:
+            raise ConfigError(f"--resume: {ckpt_path} was trained with model.method={ckpt.get('method', 'moco')}, "
+                              f"config says {config.model.method}")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -343,15 +359,16 @@ def _pretrain(config: Config, resume: str | None) -> RunResult:
                 loader.set_epoch(epoch)
             model.train()
             epoch_losses: list[float] = []
+            epoch_acc: list[float] = []
             batches, show_progress = _progress(loader, epoch, config)
-            for images, _, _ in batches:
+            for images, _, indices in batches:
                 lr = learning_rate(config, step, steps_per_epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 tic = time.perf_counter()
                 x1, x2 = _views(images, augment, device, memory_format)
                 with autocast(device, precision):
-                    out = train_step(x1, x2)
+                    out = train_step(x1, x2, indices.to(device, non_blocking=True))
                 global_loss = dist_utils.mean_over_ranks(out.loss.detach())  # the global batch's loss
                 if not torch.isfinite(global_loss):
                     raise FloatingPointError(
@@ -362,19 +379,21 @@ def _pretrain(config: Config, resume: str | None) -> RunResult:
                 scaler.step(optimizer)
                 scaler.update()
                 if t.debug_sync_checks:
-                    dist_utils.assert_same_on_all_ranks({"queue": model.queue, "queue_ptr": model.queue_ptr,
-                                                         **dict(model.named_parameters())})
+                    replicated = {n: b for n, b in model.named_buffers() if n in ("queue", "queue_ptr", "bank.features")}
+                    dist_utils.assert_same_on_all_ranks({**replicated, **dict(model.named_parameters())})
                 step += 1
                 last_loss = global_loss.item()
                 epoch_losses.append(last_loss)
                 img_s = images.shape[0] * dist_utils.world_size() / (time.perf_counter() - tic)
+                acc = dist_utils.mean_over_ranks((out.logits.argmax(1) == out.labels).float().mean()).item() * 100
+                epoch_acc.append(acc)
                 if step % t.log_every == 0 or step == 1:
-                    acc = dist_utils.mean_over_ranks((out.logits.argmax(1) == out.labels).float().mean()).item() * 100
                     log.write({"kind": "train", "step": step, "epoch": epoch + 1, "loss": last_loss,
                                "pretext_acc": acc, "lr": lr, "img_s": img_s})
                 show_progress(loss=f"{last_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{img_s:.0f}")
             row: dict[str, Any] = {"kind": "epoch", "step": step, "epoch": epoch + 1,
-                                   "loss": float(np.mean(epoch_losses)), "elapsed_s": time.time() - start_time}
+                                   "loss": float(np.mean(epoch_losses)), "pretext_acc": float(np.mean(epoch_acc)),
+                                   "elapsed_s": time.time() - start_time}
             if t.knn_every and data.val is not None and ((epoch + 1) % t.knn_every == 0 or epoch + 1 == config.optim.epochs):
                 val_knn[epoch + 1] = knn_eval(model, data.monitor_bank, data.val, data, config, device, memory_format)
                 row["val_knn_top1"] = val_knn[epoch + 1]
@@ -414,7 +433,7 @@ def save_training_checkpoint(run_dir: Path, model: MoCo, optimizer: torch.optim.
     """
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
              "epoch": epoch, "step": step, "rng": rng_state(), "config": config.to_dict(),
-             "arch": config.model.arch, "method": "moco"}
+             "arch": config.model.arch, "method": config.model.method}
     if rng_of_ranks is not None and len(rng_of_ranks) > 1:
         state["rng_of_ranks"] = rng_of_ranks
     path = save_atomic(state, run_dir / "checkpoint_last.pth")

@@ -1,0 +1,519 @@
+"""``moco ablate``: the MoCo paper's comparisons as resumable sweeps of ordinary pretraining runs.
+
+- ``dictionary``: the three mechanisms (:mod:`moco.contrast`) over a list of K; kNN top-1 vs K
+  on a log axis, one line per mechanism (the paper's Figure 3).
+- ``momentum``: MoCo with m in a list (the paper's table; m = 0 "fails" there).
+- ``shuffle-bn``: MoCo with and without shuffle BN; pretext accuracy and kNN per epoch.
+
+Every point is one ``pretrain`` run in its own directory under the sweep's output folder, so a
+sweep started again skips finished points and resumes unfinished ones from their checkpoints.
+Points run one after another, or in ``jobs`` processes of ``cores / jobs`` threads each. A point
+whose loss turns non-finite is "diverged", one whose loss does not decrease (or stays at
+log(K+1), the loss of guessing) is "failed"; both are reported and the sweep goes on.
+
+A preset is a YAML file: the usual config sections (the base of every point) plus an
+``ablate`` section with the sweep lists; see ``configs/ablate/*.yaml``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moco.config import ConfigError, _build, from_dict, parse_override
+
+PRESET_DIR = Path(__file__).resolve().parent / "configs" / "ablate"
+ABLATIONS = ("dictionary", "momentum", "shuffle-bn")
+METHOD_LABELS = {"moco": "MoCo", "end_to_end": "end-to-end", "memory_bank": "memory bank"}
+# Options that may differ between a finished point and the sweep asking for it.
+_RUN_ONLY_OPTIONS = ("train.output_dir", "train.threads", "train.progress")
+
+
+# --- the preset's ``ablate`` section --------------------------------------------------------------
+@dataclass
+class DictionarySweep:
+    methods: list[str] = field(default_factory=lambda: ["moco", "memory_bank", "end_to_end"])
+    K: list[int] = field(default_factory=lambda: [256, 1024, 4096, 16384])
+    end_to_end_max_batch: int = 1024    # end_to_end at K needs batch K; larger K are not run
+    set: dict[str, Any] = field(default_factory=dict)   # section.key: value for every point
+
+
+@dataclass
+class MomentumSweep:
+    m: list[float] = field(default_factory=lambda: [0.0, 0.9, 0.99, 0.999, 0.9999])
+    K: int = 4096
+    set: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ShuffleBNSweep:
+    set: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AblateConfig:
+    dictionary: DictionarySweep = field(default_factory=DictionarySweep)
+    momentum: MomentumSweep = field(default_factory=MomentumSweep)
+    shuffle_bn: ShuffleBNSweep = field(default_factory=ShuffleBNSweep)
+
+
+@dataclass
+class Point:
+    """One run of a sweep: its name (= directory), its full config and what the tables show."""
+
+    name: str
+    config: dict[str, Any]
+    labels: dict[str, Any]
+    negatives: int          # negatives per query: K, or batch - 1 for end_to_end
+
+
+# --- presets and overrides --------------------------------------------------------------------------
+def resolve_preset(name: str) -> Path:
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = PRESET_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"ablation preset {name!r} is neither a file nor a shipped preset ({', '.join(list_presets())})")
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def set_dotted(values: dict[str, Any], dotted: str, value: Any, where: str) -> None:
+    """``values['a']['b'] = value`` for ``dotted = 'a.b'``, creating sections on the way."""
+    parts = dotted.split(".")
+    node = values
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: {part} in {dotted} is not a section")
+    node[parts[-1]] = value
+
+
+def load_preset(path: Path, overrides: list[str]) -> tuple[dict[str, Any], AblateConfig]:
+    """The preset's base config (a dict, checked) and its sweep lists, with ``overrides`` applied."""
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"ablation preset {path} is not valid YAML: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"ablation preset {path} must hold a mapping of sections")
+    for text in overrides:
+        keys, value = parse_override(text)
+        set_dotted(values, ".".join(keys), value, f"override {text!r}")
+    sweep = _build(AblateConfig, values.pop("ablate", None) or {}, "ablate.")
+    from_dict(copy.deepcopy(values))  # the base alone must be a valid config
+    return values, sweep
+
+
+# --- the points of each ablation ------------------------------------------------------------------
+def _point_config(base: dict[str, Any], common: dict[str, Any], own: dict[str, Any], name: str) -> dict[str, Any]:
+    values = copy.deepcopy(base)
+    for dotted, value in {**common, **own}.items():
+        set_dotted(values, dotted, value, f"ablate point {name}")
+    try:
+        return from_dict(values).to_dict()
+    except ConfigError as err:
+        raise ConfigError(f"ablate point {name}: {err}") from None
+
+
+def plan(ablation: str, base: dict[str, Any], sweep: AblateConfig) -> tuple[list[Point], list[str]]:
+    """The points ``ablation`` runs, and notes on what it leaves out or changes (shown in the output)."""
+    points: list[Point] = []
+    notes: list[str] = []
+    if ablation == "dictionary":
+        s = sweep.dictionary
+        unknown = [m for m in s.methods if m not in METHOD_LABELS]
+        if unknown:
+            raise ConfigError(f"ablate.dictionary.methods: unknown {unknown}; choose from {', '.join(METHOD_LABELS)}")
+        for method in s.methods:
+            for K in s.K:
+                own: dict[str, Any] = {"model.method": method, "model.K": K}
+                negatives = K
+                if method == "end_to_end":
+                    if K > s.end_to_end_max_batch:
+                        continue
+                    own["optim.batch_size"] = K
+                    negatives = K - 1
+                name = f"{method}_K{K}"
+                config = _point_config(base, s.set, own, name)
+                points.append(Point(name, config, {"method": method, "K": K,
+                                                   "batch_size": config["optim"]["batch_size"]}, negatives))
+        if "end_to_end" in s.methods:
+            left_out = [K for K in s.K if K > s.end_to_end_max_batch]
+            notes.append(
+                "end-to-end: keys are the current batch, so K = batch - 1 negatives; the point at K trains with "
+                f"batch K (K - 1 negatives, lr scaled by batch / base batch). Batches are capped at "
+                f"ablate.dictionary.end_to_end_max_batch={s.end_to_end_max_batch}"
+                + (f", so K = {', '.join(map(str, left_out))} were not run" if left_out else "")
+                + ". Gradient accumulation would not raise K: each accumulated micro-batch still contrasts only "
+                  "its own keys.")
+        if "memory_bank" in s.methods:
+            notes.append("memory bank: K negatives drawn uniformly with replacement from one stored feature per "
+                         "pretraining image (the query's own entry can be drawn); entries refreshed with feature "
+                         "momentum model.bank_momentum; the positive is the stored entry, so only one view is encoded.")
+    elif ablation == "momentum":
+        s = sweep.momentum
+        for m in s.m:
+            name = f"m{m:g}"
+            config = _point_config(base, s.set, {"model.method": "moco", "model.K": s.K, "model.m": m}, name)
+            points.append(Point(name, config, {"m": m, "K": s.K}, s.K))
+    elif ablation == "shuffle-bn":
+        s = sweep.shuffle_bn
+        for shuffle in (True, False):
+            name = "shuffle_bn" if shuffle else "no_shuffle_bn"
+            config = _point_config(base, s.set, {"model.method": "moco", "model.shuffle_bn": shuffle}, name)
+            points.append(Point(name, config, {"shuffle_bn": shuffle}, config["model"]["K"]))
+        if points[0].config["model"]["bn_splits"] == 1:
+            notes.append("model.bn_splits=1: on one process shuffle BN only matters with split BN, so both "
+                         "points see the same batch statistics.")
+    else:
+        raise ConfigError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
+    if not points:
+        raise ConfigError(f"ablation {ablation}: the preset's lists give no point to run")
+    return points, notes
+
+
+# --- divergence ------------------------------------------------------------------------------------
+def diagnose(losses: list[float], negatives: int, windows: int = 5, min_drop: float = 0.02,
+             stuck_tolerance: float = 0.03) -> tuple[str, str]:
+    """("ok" | "failed" | "diverged", reason) from a run's loss curve.
+
+    Non-finite loss: diverged. The mean of the last fifth of the curve not at least ``min_drop``
+    (relative) below the highest earlier fifth: failed, as "stuck at log(K+1)" when it sits within
+    ``stuck_tolerance`` of log(K+1) (the loss of a uniform guess), else "not decreasing". Using the
+    highest earlier window, not the first, tolerates curves that rise before they fall (a memory
+    bank starts from random entries).
+    """
+    if any(not math.isfinite(x) for x in losses):
+        return "diverged", "non-finite loss"
+    if len(losses) < 2:
+        return "ok", "too few loss values to judge"
+    size = max(1, len(losses) // windows)
+    chunks = [losses[i : i + size] for i in range(0, len(losses), size)]
+    if len(chunks) > 1 and len(chunks[-1]) < size:  # fold a short remainder into the last window
+        chunks[-2] += chunks.pop()
+    means = [sum(c) / len(c) for c in chunks]
+    tail, head = means[-1], max(means[:-1])
+    chance = math.log(negatives + 1)
+    if tail > head * (1 - min_drop):
+        if abs(tail - chance) <= stuck_tolerance * chance:
+            return "failed", f"loss stuck at log(K+1) = {chance:.2f} (last {tail:.2f})"
+        return "failed", f"loss not decreasing ({head:.2f} -> {tail:.2f})"
+    return "ok", f"loss {head:.2f} -> {tail:.2f}"
+
+
+# --- running one point -----------------------------------------------------------------------------
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    config = copy.deepcopy(config)
+    for dotted in _RUN_ONLY_OPTIONS:
+        section, key = dotted.split(".")
+        config.get(section, {}).pop(key, None)
+    return config
+
+
+def _read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _resume_mode(run_dir: Path, config: dict[str, Any]) -> str | None:
+    """'auto' when the point's checkpoint was written by the same config, else None (start afresh)."""
+    ckpt_path = run_dir / "checkpoint_last.pth"
+    if not ckpt_path.is_file():
+        return None
+    from moco.checkpoint import load_checkpoint
+
+    try:
+        saved = load_checkpoint(ckpt_path).get("config", {})
+    except (ValueError, RuntimeError, OSError):
+        return None
+    return "auto" if _comparable(saved) == _comparable(config) else None
+
+
+def finished_result(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored result of a finished point run with the same config, else None."""
+    path = run_dir / "point.json"
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    if result.get("status") == "error" or _comparable(result.get("config", {})) != _comparable(config):
+        return None
+    return result
+
+
+def run_point(point: Point, run_dir: str) -> dict[str, Any]:
+    """Train one point (or resume it) and return its result; never raises for a failed run.
+
+    Output goes to ``run_dir/log.txt``. Importable at top level so spawned workers can run it.
+    """
+    from moco.config import from_dict as config_from_dict
+    from moco.train import pretrain
+
+    directory = Path(run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(point.config)
+    config["train"]["output_dir"] = str(directory)
+    resume = _resume_mode(directory, config)
+    status, reason, seconds = "ok", "", None
+    cpu_start = time.process_time()
+    with open(directory / "log.txt", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        print(f"--- {point.name}: {'resuming' if resume else 'starting'}", flush=True)
+        try:
+            result = pretrain(config_from_dict(copy.deepcopy(config)), resume=resume)
+            seconds = result.seconds
+        except FloatingPointError as err:
+            status, reason = "diverged", str(err)
+        except Exception as err:  # noqa: BLE001 - a broken point is reported, the sweep goes on
+            traceback.print_exc()
+            status, reason = "error", f"{type(err).__name__}: {err}"
+    cpu_seconds = time.process_time() - cpu_start
+    rows = _read_rows(directory)
+    if status == "ok":
+        status, reason = diagnose([r["loss"] for r in rows if r.get("kind") == "train"], point.negatives)
+    epochs = [{k: r[k] for k in ("epoch", "loss", "pretext_acc", "val_knn_top1", "elapsed_s") if k in r}
+              for r in rows if r.get("kind") == "epoch"]
+    test = [r["test_knn_top1"] for r in rows if r.get("kind") == "test"]
+    vals = [e["val_knn_top1"] for e in epochs if "val_knn_top1" in e]
+    out = {
+        "name": point.name, **point.labels, "negatives": point.negatives, "status": status, "reason": reason,
+        "test_knn_top1": test[-1] if test else None, "val_knn_top1": vals[-1] if vals else None,
+        "final_loss": epochs[-1]["loss"] if epochs else None,
+        "seconds": seconds if seconds is not None else (epochs[-1]["elapsed_s"] if epochs else None),
+        "cpu_seconds": cpu_seconds, "epochs": epochs,
+        "train_losses": [[r["step"], r["loss"]] for r in rows if r.get("kind") == "train"],
+        "config": config,
+    }
+    (directory / "point.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+# --- the sweep ---------------------------------------------------------------------------------------
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _one_line(result: dict[str, Any]) -> str:
+    knn = result["test_knn_top1"] if result["test_knn_top1"] is not None else result["val_knn_top1"]
+    text = f"{result['name']}: {result['status']}"
+    if knn is not None:
+        text += f", kNN top-1 {knn:.2f}%"
+    if result["final_loss"] is not None:
+        text += f", loss {result['final_loss']:.3f}"
+    if result["status"] != "ok":
+        text += f" ({result['reason'].splitlines()[0] if result['reason'] else ''})"
+    return text
+
+
+def sweep(ablation: str, preset: str, overrides: list[str] = (), output: str | None = None, jobs: int = 1,
+          threads: int = 0) -> dict[str, Any]:
+    """Run (or resume) one ablation and write results.json, results.md and its plots into ``output``."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs: must be >= 1, got {jobs}")
+    path = resolve_preset(preset)
+    base, sweep_config = load_preset(path, list(overrides))
+    points, notes = plan(ablation, base, sweep_config)
+    out_dir = Path(output or f"runs/ablate/{path.stem}/{ablation}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    threads = threads or max(1, available_cores() // jobs)
+    for point in points:
+        point.config["train"].update(threads=threads, progress=False)
+    for note in notes:
+        print(f"note: {note}", flush=True)
+
+    results: dict[str, dict[str, Any]] = {}
+    pending = []
+    for point in points:
+        done = finished_result(out_dir / point.name, point.config)
+        if done is not None:
+            results[point.name] = done
+            print(f"[done before] {_one_line(done)}", flush=True)
+        else:
+            pending.append(point)
+    print(f"{ablation}: {len(points)} points, {len(pending)} to run, {min(jobs, max(len(pending), 1))} at a time "
+          f"with {threads} thread(s) each; logs in {out_dir}/<point>/log.txt", flush=True)
+    counter = len(results)
+    if jobs == 1 or len(pending) <= 1:
+        for point in pending:
+            results[point.name] = run_point(point, str(out_dir / point.name))
+            counter += 1
+            print(f"[{counter}/{len(points)}] {_one_line(results[point.name])}", flush=True)
+    else:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(run_point, point, str(out_dir / point.name)): point for point in pending}
+            for future in as_completed(futures):
+                point = futures[future]
+                results[point.name] = future.result()
+                counter += 1
+                print(f"[{counter}/{len(points)}] {_one_line(results[point.name])}", flush=True)
+
+    ordered = [results[p.name] for p in points]
+    summary = {"ablation": ablation, "preset": str(path), "overrides": list(overrides), "notes": notes,
+               "points": [{k: v for k, v in r.items() if k not in ("config", "train_losses")} for r in ordered]}
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
+    plots = plot_results(ablation, ordered, out_dir)
+    (out_dir / "results.md").write_text(results_markdown(ablation, ordered, notes, path, overrides, plots))
+    print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}, {', '.join(str(p) for p in plots)}", flush=True)
+    return summary
+
+
+# --- tables and plots -----------------------------------------------------------------------------
+def _knn(result: dict[str, Any]) -> float | None:
+    return result["test_knn_top1"] if result["test_knn_top1"] is not None else result["val_knn_top1"]
+
+
+def _cell(result: dict[str, Any] | None) -> str:
+    """A table cell: the kNN accuracy, or the status (with the accuracy it still reached)."""
+    if result is None:
+        return "n/a"
+    knn = _knn(result)
+    if result["status"] == "ok":
+        return f"{knn:.2f}" if knn is not None else "-"
+    return f"**{result['status']}**" + (f" ({knn:.2f})" if knn is not None else "")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes} m {secs:02d} s" if minutes else f"{secs} s"
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def results_markdown(ablation: str, results: list[dict[str, Any]], notes: list[str], preset: Path,
+                     overrides: list[str] = (), plots: list[Path] = ()) -> str:
+    """results.md: the command, what the numbers are, the ablation's table, every point, the plots."""
+    first = results[0]["config"]
+    t = first["train"]
+    metric = (f"weighted kNN top-1 (%), k={t['knn_k']}, T={t['knn_t']}: the test split against the labelled "
+              "training split after the last epoch (validation split where there is no test split)")
+    lines = [f"# Ablation: {ablation} (preset `{preset.stem}`)", "",
+             f"Command: `moco ablate {ablation} {preset.stem}{''.join(' ' + o for o in overrides)}`", "",
+             f"Numbers: {metric}. Status: ok; **failed** = loss not decreasing or stuck at log(K+1); "
+             "**diverged** = non-finite loss (training stopped there); **error** = the run crashed (see its log.txt).",
+             ""]
+    lines += [f"- {note}" for note in notes] + ([""] if notes else [])
+    if ablation == "dictionary":
+        Ks = sorted({r["K"] for r in results})
+        methods = list(dict.fromkeys(r["method"] for r in results))
+        lines += ["## kNN top-1 (%) vs K", "", "| mechanism | " + " | ".join(f"K={K}" for K in Ks) + " |",
+                  "|---|" + "---|" * len(Ks)]
+        for method in methods:
+            by_k = {r["K"]: r for r in results if r["method"] == method}
+            lines.append(f"| {METHOD_LABELS[method]} | " + " | ".join(_cell(by_k.get(K)) for K in Ks) + " |")
+    elif ablation == "momentum":
+        lines += ["## kNN top-1 (%) vs momentum m", "", "| m | " + " | ".join(f"{r['m']:g}" for r in results) + " |",
+                  "|---|" + "---|" * len(results), "| kNN top-1 | " + " | ".join(_cell(r) for r in results) + " |"]
+    else:
+        by_name = {r["name"]: r for r in results}
+        with_, without = by_name["shuffle_bn"], by_name["no_shuffle_bn"]
+        epochs = sorted({e["epoch"] for r in results for e in r["epochs"]})
+
+        def at(result: dict[str, Any], epoch: int, key: str) -> str:
+            row = next((e for e in result["epochs"] if e["epoch"] == epoch), {})
+            return _fmt(row.get(key))
+
+        lines += ["## Per epoch: pretext accuracy and kNN, with and without shuffle BN", "",
+                  "| epoch | pretext acc, shuffle BN | pretext acc, no shuffle | val kNN, shuffle BN | val kNN, no shuffle |",
+                  "|---|---|---|---|---|"]
+        for epoch in epochs:
+            lines.append(f"| {epoch} | {at(with_, epoch, 'pretext_acc')} | {at(without, epoch, 'pretext_acc')} | "
+                         f"{at(with_, epoch, 'val_knn_top1')} | {at(without, epoch, 'val_knn_top1')} |")
+        lines += ["", f"Final kNN top-1: shuffle BN {_cell(with_)}, no shuffle {_cell(without)}."]
+    lines += ["", "## Points", "",
+              "| point | negatives/query | batch | epochs | status | kNN top-1 | final loss | final pretext acc | wall time | "
+              "CPU time | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        last = r["epochs"][-1] if r["epochs"] else {}
+        note = r["reason"].splitlines()[0] if r["reason"] else ""
+        lines.append(f"| {r['name']} | {r['negatives']} | {r['config']['optim']['batch_size']} | "
+                     f"{last.get('epoch', 0)}/{r['config']['optim']['epochs']} | {r['status']} | {_fmt(_knn(r))} | "
+                     f"{_fmt(r['final_loss'], 3)} | {_fmt(last.get('pretext_acc'))} | {_duration(r['seconds'])} | "
+                     f"{_duration(r.get('cpu_seconds'))} | {note} |")
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def plot_results(ablation: str, results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """The ablation's PNGs in ``out_dir``: kNN vs K; loss curves and kNN vs m; shuffle-BN curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if ablation == "dictionary":
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        for i, method in enumerate(dict.fromkeys(r["method"] for r in results)):
+            rows = [r for r in results if r["method"] == method]
+            ok = [r for r in rows if r["status"] == "ok" and _knn(r) is not None]
+            bad = [r for r in rows if r["status"] != "ok" and _knn(r) is not None]
+            ax.plot([r["negatives"] for r in ok], [_knn(r) for r in ok], "o-", color=f"C{i}",
+                    label=METHOD_LABELS[method])
+            if bad:
+                ax.scatter([r["negatives"] for r in bad], [_knn(r) for r in bad], marker="x", s=60, color=f"C{i}",
+                           label=f"{METHOD_LABELS[method]} (failed)")
+        ax.set_xscale("log", base=2)
+        ticks = sorted({r["K"] for r in results})
+        ax.set_xticks(ticks, [str(k) for k in ticks])
+        ax.set(xlabel="K (negatives per query; end-to-end: batch - 1)", ylabel="kNN top-1 (%)",
+               title="dictionary mechanisms: kNN top-1 vs K")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        paths = [out_dir / "dictionary.png"]
+    elif ablation == "momentum":
+        fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(11, 4))
+        for i, r in enumerate(results):
+            steps = [s for s, _ in r["train_losses"]]
+            ax_loss.plot(steps, [v for _, v in r["train_losses"]], lw=0.9, color=f"C{i}",
+                         label=f"m={r['m']:g} ({r['status']})")
+        ax_loss.axhline(math.log(results[0]["negatives"] + 1), color="gray", ls=":", label="log(K+1)")
+        ax_loss.set(xlabel="step", ylabel="InfoNCE loss", title="pretraining loss per momentum")
+        ax_loss.legend(fontsize=8)
+        labels = [f"{r['m']:g}" for r in results]
+        values = [_knn(r) or 0.0 for r in results]
+        colors = ["C0" if r["status"] == "ok" else "C3" for r in results]
+        ax_knn.bar(labels, values, color=colors)
+        for x, r in enumerate(results):
+            ax_knn.annotate(_cell(r).replace("**", ""), (x, values[x]), ha="center", va="bottom", fontsize=8)
+        ax_knn.set(xlabel="key-encoder momentum m", ylabel="kNN top-1 (%)", title="kNN top-1 vs m (red: not ok)")
+        paths = [out_dir / "momentum.png"]
+    else:
+        fig, (ax_acc, ax_knn) = plt.subplots(1, 2, figsize=(11, 4))
+        for i, r in enumerate(results):
+            label = "shuffle BN" if r["shuffle_bn"] else "no shuffle BN"
+            ax_acc.plot([e["epoch"] for e in r["epochs"] if "pretext_acc" in e],
+                        [e["pretext_acc"] for e in r["epochs"] if "pretext_acc" in e], "o-", color=f"C{i}", label=label)
+            knn = [e for e in r["epochs"] if "val_knn_top1" in e]
+            ax_knn.plot([e["epoch"] for e in knn], [e["val_knn_top1"] for e in knn], "o-", color=f"C{i}", label=label)
+        ax_acc.set(xlabel="epoch", ylabel="pretext accuracy (%)", title="pretext task: positive key ranked first")
+        ax_knn.set(xlabel="epoch", ylabel="val kNN top-1 (%)", title="representation: kNN on held-out images")
+        ax_acc.legend()
+        ax_knn.legend()
+        paths = [out_dir / "shuffle_bn.png"]
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,114 @@
+"""`moco ablate`: divergence detection, a tiny sweep per ablation, resume, the three artifacts."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from moco.ablate import diagnose, load_preset, plan, plot_results, resolve_preset, results_markdown, sweep
+from moco.checkpoint import load_checkpoint
+from moco.cli import main
+from moco.config import ConfigError
+from tests.conftest import needs_fashion_mnist
+
+# One tiny point per mechanism: 4-8-8-8 ResNet, 300 pretraining images (400 - 100 held out), batch 16, one epoch.
+TINY = ["model.widths=[4,8,8,8]", "model.bn_splits=2", "data.train_subset=400", "data.val_size=100",
+        "data.test_subset=200", "optim.epochs=1", "optim.batch_size=16", "train.knn_bank_size=300",
+        "train.knn_k=20", "ablate.dictionary.K=[16]"]
+
+
+def test_diagnose_flags_nan_and_loss_stuck_at_log_k_plus_1() -> None:
+    K = 4096
+    chance = math.log(K + 1)
+    assert diagnose([8.0, 7.5, float("nan"), 7.0], K)[0] == "diverged"
+    assert diagnose([8.0, float("inf")], K)[0] == "diverged"
+    status, reason = diagnose([chance + 0.01 * (-1) ** i for i in range(40)], K)
+    assert status == "failed" and "stuck at log(K+1)" in reason
+    status, reason = diagnose([5.0 + 0.3 * (-1) ** i for i in range(40)], K)  # oscillating, not at chance
+    assert status == "failed" and "not decreasing" in reason
+    assert diagnose([8.3 - 0.1 * i for i in range(40)], K)[0] == "ok"
+    # A memory bank's loss rises while random entries are replaced, then falls: fine.
+    assert diagnose([6.0, 8.0, 10.0, 10.5, 10.0, 9.5, 9.0, 8.5, 8.0, 7.5], 256)[0] == "ok"
+
+
+def test_end_to_end_points_use_batch_k_and_are_capped() -> None:
+    base, sweep_config = load_preset(resolve_preset("fmnist_cpu"), ["ablate.dictionary.K=[256,1024,4096]"])
+    points, notes = plan("dictionary", base, sweep_config)
+    e2e = {p.name: p for p in points if p.labels["method"] == "end_to_end"}
+    assert sorted(e2e) == ["end_to_end_K1024", "end_to_end_K256"]  # 4096 > end_to_end_max_batch
+    assert e2e["end_to_end_K256"].config["optim"]["batch_size"] == 256 and e2e["end_to_end_K256"].negatives == 255
+    assert any("K = 4096 were not run" in n and "Gradient accumulation" in n for n in notes)
+    with pytest.raises(ConfigError, match="ablate point moco_K100: model.K"):
+        plan("dictionary", *load_preset(resolve_preset("fmnist_cpu"), ["ablate.dictionary.K=[100]"]))
+    with pytest.raises(ConfigError, match="did you mean ablate.momentum.m"):
+        load_preset(resolve_preset("fmnist_cpu"), ["ablate.momentum.mm=[0.9]"])
+
+
+@needs_fashion_mnist
+def test_tiny_dictionary_sweep_writes_the_three_artifacts_and_resumes(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "sweep"
+    summary = sweep("dictionary", "fmnist_cpu", TINY, output=str(out), jobs=1, threads=1)
+    points = {p["name"]: p for p in summary["points"]}
+    assert sorted(points) == ["end_to_end_K16", "memory_bank_K16", "moco_K16"]
+    assert [points[n]["negatives"] for n in ("moco_K16", "memory_bank_K16", "end_to_end_K16")] == [16, 16, 15]
+    for p in points.values():
+        assert p["status"] in ("ok", "failed") and 0 < p["test_knn_top1"] <= 100 and len(p["epochs"]) == 1
+    assert json.loads((out / "results.json").read_text())["points"][0]["name"] == "moco_K16"
+    md = (out / "results.md").read_text()
+    assert "| MoCo |" in md and "| memory bank |" in md and "| end-to-end |" in md and "![dictionary]" in md
+    assert (out / "dictionary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Gradient accumulation" in capsys.readouterr().out
+    bank = load_checkpoint(out / "memory_bank_K16" / "checkpoint_last.pth")["model"]["bank.features"]
+    assert bank.shape == (300, 128)  # one entry per pretraining image, checkpointed with the weights
+    torch.testing.assert_close(bank.norm(dim=1), torch.ones(300))
+
+    # Again: every point is finished, nothing trains. Then a point without its result resumes.
+    (out / "memory_bank_K16" / "point.json").unlink()
+    capsys.readouterr()
+    sweep("dictionary", "fmnist_cpu", TINY, output=str(out), jobs=1, threads=1)
+    printed = capsys.readouterr().out
+    assert printed.count("[done before]") == 2 and "1 to run" in printed
+    assert "--- memory_bank_K16: resuming" in (out / "memory_bank_K16" / "log.txt").read_text()
+
+
+@needs_fashion_mnist
+def test_diverging_points_are_reported_and_the_parallel_sweep_goes_on(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "momentum"
+    overrides = [*TINY, "ablate.momentum.K=64", "ablate.momentum.m=[0.9,0.99]", "optim.lr=1.0e30"]
+    sweep("momentum", "fmnist_cpu", overrides, output=str(out), jobs=2)  # two spawned processes
+    assert "2 at a time with 1 thread(s) each" in capsys.readouterr().out
+    points = json.loads((out / "results.json").read_text())["points"]
+    assert [(p["name"], p["status"]) for p in points] == [("m0.9", "diverged"), ("m0.99", "diverged")]
+    assert "loss is nan" in points[0]["reason"] or "loss is inf" in points[0]["reason"]
+    assert "| kNN top-1 | **diverged** | **diverged** |" in (out / "results.md").read_text()
+    assert (out / "momentum.png").is_file()
+
+
+def _fake(name: str, status: str, knn: float, **labels) -> dict:
+    epochs = [{"epoch": e, "loss": 5.0 - e, "pretext_acc": 50.0 + 10 * e, "val_knn_top1": knn - 3 + e}
+              for e in (1, 2, 3)]
+    config = {"train": {"knn_k": 200, "knn_t": 0.1}, "optim": {"batch_size": 128, "epochs": 3}}
+    return {"name": name, "status": status, "reason": "" if status == "ok" else "loss not decreasing",
+            "test_knn_top1": knn, "val_knn_top1": knn, "final_loss": 2.0, "seconds": 75.0, "negatives": 4096,
+            "epochs": epochs, "train_losses": [[1, 8.0], [2, 7.0]], "config": config, **labels}
+
+
+def test_momentum_and_shuffle_bn_tables_and_plots(tmp_path: Path) -> None:
+    momentum = [_fake("m0", "failed", 40.0, m=0.0, K=4096), _fake("m0.99", "ok", 78.5, m=0.99, K=4096)]
+    md = results_markdown("momentum", momentum, [], Path("fmnist_cpu.yaml"), ["optim.epochs=3"], [Path("momentum.png")])
+    assert "| m | 0 | 0.99 |" in md and "| kNN top-1 | **failed** (40.00) | 78.50 |" in md
+    assert "`moco ablate momentum fmnist_cpu optim.epochs=3`" in md and "| m0.99 | 4096 | 128 | 3/3 | ok | 78.50 | 2.000 | 80.00 | 1 m 15 s | - |" in md
+    assert plot_results("momentum", momentum, tmp_path)[0].is_file()
+    shuffle = [_fake("shuffle_bn", "ok", 70.0, shuffle_bn=True), _fake("no_shuffle_bn", "ok", 60.0, shuffle_bn=False)]
+    md = results_markdown("shuffle-bn", shuffle, [], Path("fmnist_cpu.yaml"))
+    assert "| 2 | 70.00 | 70.00 | 69.00 | 59.00 |" in md
+    assert plot_results("shuffle-bn", shuffle, tmp_path)[0].name == "shuffle_bn.png"
+
+
+def test_cli_lists_presets_and_rejects_unknown_ones(capsys) -> None:
+    assert main(["ablate", "dictionary"]) == 0
+    assert {"fmnist_cpu", "cifar10_gpu", "imagenet100_gpu"} <= set(capsys.readouterr().out.split())
+    assert main(["ablate", "momentum", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("moco: error: ablation preset 'nope' is neither a file nor")
