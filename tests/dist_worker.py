@@ -128,6 +128,31 @@ def queue_sync_scenario() -> dict[str, Any]:
     return result
 
 
+def memory_bank_scenario() -> dict[str, Any]:
+    """The memory bank through the loop's path: each rank refreshes its own images' entries and
+    every rank applies both ranks' refreshes, so the banks stay one bank. End-to-end refuses."""
+    from moco.contrast import EndToEnd, MemoryBankContrast
+
+    torch.manual_seed(0)
+    model = MemoryBankContrast(LinearEncoder(num_classes=8), bank_size=20, dim=8, K=6, T=0.2)
+    initial = model.bank.features.clone()
+    step_fn = du.training_step(model, symmetric=False, device=torch.device("cpu"))
+    optimizer = sgd(model.encoder_q.parameters())
+    torch.manual_seed(2000 + du.rank())  # different images and negatives on each rank
+    for step in range(3):  # rank r refreshes images 6*step + 3*r + (0, 1, 2): 0..17 in all
+        indices = 6 * step + 3 * du.rank() + torch.arange(3)
+        out = step_fn(torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8), indices)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    try:
+        EndToEnd(LinearEncoder(num_classes=8), dim=8).check_batch_size(4)
+        e2e_error = ""
+    except ValueError as err:
+        e2e_error = str(err)
+    return {"initial": initial, "bank": model.bank.features.clone(), "e2e_error": e2e_error}
+
+
 def knn_scenario() -> dict[str, Any]:
     """kNN from sharded feature extraction: gathered bank, accuracies averaged by shard size."""
     g = torch.Generator().manual_seed(3)
@@ -173,6 +198,7 @@ def main(out_dir: str) -> None:
             "shuffle": shuffle_scenario(),
             "queue_sync": queue_sync_scenario(),
             "knn": knn_scenario(),
+            "memory_bank": memory_bank_scenario(),
             "bn_options": bn_options_scenario(),
         }
         torch.save(results, Path(out_dir) / f"rank{du.rank()}.pt")

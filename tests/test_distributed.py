@@ -151,6 +151,15 @@ def test_debug_sync_check_catches_a_rank_whose_queue_drifted(ranks: list[dict[st
         assert result["queue_sync"]["drift_error"] == f"rank {rank}: state differs from rank 0's: queue on rank 1"
 
 
+def test_memory_bank_is_one_bank_across_ranks_and_end_to_end_refuses_several(ranks: list[dict[str, Any]]) -> None:
+    r0, r1 = ranks[0]["memory_bank"], ranks[1]["memory_bank"]
+    assert torch.equal(r0["bank"], r1["bank"])
+    changed = (r0["bank"] != r0["initial"]).any(dim=1)
+    assert changed.nonzero().flatten().tolist() == list(range(18))  # both ranks' images, nothing else
+    torch.testing.assert_close(r0["bank"].norm(dim=1), torch.ones(20))
+    assert "end_to_end runs on one process" in r0["e2e_error"]
+
+
 # --- evaluation and options ----------------------------------------------------------------------
 def test_knn_from_sharded_features_equals_the_single_process_knn(ranks: list[dict[str, Any]]) -> None:
     g = torch.Generator().manual_seed(3)
