@@ -61,3 +61,17 @@ def test_optimizer_choice_builds_sgd_or_adamw() -> None:
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["weight_decay"] == 0.05
     with pytest.raises(ConfigError, match="optim.optimizer"):
         load_config(None, ["optim.optimizer=lamb"])
+
+
+def test_channels_last_is_dropped_for_tiny_cpu_models_where_onednn_crashes() -> None:
+    import torch
+
+    from moco.train import resolve_memory_format
+
+    cpu = torch.device("cpu")
+    tiny = load_config(None, ["model.widths=[4,8,8,8]", "train.channels_last=true"])
+    assert resolve_memory_format(tiny, cpu) == torch.contiguous_format
+    small = load_config(None, ["model.widths=[8,16,32,64]", "train.channels_last=true"])
+    assert resolve_memory_format(small, cpu) == torch.channels_last
+    off = load_config(None, ["train.channels_last=false"])
+    assert resolve_memory_format(off, cpu) == torch.contiguous_format

@@ -75,6 +75,20 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=dtype)
 
 
+def resolve_memory_format(config: Config, device: torch.device) -> torch.memory_format:
+    """channels_last when asked for, except where torch's CPU kernels crash on it.
+
+    On CPU, oneDNN's channels_last convolutions with fewer than 8 channels segfault (torch 2.14,
+    AVX2; seen with widths 4-8-8-8 and 6-12-12-12), so such tiny models stay contiguous.
+    """
+    if not config.train.channels_last:
+        return torch.contiguous_format
+    if device.type == "cpu" and min(config.model.widths) < 8:
+        _print("note: train.channels_last ignored on CPU for stage widths below 8 (torch's oneDNN kernels crash)")
+        return torch.contiguous_format
+    return torch.channels_last
+
+
 # --- schedule ----------------------------------------------------------------------------------
 def learning_rate(config: Config, step: int, steps_per_epoch: int) -> float:
     """Linear warm-up, then cosine / step / constant; ``lr`` is scaled by batch / base batch."""
@@ -306,7 +320,7 @@ def _pretrain(config: Config, resume: str | None) -> RunResult:
         torch.set_num_threads(t.threads)
     device = resolve_device(t.device)
     precision = resolve_precision(t.precision, device)
-    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+    memory_format = resolve_memory_format(config, device)
     seed_everything(t.seed)
 
     data = build_data(config)
