@@ -27,7 +27,7 @@ def measure(args: argparse.Namespace, precision: str, channels_last: bool) -> fl
     device = torch.device(args.device)
     widths = tuple(int(w) for w in args.widths.split(","))
     model = MoCo(lambda num_classes: resnet(args.arch, num_classes, small_images=not args.imagenet_stem,
-                                            in_channels=args.channels, widths=widths, bn_splits=args.bn_splits),
+                                            stem_stride=args.stem_stride, in_channels=args.channels, widths=widths, bn_splits=args.bn_splits),
                  dim=128, K=args.K, m=args.m, T=args.T, mlp=True)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device).to(memory_format=fmt)
@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--size", type=int, default=28)
     parser.add_argument("--imagenet-stem", action="store_true", help="7x7 stride-2 stem and max-pool")
+    parser.add_argument("--stem-stride", type=int, default=1, help="small-image stem stride (1 or 2)")
     parser.add_argument("--K", type=int, default=4096)
     parser.add_argument("--m", type=float, default=0.99)
     parser.add_argument("--T", type=float, default=0.1)
