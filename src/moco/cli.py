@@ -1,4 +1,5 @@
-"""``moco`` command line: ``moco pretrain CONFIG [key=value ...] [--resume [PATH]]``, ``moco ablate``."""
+"""``moco`` command line: ``moco pretrain CONFIG [key=value ...] [--resume [PATH]]``, ``moco ablate``; the
+commands that use a checkpoint (lincls, knn, finetune, report, export) are defined in :mod:`moco.cli_eval`."""
 
 from __future__ import annotations
 
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ablate_parser(sub)
     c = sub.add_parser("configs", help="list the shipped configs")
     c.set_defaults(func=lambda _: print("\n".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))) or 0)
+    from moco.cli_eval import add_commands  # lincls, knn, finetune, report, export
+
+    add_commands(sub)
     return parser
 
 

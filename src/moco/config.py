@@ -212,6 +212,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return from_dict(apply_overrides(values, overrides))
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str] = ()) -> dict[str, Any]:
+    """Set each ``section.key=value`` override in the nested dict ``values`` (in place) and return it."""
     for text in overrides:
         keys, value = parse_override(text)
         node = values
@@ -220,7 +225,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {part} is not a section")
         node[keys[-1]] = value
-    return from_dict(values)
+    return values
 
 
 def validate(config: Config) -> None:

@@ -2,7 +2,9 @@
 
 Each test feature votes with its k most cosine-similar training features, each vote weighted by
 ``exp(sim / T)``. Similarities are computed in chunks of test samples, so a 60k x 10k problem
-needs only ``chunk x N_train`` floats at a time.
+needs only ``chunk x N_train`` floats at a time. Several k are answered from one neighbour search
+(the largest k's). With ``backend="faiss"`` (or ``"auto"`` when faiss is importable) the search
+is faiss's exact inner-product index instead of a matrix product.
 """
 
 from __future__ import annotations
@@ -24,8 +26,12 @@ def extract_features(
     device: torch.device | str = "cpu",
     head: bool = False,
     memory_format: torch.memory_format = torch.contiguous_format,
+    normalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised features (backbone, or the head's output with ``head=True``) and labels."""
+    """Features (backbone, or the head's output with ``head=True``) and labels.
+
+    ``normalize=False`` keeps the raw features, which is what a linear probe trains on.
+    """
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
@@ -33,11 +39,81 @@ def extract_features(
         for images, batch_labels, _ in batches:
             x = preprocess(images.to(device)).contiguous(memory_format=memory_format)
             out = encoder(x) if head else backbone_features(encoder, x)
-            feats.append(F.normalize(out.float().flatten(1), dim=1).cpu())
+            out = out.float().flatten(1)
+            feats.append((F.normalize(out, dim=1) if normalize else out).cpu())
             labels.append(torch.as_tensor(batch_labels))
     finally:
         encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@torch.no_grad()
+def nearest_neighbours(
+    train_features: torch.Tensor,
+    test_features: torch.Tensor,
+    k: int,
+    chunk_size: int = 1024,
+    backend: str = "torch",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Similarities and indices (N_test x k, most similar first) of each test feature's k nearest
+    training features by inner product. ``backend``: ``torch``, ``faiss`` or ``auto``."""
+    if backend == "auto":
+        backend = "faiss" if faiss_available() else "torch"
+    if backend not in ("torch", "faiss"):
+        raise ValueError(f"kNN backend must be torch, faiss or auto, got {backend!r}")
+    k = min(k, train_features.shape[0])
+    if backend == "faiss":
+        import faiss
+
+        index = faiss.IndexFlatIP(train_features.shape[1])
+        index.add(train_features.float().cpu().contiguous().numpy())
+    sims, idxs = [], []
+    for start in range(0, test_features.shape[0], chunk_size):
+        chunk = test_features[start : start + chunk_size]
+        if backend == "faiss":
+            sim_np, idx_np = index.search(chunk.float().cpu().contiguous().numpy(), k)
+            top_sim, top_idx = torch.from_numpy(sim_np), torch.from_numpy(idx_np).long()
+        else:
+            top_sim, top_idx = (chunk @ train_features.T).topk(k, dim=1)
+        sims.append(top_sim.to(test_features.device))
+        idxs.append(top_idx.to(test_features.device))
+    return torch.cat(sims), torch.cat(idxs)
+
+
+def vote(
+    top_sim: torch.Tensor, top_idx: torch.Tensor, train_labels: torch.Tensor, num_classes: int, k: int,
+    temperature: float,
+) -> torch.Tensor:
+    """Class scores from the first k neighbours of sorted (N x >=k) similarities and indices."""
+    weights = (top_sim[:, :k] / temperature).exp()
+    votes = torch.zeros(top_sim.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
+    return votes.scatter_add_(1, train_labels[top_idx[:, :k]], weights)
+
+
+@torch.no_grad()
+def knn_predict_many(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    num_classes: int,
+    ks: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.1,
+    chunk_size: int = 1024,
+    backend: str = "torch",
+) -> dict[int, torch.Tensor]:
+    """Class scores for each k in ``ks``, from one search for the largest k."""
+    if not ks or min(ks) < 1:
+        raise ValueError(f"every k must be >= 1, got {list(ks)}")
+    top_sim, top_idx = nearest_neighbours(train_features, test_features, max(ks), chunk_size, backend)
+    return {k: vote(top_sim, top_idx, train_labels, num_classes, k, temperature) for k in ks}
 
 
 @torch.no_grad()
@@ -49,23 +125,14 @@ def knn_predict(
     k: int = 200,
     temperature: float = 0.1,
     chunk_size: int = 1024,
+    backend: str = "torch",
 ) -> torch.Tensor:
     """Class scores (N_test x num_classes) from temperature-weighted votes of the k nearest neighbours.
 
     Features must be L2-normalised so the dot product is the cosine similarity.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    k = min(k, train_features.shape[0])
-    scores = []
-    for start in range(0, test_features.shape[0], chunk_size):
-        sim = test_features[start : start + chunk_size] @ train_features.T
-        top_sim, top_idx = sim.topk(k, dim=1)
-        weights = (top_sim / temperature).exp()
-        votes = torch.zeros(sim.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
-        votes.scatter_add_(1, train_labels[top_idx], weights)
-        scores.append(votes)
-    return torch.cat(scores)
+    return knn_predict_many(train_features, train_labels, test_features, num_classes, (k,), temperature,
+                            chunk_size, backend)[k]
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
@@ -89,3 +156,25 @@ def knn_accuracy(
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     scores = knn_predict(train_features, train_labels, test_features, num_classes, k, temperature, chunk_size)
     return topk_accuracy(scores, test_labels, ks=(1,))[1]
+
+
+def knn_accuracies(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    ks: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.1,
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
+    backend: str = "torch",
+) -> dict[int, dict[str, float]]:
+    """Top-1 and top-5 accuracy (%) of the weighted kNN classifier for each k."""
+    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+    scores = knn_predict_many(train_features, train_labels, test_features, num_classes, ks, temperature,
+                              chunk_size, backend)
+    out = {}
+    for k, s in scores.items():
+        acc = topk_accuracy(s, test_labels, ks=(1, 5))
+        out[k] = {"top1": acc[1], "top5": acc[5]}
+    return out

@@ -1,0 +1,233 @@
+"""Subcommands that consume a checkpoint: ``moco lincls|knn|finetune|report|export``.
+
+The evaluation commands take ``CHECKPOINT [data.key=value ...]``: data options default to the
+config stored in our checkpoints. Each prints its table and writes ``<name>.json`` and
+``<name>.md`` into the checkpoint's directory (or ``--output-dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable
+
+from moco.evaluate.finetune import FRACTIONS, INITS, FinetuneOptions
+from moco.evaluate.linear import MODES, LinclsOptions
+from moco.evaluate.report import KS, KnnOptions, ReportOptions
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive(float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"label fractions lie in (0, 1], got {text}")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="our checkpoint (DDP-wrapped or not), the reference's .pth.tar, or a state dict")
+    p.add_argument("overrides", nargs="*", help="data.key=value options (default: the checkpoint's config), "
+                                                "e.g. data.root=/data/fmnist data.test_subset=1000")
+    p.add_argument("--output-dir", help="where the JSON and markdown go (default: the checkpoint's directory)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = all cores")
+    p.add_argument("--eval-batch-size", type=_positive(int), default=512, help="batch for feature extraction")
+
+
+def _add_knn(p: argparse.ArgumentParser) -> None:
+    d = KnnOptions()
+    p.add_argument("--k", type=_positive(int), nargs="+", default=list(KS), help="neighbour counts, all from one search")
+    p.add_argument("--temperature", type=_positive(float), default=d.temperature)
+    p.add_argument("--chunk-size", type=_positive(int), default=d.chunk_size, help="test features per similarity block")
+    p.add_argument("--backend", choices=("auto", "torch", "faiss"), default=d.backend,
+                   help="auto: faiss when it is importable")
+
+
+def _add_lincls(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    d = LinclsOptions()
+    p.add_argument(f"--{prefix}epochs", type=_positive(int), default=d.epochs)
+    p.add_argument(f"--{prefix}lr", type=_positive(float), default=d.lr, help="the paper's 30 for MoCo v1/v2 features")
+    p.add_argument(f"--{prefix}batch-size", type=_positive(int), default=d.batch_size)
+    p.add_argument(f"--{prefix}schedule", choices=("step", "cosine"), default=d.schedule)
+    p.add_argument(f"--{prefix}milestones", type=_positive(int), nargs="+", default=list(d.milestones),
+                   help="epochs where the step schedule divides the lr by 10")
+    p.add_argument(f"--{prefix}weight-decay", type=_nonnegative_float, default=d.weight_decay)
+    p.add_argument(f"--{prefix}crop-scale", type=_fraction, nargs=2, default=list(d.crop_scale),
+                   help="augmented mode: area range of the random resized crop")
+
+
+def _add_finetune(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    d = FinetuneOptions()
+    p.add_argument(f"--{prefix}steps", type=_positive(int), default=d.steps, help="optimiser steps per row")
+    p.add_argument(f"--{prefix}batch-size", type=_positive(int), default=d.batch_size)
+    p.add_argument(f"--{prefix}lr", type=_positive(float), default=d.lr, help="fine-tuning lr (moco and random rows)")
+    p.add_argument("--scratch-lr", type=_positive(float), default=d.scratch_lr, help="supervised-from-scratch lr")
+    p.add_argument(f"--{prefix}weight-decay", type=_nonnegative_float, default=d.weight_decay)
+    p.add_argument(f"--{prefix}crop-scale", type=_fraction, nargs=2, default=list(d.crop_scale))
+    p.add_argument("--fractions", type=_fraction, nargs="+", default=list(FRACTIONS), help="label fractions")
+
+
+def _get(args: argparse.Namespace, prefix: str, name: str) -> Any:
+    return getattr(args, (prefix + name).replace("-", "_"))
+
+
+def _lincls_options(args: argparse.Namespace, prefix: str = "") -> LinclsOptions:
+    epochs = _get(args, prefix, "epochs")
+    milestones = tuple(m for m in _get(args, prefix, "milestones") if m < epochs)
+    return LinclsOptions(epochs=epochs, lr=_get(args, prefix, "lr"), batch_size=_get(args, prefix, "batch-size"),
+                         schedule=_get(args, prefix, "schedule"), milestones=milestones,
+                         weight_decay=_get(args, prefix, "weight-decay"),
+                         crop_scale=tuple(sorted(_get(args, prefix, "crop-scale"))), seed=args.seed)
+
+
+def _finetune_options(args: argparse.Namespace, prefix: str = "") -> FinetuneOptions:
+    return FinetuneOptions(steps=_get(args, prefix, "steps"), batch_size=_get(args, prefix, "batch-size"),
+                           lr=_get(args, prefix, "lr"), scratch_lr=args.scratch_lr,
+                           weight_decay=_get(args, prefix, "weight-decay"),
+                           crop_scale=tuple(sorted(_get(args, prefix, "crop-scale"))), seed=args.seed)
+
+
+def _knn_options(args: argparse.Namespace) -> KnnOptions:
+    return KnnOptions(ks=tuple(dict.fromkeys(args.k)), temperature=args.temperature, chunk_size=args.chunk_size,
+                      backend=args.backend)
+
+
+def _context(args: argparse.Namespace):
+    from moco.evaluate.common import make_context
+
+    return make_context(args.checkpoint, args.overrides, args.output_dir, args.device, args.threads,
+                        args.eval_batch_size)
+
+
+def _finish(ctx: Any, name: str, results: dict[str, Any], table: str) -> int:
+    from moco.evaluate.common import write_results
+
+    json_path, md_path = write_results(ctx.run_dir, name, results, table)
+    print(table, end="")
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+def _lincls(args: argparse.Namespace) -> int:
+    from moco.evaluate.common import describe, markdown_table
+    from moco.evaluate.linear import BackboneChangedError, lincls_table, run_lincls
+
+    ctx = _context(args)
+    options = _lincls_options(args)
+    modes = MODES if args.mode == "both" else (args.mode,)
+    try:
+        rows = run_lincls(ctx, ctx.pretrained.backbone(), modes, options)
+    except BackboneChangedError as err:
+        print(f"moco: error: {err}", file=sys.stderr)
+        return 1
+    for row in rows:
+        if not row["converged"]:
+            print(f"moco: warning: the {row['mode']} probe's training loss ended at {row['final_loss']:.2f}, near "
+                  f"chance level; lower --lr (features of small encoders often need far less than 30)", file=sys.stderr)
+    results = {"provenance": describe(ctx), "options": options.to_dict(), "rows": rows}
+    return _finish(ctx, "lincls", results, markdown_table(*lincls_table(rows)))
+
+
+def _knn(args: argparse.Namespace) -> int:
+    from moco.evaluate.common import describe, extract_feature_set, markdown_table
+    from moco.evaluate.report import knn_rows, knn_table
+
+    ctx = _context(args)
+    options = _knn_options(args)
+    rows = knn_rows(extract_feature_set(ctx.pretrained.backbone(), ctx), "MoCo", options, ctx.data.num_classes)
+    results = {"provenance": describe(ctx), "options": {**vars(options), "ks": list(options.ks)}, "rows": rows}
+    return _finish(ctx, "knn", results, markdown_table(*knn_table(rows)))
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from moco.evaluate.common import describe, markdown_table
+    from moco.evaluate.finetune import finetune_table, run_finetune
+
+    ctx = _context(args)
+    options = _finetune_options(args)
+    rows = run_finetune(ctx, options, tuple(args.fractions), tuple(dict.fromkeys(args.init)))
+    results = {"provenance": describe(ctx), "options": options.to_dict(), "rows": rows}
+    return _finish(ctx, "finetune", results, markdown_table(*finetune_table(rows)))
+
+
+def _report(args: argparse.Namespace) -> int:
+    from moco.evaluate.report import report_markdown, run_report
+
+    ctx = _context(args)
+    options = ReportOptions(knn=_knn_options(args), lincls=_lincls_options(args, "lincls-"),
+                            lincls_modes=MODES if args.lincls_augmented else ("cached",),
+                            finetune=_finetune_options(args, "finetune-"), fractions=tuple(args.fractions),
+                            finetune_rows=not args.no_finetune)
+    results = run_report(ctx, options)
+    print(report_markdown(results), end="")
+    print(f"wrote {ctx.run_dir / 'report.json'} and {ctx.run_dir / 'report.md'}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from moco.export import export
+
+    path = export(args.checkpoint, args.format, args.output)
+    print(f"wrote {path}" + (f" and {path}.json" if path.with_name(path.name + ".json").exists() else ""))
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register lincls, knn, finetune, report and export on the ``moco`` parser."""
+    p = sub.add_parser("lincls", help="linear classification protocol on the frozen backbone")
+    _add_common(p)
+    p.add_argument("--mode", choices=(*MODES, "both"), default="cached",
+                   help="cached: train on features extracted once (fast); augmented: the paper's protocol")
+    _add_lincls(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_lincls)
+
+    p = sub.add_parser("knn", help="weighted kNN on the frozen backbone for several k")
+    _add_common(p)
+    _add_knn(p)
+    p.set_defaults(func=_knn)
+
+    p = sub.add_parser("finetune", help="fine-tune the whole network on 1/10/100%% of the labels, with baselines")
+    _add_common(p)
+    _add_finetune(p)
+    p.add_argument("--init", choices=INITS, nargs="+", default=list(INITS),
+                   help="rows: moco weights, random init, supervised from scratch (100%% labels only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("report", help="kNN, linear probe and fine-tuning with baselines, in one table")
+    _add_common(p)
+    _add_knn(p)
+    _add_lincls(p, "lincls-")
+    p.add_argument("--lincls-augmented", action="store_true", help="also run the augmented (paper) linear probe")
+    _add_finetune(p, "finetune-")
+    p.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning rows")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("export", help="write the backbone for torchvision or detectron2")
+    p.add_argument("checkpoint")
+    p.add_argument("--format", required=True, choices=("torchvision", "detectron2", "timm"))
+    p.add_argument("--output", required=True, help="output file (metadata goes to OUTPUT.json)")
+    p.set_defaults(func=_export)

@@ -1,0 +1,184 @@
+"""Linear classification protocol: a linear layer trained on a frozen backbone (MoCo paper, Sec. 4.1).
+
+The backbone is ``encoder_q`` with its head removed; its weights never receive gradients and its
+BN layers stay in eval mode (running statistics frozen). After training we compare every weight
+and buffer with a snapshot taken before, and raise :class:`BackboneChangedError` if any moved.
+Recipe defaults are the paper's: SGD lr 30, momentum 0.9, weight decay 0, 100 epochs with steps
+at 60 and 80, batch 256.
+
+Two modes:
+- ``augmented``: each step crops and flips a batch of training images (random resized crop and
+  horizontal flip, as the reference) and runs it through the backbone;
+- ``cached``: the backbone runs once over the un-augmented training images and the linear layer
+  trains on the stored features, which is many times faster.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from moco.evaluate.common import EvalContext, FeatureSet, extract_feature_set
+from moco.evaluate.supervised import (Recipe, TensorBatches, Transform, endless, evaluate_classifier,
+                                      train_classifier)
+
+MODES = ("cached", "augmented")
+
+
+class BackboneChangedError(RuntimeError):
+    """The frozen backbone's weights or BN statistics changed during linear-probe training."""
+
+
+@dataclass(frozen=True)
+class LinclsOptions:
+    epochs: int = 100
+    lr: float = 30.0
+    batch_size: int = 256
+    schedule: str = "step"                      # step | cosine
+    milestones: tuple[int, ...] = (60, 80)      # epochs, for the step schedule
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # augmented mode's random resized crop
+    seed: int = 0
+
+    def recipe(self, num_train: int) -> Recipe:
+        steps_per_epoch = -(-num_train // min(self.batch_size, num_train))
+        return Recipe(steps=self.epochs * steps_per_epoch, batch_size=min(self.batch_size, num_train), lr=self.lr,
+                      momentum=self.momentum, weight_decay=self.weight_decay, schedule=self.schedule,
+                      milestones=tuple(m / self.epochs for m in self.milestones))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "milestones": list(self.milestones), "crop_scale": list(self.crop_scale)}
+
+
+class FrozenBackbone(nn.Module):
+    """A backbone that never trains: no gradients, BN in eval mode even under ``.train()``."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> "FrozenBackbone":
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.backbone(x).flatten(1)
+
+
+def linear_layer(in_features: int, num_classes: int, seed: int = 0) -> nn.Linear:
+    """The probe: weights N(0, 0.01), zero bias (as the reference), drawn from a seeded generator."""
+    layer = nn.Linear(in_features, num_classes)
+    with torch.no_grad():
+        layer.weight.normal_(0.0, 0.01, generator=torch.Generator().manual_seed(seed))
+        layer.bias.zero_()
+    return layer
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def check_unchanged(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`BackboneChangedError` naming the tensors that differ from ``before``."""
+    now = module.state_dict()
+    changed = [k for k, v in before.items() if k not in now or not torch.equal(now[k].cpu(), v.cpu())]
+    if changed:
+        raise BackboneChangedError(
+            f"the frozen backbone changed during linear-probe training ({len(changed)} tensors, e.g. "
+            f"{', '.join(changed[:3])}); the probe's accuracy would not measure the pretrained weights")
+
+
+def _feature_width(backbone: nn.Module, sample: torch.Tensor) -> int:
+    with torch.no_grad():
+        was_training = backbone.training
+        backbone.eval()
+        width = backbone(sample[:1]).flatten(1).shape[1]
+        backbone.train(was_training)
+    return width
+
+
+def train_on_features(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    options: LinclsOptions,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, Any], nn.Linear]:
+    """The cached mode's training: a linear layer on stored (un-normalised) backbone features."""
+    linear = linear_layer(train_features.shape[1], num_classes, options.seed).to(device)
+    recipe = options.recipe(len(train_features))
+    batches = endless(TensorBatches(train_features, train_labels, recipe.batch_size, seed=options.seed))
+    log = train_classifier(linear, linear.parameters(), batches, recipe, device=device)
+    metrics = evaluate_classifier(linear, [(test_features, test_labels)], device=device)
+    return {**metrics, "final_loss": log.final_loss, "train_seconds": log.seconds, "steps": recipe.steps}, linear
+
+
+def train_augmented(
+    backbone: nn.Module,
+    train_loader: Any,
+    test_loader: Any,
+    augment: Transform,
+    preprocess: Transform,
+    num_classes: int,
+    options: LinclsOptions,
+    num_train: int,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, Any], nn.Linear]:
+    """The paper's mode: every step augments images and runs them through the frozen backbone.
+
+    ``train_loader`` must be shuffled by ``options.seed`` with batch ``options.recipe(num_train).batch_size``.
+    """
+    before = snapshot(backbone)
+    frozen = FrozenBackbone(backbone).to(device)
+    first_images = next(iter(test_loader))[0].to(device)
+    linear = linear_layer(_feature_width(backbone, preprocess(first_images)), num_classes, options.seed).to(device)
+    model = nn.Sequential(frozen, linear)
+    recipe = options.recipe(num_train)
+    log = train_classifier(model, linear.parameters(), endless(train_loader), recipe, transform=augment, device=device)
+    check_unchanged(backbone, before)
+    metrics = evaluate_classifier(model, test_loader, transform=preprocess, device=device)
+    return {**metrics, "final_loss": log.final_loss, "train_seconds": log.seconds, "steps": recipe.steps}, linear
+
+
+def lincls_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    headers = ["features", "mode", "epochs", "top-1 (%)", "top-5 (%)", "wall time (s)"]
+    body = [[r["features"], r["mode"], r["epochs"], r["top1"], r["top5"], round(r["seconds"], 1)] for r in rows]
+    return headers, body
+
+
+def run_lincls(ctx: EvalContext, backbone: nn.Module, modes: Sequence[str], options: LinclsOptions,
+               features: FeatureSet | None = None, label: str = "MoCo") -> list[dict[str, Any]]:
+    """Linear probes of ``backbone`` on ``ctx``'s data in each mode; ``features`` reuses a cache."""
+    rows = []
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"lincls mode must be one of {MODES}, got {mode!r}")
+        if mode == "cached":
+            before = snapshot(backbone)
+            feats = features if features is not None else extract_feature_set(backbone, ctx)
+            check_unchanged(backbone, before)
+            result, _ = train_on_features(feats.train, feats.train_labels, feats.test, feats.test_labels,
+                                          ctx.data.num_classes, options, ctx.device)
+            seconds = feats.seconds + result["train_seconds"]
+            result["feature_seconds"] = feats.seconds
+        else:
+            recipe = options.recipe(len(ctx.data.full_train))
+            train_loader = ctx.loader(ctx.data.full_train, recipe.batch_size, shuffle=True, seed=options.seed)
+            result, _ = train_augmented(backbone, train_loader, ctx.loader(ctx.data.test),
+                                        ctx.augment(options.crop_scale), ctx.preprocess, ctx.data.num_classes,
+                                        options, len(ctx.data.full_train), ctx.device)
+            seconds = result["train_seconds"]
+        # A probe whose training loss stays near chance level diverged or oscillated (lr too high
+        # for these features' scale): its accuracy says little about the representation.
+        result["converged"] = result["final_loss"] < 0.8 * math.log(ctx.data.num_classes)
+        rows.append({"features": label, "mode": mode, "epochs": options.epochs, "seconds": seconds, **result})
+    return rows

@@ -1,0 +1,121 @@
+"""The full evaluation of a checkpoint with the baselines that give its numbers a meaning.
+
+One run of :func:`run_report` measures, on the labelled test split:
+- weighted kNN for several k: MoCo backbone, a randomly initialised backbone of the same shape,
+  and raw pixels (centred on the training mean image);
+- linear probes (cached features; augmented too when asked): MoCo and random-init backbones;
+- fine-tuning on 1/10/100% of the labels from MoCo weights and from random init, and
+  supervised training from scratch on all labels, with one step budget for every row.
+Results go to ``report.json`` and ``report.md`` in the run directory.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from moco.evaluate.common import (EvalContext, FeatureSet, describe, extract_feature_set, markdown_table,
+                                  pixel_feature_set, write_results)
+from moco.evaluate.finetune import FRACTIONS, FinetuneOptions, finetune_table, run_finetune
+from moco.evaluate.knn import knn_accuracies
+from moco.evaluate.linear import LinclsOptions, lincls_table, run_lincls
+
+KS = (10, 20, 100, 200)
+
+
+@dataclass(frozen=True)
+class KnnOptions:
+    ks: tuple[int, ...] = KS
+    temperature: float = 0.1
+    chunk_size: int = 1024
+    backend: str = "auto"      # auto (faiss when importable) | torch | faiss
+
+
+def knn_rows(features: FeatureSet, label: str, options: KnnOptions, num_classes: int) -> list[dict[str, Any]]:
+    """kNN accuracy for each k on L2-normalised ``features``."""
+    tic = time.perf_counter()
+    train, test = F.normalize(features.train, dim=1), F.normalize(features.test, dim=1)
+    accs = knn_accuracies(train, features.train_labels, test, features.test_labels, options.ks, options.temperature,
+                          num_classes, options.chunk_size, options.backend)
+    seconds = time.perf_counter() - tic + features.seconds
+    return [{"features": label, "k": k, "temperature": options.temperature, **acc, "seconds": seconds}
+            for k, acc in accs.items()]
+
+
+def knn_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    headers = ["features", "k", "top-1 (%)", "top-5 (%)"]
+    return headers, [[r["features"], r["k"], r["top1"], r["top5"]] for r in rows]
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    knn: KnnOptions = field(default_factory=KnnOptions)
+    lincls: LinclsOptions = field(default_factory=LinclsOptions)
+    lincls_modes: tuple[str, ...] = ("cached",)
+    finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
+    fractions: tuple[float, ...] = FRACTIONS
+    finetune_rows: bool = True
+
+
+def run_report(ctx: EvalContext, options: ReportOptions) -> dict[str, Any]:
+    """Every evaluation and baseline; writes report.json and report.md into ``ctx.run_dir``."""
+    tic = time.perf_counter()
+    seed = options.lincls.seed
+    moco_backbone = ctx.pretrained.backbone()
+    torch.manual_seed(seed)
+    random_backbone = ctx.pretrained.spec.build_backbone().eval()
+
+    moco_feats = extract_feature_set(moco_backbone, ctx)
+    random_feats = extract_feature_set(random_backbone, ctx)
+    n = ctx.data.num_classes
+    knn = (knn_rows(moco_feats, "MoCo", options.knn, n) + knn_rows(random_feats, "random init", options.knn, n)
+           + knn_rows(pixel_feature_set(ctx), "raw pixels", options.knn, n))
+    lincls = run_lincls(ctx, moco_backbone, options.lincls_modes, options.lincls, moco_feats, "MoCo")
+    lincls += run_lincls(ctx, random_backbone, ("cached",), options.lincls, random_feats, "random init")
+    finetune = run_finetune(ctx, options.finetune, options.fractions) if options.finetune_rows else []
+    results = {"provenance": describe(ctx), "knn": knn, "lincls": lincls, "finetune": finetune,
+               "options": {"knn": vars(options.knn) | {"ks": list(options.knn.ks)},
+                           "lincls": options.lincls.to_dict(), "lincls_modes": list(options.lincls_modes),
+                           "finetune": options.finetune.to_dict(), "fractions": list(options.fractions)},
+               "seconds": time.perf_counter() - tic}
+    write_results(ctx.run_dir, "report", results, report_markdown(results))
+    return results
+
+
+def summary_table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """One row per representation, one column per evaluation (top-1 %), n/a where it does not apply."""
+    knn_k = max(r["k"] for r in results["knn"]) if results["knn"] else None
+    fractions = sorted({r["fraction"] for r in results["finetune"]})
+    modes = [m for m in ("cached", "augmented") if any(r["mode"] == m for r in results["lincls"])]
+    headers = ["representation", f"kNN (k={knn_k})"] + [f"linear ({m})" for m in modes]
+    headers += [f"fine-tune {100 * f:g}% labels" for f in fractions]
+
+    def pick(rows: list[dict], **match: Any) -> float | None:
+        found = [r["top1"] for r in rows if all(r.get(k) == v for k, v in match.items())]
+        return found[0] if found else None
+
+    body = []
+    for label, init in (("MoCo", "moco"), ("random init", "random"), ("raw pixels", None), ("supervised from scratch", "scratch")):
+        row: list[Any] = [label, pick(results["knn"], features=label, k=knn_k)]
+        row += [pick(results["lincls"], features=label, mode=m) for m in modes]
+        row += [pick(results["finetune"], init=init, fraction=f) if init else None for f in fractions]
+        body.append(row)
+    return headers, body
+
+
+def report_markdown(results: dict[str, Any]) -> str:
+    p = results["provenance"]
+    parts = [f"# Evaluation of `{p['checkpoint']}`\n",
+             f"{p['dataset']} ({p['train_images']} train / {p['test_images']} test images), encoder "
+             f"{p['encoder']['arch']} widths {p['encoder']['widths']}, device {p['device']}, {p['threads']} threads; "
+             f"{results['seconds']:.0f} s in all. Top-1 accuracy (%) on the test split.\n",
+             markdown_table(*summary_table(results)), "\n## kNN (cosine, temperature-weighted votes)\n",
+             markdown_table(*knn_table(results["knn"])), "\n## Linear probes (frozen backbone)\n",
+             markdown_table(*lincls_table(results["lincls"]))]
+    if results["finetune"]:
+        parts += ["\n## Fine-tuning\n", markdown_table(*finetune_table(results["finetune"]))]
+    return "\n".join(parts)

@@ -1,0 +1,110 @@
+"""Export a pretrained encoder's backbone for other libraries: ``moco export CKPT --format F --output OUT``.
+
+- ``torchvision``: a plain state dict of ``encoder_q`` without its head and without ``module.`` /
+  ``encoder_q.`` prefixes; ``torchvision.models.<arch>()`` loads it strictly apart from ``fc``.
+  CPU-sized encoders (other widths, small stem, 1 channel) load into ``moco.models.resnet`` with
+  the constructor arguments recorded in ``OUT.json``.
+- ``detectron2``: a pickle ``{"model": {name: ndarray}, "__author__": "MOCO", "matching_heuristics": True}``
+  with detectron2's ResNet names (``stem.conv1``, ``res2``-``res5``, ``convN.norm``, ``shortcut``),
+  the key mapping of the reference converter. Configs that use it: ``detection/configs/``.
+- ``timm``: reserved for ViT backbones; adding a format is one function in ``EXPORTERS``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from moco.config import ConfigError
+from moco.pretrained import PretrainedEncoder, load_pretrained
+
+
+class ExportError(ConfigError):
+    """This checkpoint cannot be written in the requested format."""
+
+
+def torchvision_state_dict(pretrained: PretrainedEncoder) -> dict[str, torch.Tensor]:
+    """Backbone weights under torchvision's names, head (``fc.*``) removed."""
+    return {k: v.detach().clone().contiguous() for k, v in pretrained.backbone_state_dict().items()}
+
+
+def detectron2_name(key: str) -> str:
+    """torchvision ResNet key -> detectron2 ResNet key (e.g. ``layer1.0.bn1.weight`` -> ``res2.0.conv1.norm.weight``)."""
+    if not key.startswith("layer"):
+        key = "stem." + key
+    key = re.sub(r"^layer([1-4])", lambda m: f"res{int(m.group(1)) + 1}", key)
+    key = re.sub(r"\bbn([1-3])\b", r"conv\1.norm", key)
+    return key.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+
+
+def detectron2_checkpoint(pretrained: PretrainedEncoder) -> dict:
+    """The dict detectron2's checkpointer reads (tensors as numpy arrays, names matched heuristically)."""
+    model = {detectron2_name(k): v.cpu().numpy() for k, v in torchvision_state_dict(pretrained).items()}
+    return {"model": model, "__author__": "MOCO", "matching_heuristics": True}
+
+
+def _metadata(pretrained: PretrainedEncoder, fmt: str, **extra: object) -> dict:
+    spec = pretrained.spec
+    return {"format": fmt, "source": str(pretrained.path), "source_kind": pretrained.source,
+            "encoder": spec.to_dict(), "moco_resnet_kwargs": spec.resnet_kwargs(), **extra}
+
+
+def _write_metadata(output: Path, metadata: dict) -> None:
+    output.with_name(output.name + ".json").write_text(json.dumps(metadata, indent=2) + "\n")
+
+
+def export_torchvision(pretrained: PretrainedEncoder, output: Path) -> Path:
+    spec = pretrained.spec
+    torch.save(torchvision_state_dict(pretrained), output)
+    if spec.torchvision_shape:
+        load = f"torchvision.models.{spec.arch}().load_state_dict(sd, strict=False) (missing: fc.weight, fc.bias)"
+    else:
+        load = (f"moco.models.resnet(**moco_resnet_kwargs).load_state_dict(sd, strict=False) (missing: fc.*); "
+                f"torchvision.models.{spec.arch}() has a different stem or widths")
+    _write_metadata(output, _metadata(pretrained, "torchvision", torchvision_constructor=
+                                      f"torchvision.models.{spec.arch}" if spec.torchvision_shape else None, load=load))
+    return output
+
+
+def export_detectron2(pretrained: PretrainedEncoder, output: Path) -> Path:
+    spec = pretrained.spec
+    if not spec.torchvision_shape:
+        raise ExportError(f"{pretrained.path}: detectron2's ResNet has torchvision's shape (7x7 stride-2 stem, RGB, "
+                          f"widths 64-128-256-512); this encoder has small_images={spec.small_images}, "
+                          f"in_channels={spec.in_channels}, widths={list(spec.widths)}, so it would not load")
+    with open(output, "wb") as handle:
+        pickle.dump(detectron2_checkpoint(pretrained), handle)
+    config = {"MODEL.WEIGHTS": str(output), "MODEL.RESNETS.DEPTH": int(spec.arch.removeprefix("resnet")),
+              "MODEL.RESNETS.STRIDE_IN_1X1": False, "INPUT.FORMAT": "RGB"}
+    if spec.arch in ("resnet18", "resnet34"):
+        config["MODEL.RESNETS.RES2_OUT_CHANNELS"] = 64
+    _write_metadata(output, _metadata(pretrained, "detectron2", detectron2_config=config))
+    return output
+
+
+def export_timm(pretrained: PretrainedEncoder, output: Path) -> Path:
+    raise ExportError(f"--format timm is for ViT backbones, which moco does not have yet; {pretrained.path} holds "
+                      f"a {pretrained.spec.arch} (use --format torchvision for ResNets)")
+
+
+EXPORTERS: dict[str, Callable[[PretrainedEncoder, Path], Path]] = {
+    "torchvision": export_torchvision,
+    "detectron2": export_detectron2,
+    "timm": export_timm,
+}
+
+
+def export(checkpoint: str | os.PathLike, fmt: str, output: str | os.PathLike) -> Path:
+    """Load ``checkpoint`` (any kind :func:`moco.pretrained.load_pretrained` reads) and write ``output``."""
+    if fmt not in EXPORTERS:
+        raise ExportError(f"--format: {fmt!r} is not one of {', '.join(EXPORTERS)}")
+    output = Path(output)
+    if not output.parent.is_dir():
+        raise ExportError(f"--output: directory {output.parent} does not exist")
+    return EXPORTERS[fmt](load_pretrained(checkpoint), output)

@@ -1,0 +1,170 @@
+"""One loader for every tool that consumes a trained encoder (evaluation, fine-tuning, export).
+
+It accepts, without any key editing by the user:
+- our training checkpoints (``{"model": MoCo.state_dict(), "config": ..., "arch": ...}``), with or
+  without DistributedDataParallel's ``module.`` prefix;
+- the reference implementation's released ``.pth.tar`` files (``{"arch", "state_dict"}`` with
+  ``module.encoder_q.*`` keys);
+- a plain ResNet state dict (e.g. our torchvision export, or torchvision's own weights).
+
+Files are read with ``weights_only=True``. The model options (arch, widths, stem, input channels,
+head) are read off the weight shapes, so a checkpoint describes itself even without a config.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from moco.checkpoint import load_checkpoint
+from moco.config import ConfigError
+from moco.models.heads import mlp_head
+from moco.models.resnet import ARCHS, TORCHVISION_WIDTHS, resnet
+
+
+class CheckpointFormatError(ConfigError):
+    """The file is not a checkpoint we know how to take an encoder from."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Everything needed to rebuild an encoder: ``resnet(**resnet_kwargs())`` plus its head."""
+
+    arch: str
+    widths: tuple[int, int, int, int]
+    small_images: bool
+    in_channels: int
+    head: str = "none"   # "linear" (MoCo v1), "mlp" (MoCo v2) or "none"
+    dim: int = 0         # the head's output width; 0 without a head
+
+    def resnet_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments of :func:`moco.models.resnet` (recorded in exports' metadata)."""
+        return {"arch": self.arch, "small_images": self.small_images, "in_channels": self.in_channels,
+                "widths": list(self.widths)}
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the backbone's output (what the head, or a probe, receives)."""
+        return self.widths[3] * ARCHS[self.arch][0].expansion
+
+    @property
+    def torchvision_shape(self) -> bool:
+        """True when ``torchvision.models.<arch>()`` has exactly this backbone."""
+        return self.widths == TORCHVISION_WIDTHS and not self.small_images and self.in_channels == 3
+
+    def build_encoder(self) -> nn.Module:
+        """The encoder with its pretraining head, randomly initialised."""
+        model = resnet(num_classes=max(self.dim, 1), **self.resnet_kwargs())
+        if self.head == "mlp":
+            model.fc = mlp_head(model.fc.in_features, self.dim)
+        elif self.head == "none":
+            model.fc = nn.Identity()
+        return model
+
+    def build_backbone(self) -> nn.Module:
+        """The encoder without its head (``fc`` is the identity), randomly initialised."""
+        model = resnet(num_classes=1, **self.resnet_kwargs())
+        model.fc = nn.Identity()
+        return model
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "widths": list(self.widths)}
+
+
+@dataclass
+class PretrainedEncoder:
+    """An encoder loaded from a checkpoint, with where it came from."""
+
+    path: Path
+    source: str                          # "moco", "reference" or "state_dict"
+    spec: EncoderSpec
+    state_dict: dict[str, torch.Tensor]  # encoder keys, torchvision names, head included
+    config: dict[str, Any] | None        # our checkpoints store their training config
+
+    def encoder(self) -> nn.Module:
+        """The encoder with its head, weights loaded strictly, in eval mode."""
+        model = self.spec.build_encoder()
+        model.load_state_dict(self.state_dict, strict=True)
+        return model.eval()
+
+    def backbone(self) -> nn.Module:
+        """The encoder with its head removed, weights loaded strictly, in eval mode."""
+        model = self.spec.build_backbone()
+        model.load_state_dict(self.backbone_state_dict(), strict=True)
+        return model.eval()
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict.items() if not k.startswith("fc.")}
+
+
+def _strip(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def find_encoder_state(checkpoint: Mapping[str, Any], path: str | os.PathLike = "checkpoint") -> tuple[dict[str, torch.Tensor], str]:
+    """The query encoder's weights (keys without ``module.`` / ``encoder_q.``) and the file's kind."""
+    if isinstance(checkpoint.get("model"), Mapping):
+        state, source = checkpoint["model"], "moco"
+    elif isinstance(checkpoint.get("state_dict"), Mapping):
+        state, source = checkpoint["state_dict"], "reference"
+    elif checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        state, source = checkpoint, "state_dict"
+    else:
+        raise CheckpointFormatError(f"{path}: no 'model' or 'state_dict' entry and not a plain state dict "
+                                    f"(top-level keys: {', '.join(sorted(map(str, checkpoint))[:8])})")
+    state = _strip(state, "module.")
+    if any(k.startswith("encoder_q.") for k in state):
+        state = {k[len("encoder_q."):]: v for k, v in state.items() if k.startswith("encoder_q.")}
+    if "conv1.weight" not in state or "layer1.0.conv1.weight" not in state:
+        raise CheckpointFormatError(f"{path}: found no ResNet encoder weights (no encoder_q.* or conv1/layer1 keys)")
+    return dict(state), source
+
+
+def infer_spec(state: Mapping[str, torch.Tensor], path: str | os.PathLike = "checkpoint") -> EncoderSpec:
+    """Arch, widths, stem, input channels and head of a ResNet encoder, read off its weight shapes."""
+    bottleneck = "layer1.0.conv3.weight" in state
+    blocks = []
+    for stage in range(1, 5):
+        n = 0
+        while f"layer{stage}.{n}.conv1.weight" in state:
+            n += 1
+        blocks.append(n)
+    arch = next((name for name, (block, layers) in ARCHS.items()
+                 if layers == blocks and (block.expansion == 4) == bottleneck), None)
+    if arch is None:
+        kind = "bottleneck" if bottleneck else "basic"
+        raise CheckpointFormatError(f"{path}: a ResNet with {kind} blocks {blocks} per stage is none of {sorted(ARCHS)}")
+    widths = tuple(int(state[f"layer{s}.0.conv1.weight"].shape[0]) for s in range(1, 5))
+    stem = state["conv1.weight"]
+    head, dim = "none", 0
+    if "fc.weight" in state:
+        head, dim = "linear", int(state["fc.weight"].shape[0])
+    elif "fc.0.weight" in state and "fc.2.weight" in state:
+        head, dim = "mlp", int(state["fc.2.weight"].shape[0])
+    return EncoderSpec(arch=arch, widths=widths, small_images=stem.shape[-1] == 3,  # type: ignore[arg-type]
+                       in_channels=int(stem.shape[1]), head=head, dim=dim)
+
+
+def load_pretrained(path: str | os.PathLike) -> PretrainedEncoder:
+    """Load the query encoder of any supported checkpoint (see the module docstring)."""
+    path = Path(path)
+    try:
+        checkpoint = load_checkpoint(path)
+    except ValueError as err:  # not weights_only-loadable: a one-line error, not a traceback
+        raise CheckpointFormatError(str(err)) from None
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointFormatError(f"{path}: expected a dict of weights, found a {type(checkpoint).__name__}")
+    state, source = find_encoder_state(checkpoint, path)
+    spec = infer_spec(state, path)
+    config = checkpoint.get("config") if isinstance(checkpoint.get("config"), Mapping) else None
+    pretrained = PretrainedEncoder(path, source, spec, state, dict(config) if config else None)
+    try:
+        pretrained.encoder()  # strict load now, so a mismatch is reported here and not mid-evaluation
+    except RuntimeError as err:
+        raise CheckpointFormatError(f"{path}: weights do not fit the inferred {spec}: {str(err).splitlines()[0]}") from None
+    return pretrained

@@ -1,0 +1,95 @@
+"""The evaluation commands on tiny checkpoints and Fashion-MNIST subsets: `moco report` through a real
+subprocess, the others in-process; each writes its JSON and markdown into the run directory."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moco.cli import main
+from moco.evaluate.common import make_context
+from moco.evaluate.knn import extract_features, knn_accuracies
+from tests.conftest import needs_fashion_mnist
+from tests.eval_helpers import save_reference_checkpoint, save_tiny_moco_checkpoint
+
+SMALL = ["data.train_subset=600", "data.test_subset=200"]
+
+
+@needs_fashion_mnist
+def test_report_runs_every_evaluation_and_baseline(tmp_path: Path) -> None:
+    path, _ = save_tiny_moco_checkpoint(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "moco", "report", str(path), *SMALL, "--k", "5", "20", "--lincls-epochs", "2",
+         "--lincls-lr", "1.0", "--lincls-augmented", "--finetune-steps", "3", "--fractions", "0.1", "1"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["provenance"]["train_images"] == 600 and report["provenance"]["checkpoint_kind"] == "moco"
+    assert {(r["features"], r["k"]) for r in report["knn"]} == {
+        (f, k) for f in ("MoCo", "random init", "raw pixels") for k in (5, 20)}
+    assert {(r["features"], r["mode"]) for r in report["lincls"]} == {
+        ("MoCo", "cached"), ("MoCo", "augmented"), ("random init", "cached")}
+    assert {(r["init"], r["fraction"]) for r in report["finetune"]} == {
+        ("moco", 0.1), ("moco", 1.0), ("random", 0.1), ("random", 1.0), ("scratch", 1.0)}
+    for row in report["knn"] + report["lincls"] + report["finetune"]:
+        assert 0.0 <= row["top1"] <= row["top5"] <= 100.0
+    # Raw pixels on Fashion-MNIST are far above chance even with 600 training images.
+    assert next(r for r in report["knn"] if r["features"] == "raw pixels" and r["k"] == 20)["top1"] > 60.0
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| representation | kNN (k=20) | linear (cached) | linear (augmented) | fine-tune 10% labels |" in markdown
+    for label in ("| MoCo |", "| random init |", "| raw pixels |", "| supervised from scratch |"):
+        assert label in markdown
+    assert markdown in result.stdout
+
+
+@needs_fashion_mnist
+def test_knn_lincls_finetune_commands_write_their_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path, _ = save_tiny_moco_checkpoint(tmp_path, ddp_prefix=True)
+    assert main(["knn", str(path), *SMALL, "--k", "1", "10", "--chunk-size", "64"]) == 0
+    knn = json.loads((tmp_path / "knn.json").read_text())
+    assert [r["k"] for r in knn["rows"]] == [1, 10]
+    assert main(["lincls", str(path), *SMALL, "--mode", "both", "--epochs", "2", "--lr", "1.0"]) == 0
+    lincls = json.loads((tmp_path / "lincls.json").read_text())
+    assert [r["mode"] for r in lincls["rows"]] == ["cached", "augmented"]
+    assert lincls["options"]["lr"] == 1.0 and lincls["options"]["milestones"] == []  # 60, 80 lie past 2 epochs
+    out = tmp_path / "elsewhere"
+    assert main(["finetune", str(path), *SMALL, "--steps", "2", "--fractions", "0.1", "--init", "scratch",
+                 "--output-dir", str(out)]) == 0
+    finetune = json.loads((out / "finetune.json").read_text())
+    assert [(r["init"], r["labels"], r["steps"]) for r in finetune["rows"]] == [("scratch", 600, 2)]
+    assert "| supervised from scratch | 100% | 600 | 2 |" in (out / "finetune.md").read_text()
+    capsys.readouterr()
+
+
+@needs_fashion_mnist
+def test_reference_checkpoint_is_evaluated_without_key_editing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # The reference's layout (module.encoder_q.*, state_dict, arch) and no stored config: data from the
+    # defaults (Fashion-MNIST), so a 1-channel small-image encoder.
+    model = save_reference_checkpoint(tmp_path / "ref.pth.tar", "resnet18", mlp=True, small_images=True,
+                                      in_channels=1, widths=(4, 8, 8, 8))
+    assert main(["knn", str(tmp_path / "ref.pth.tar"), *SMALL, "--k", "20"]) == 0
+    knn = json.loads((tmp_path / "knn.json").read_text())
+    assert knn["provenance"]["checkpoint_kind"] == "reference"
+    # The same number as kNN on the query encoder of the model that was saved.
+    ctx = make_context(tmp_path / "ref.pth.tar", SMALL)
+    feats = [extract_features(model.encoder_q, ctx.loader(ds), ctx.preprocess) for ds in (ctx.data.full_train, ctx.data.test)]
+    expected = knn_accuracies(*feats[0], *feats[1], ks=(20,), num_classes=10)[20]["top1"]
+    assert knn["rows"][0]["top1"] == pytest.approx(expected, abs=1e-6)
+    # An RGB encoder on gray images is named as such, not a shape error deep inside a convolution.
+    save_reference_checkpoint(tmp_path / "rgb.pth.tar", "resnet18", mlp=False, small_images=True, widths=(4, 8, 8, 8))
+    capsys.readouterr()
+    assert main(["knn", str(tmp_path / "rgb.pth.tar"), *SMALL]) == 2
+    assert "takes 3-channel images but fashion_mnist has 1; set data.channels=3" in capsys.readouterr().err
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["knn", str(tmp_path / "missing.pth")]) == 2
+    assert capsys.readouterr().err.strip() == f"moco: error: checkpoint {tmp_path / 'missing.pth'} does not exist"
+    with pytest.raises(SystemExit):
+        main(["lincls", str(tmp_path / "missing.pth"), "--lr", "-1"])
+    assert "argument --lr: must be > 0, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["finetune", str(tmp_path / "missing.pth"), "--fractions", "2"])
+    assert "label fractions lie in (0, 1]" in capsys.readouterr().err
