@@ -22,15 +22,15 @@ def test_report_runs_every_evaluation_and_baseline(tmp_path: Path) -> None:
     path, _ = save_tiny_moco_checkpoint(tmp_path)
     result = subprocess.run(
         [sys.executable, "-m", "moco", "report", str(path), *SMALL, "--k", "5", "20", "--lincls-epochs", "2",
-         "--lincls-lr", "1.0", "--lincls-augmented", "--finetune-steps", "3", "--fractions", "0.1", "1"],
+         "--lincls-lr", "1.0", "--lincls-augmented-epochs", "1", "--finetune-steps", "3", "--fractions", "0.1", "1"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["provenance"]["train_images"] == 600 and report["provenance"]["checkpoint_kind"] == "moco"
     assert {(r["features"], r["k"]) for r in report["knn"]} == {
         (f, k) for f in ("MoCo", "random init", "raw pixels") for k in (5, 20)}
-    assert {(r["features"], r["mode"]) for r in report["lincls"]} == {
-        ("MoCo", "cached"), ("MoCo", "augmented"), ("random init", "cached")}
+    assert {(r["features"], r["mode"], r["epochs"]) for r in report["lincls"]} == {
+        ("MoCo", "cached", 2), ("MoCo", "augmented", 1), ("random init", "cached", 2)}
     assert {(r["init"], r["fraction"]) for r in report["finetune"]} == {
         ("moco", 0.1), ("moco", 1.0), ("random", 0.1), ("random", 1.0), ("scratch", 1.0)}
     for row in report["knn"] + report["lincls"] + report["finetune"]:
@@ -38,7 +38,7 @@ def test_report_runs_every_evaluation_and_baseline(tmp_path: Path) -> None:
     # Raw pixels on Fashion-MNIST are far above chance even with 600 training images.
     assert next(r for r in report["knn"] if r["features"] == "raw pixels" and r["k"] == 20)["top1"] > 60.0
     markdown = (tmp_path / "report.md").read_text()
-    assert "| representation | kNN (k=20) | linear (cached) | linear (augmented) | fine-tune 10% labels |" in markdown
+    assert "| representation | kNN (k=20) | linear (cached, 2 ep) | linear (augmented, 1 ep) | fine-tune 10% labels |" in markdown
     for label in ("| MoCo |", "| random init |", "| raw pixels |", "| supervised from scratch |"):
         assert label in markdown
     assert markdown in result.stdout
@@ -50,10 +50,14 @@ def test_knn_lincls_finetune_commands_write_their_files(tmp_path: Path, capsys: 
     assert main(["knn", str(path), *SMALL, "--k", "1", "10", "--chunk-size", "64"]) == 0
     knn = json.loads((tmp_path / "knn.json").read_text())
     assert [r["k"] for r in knn["rows"]] == [1, 10]
-    assert main(["lincls", str(path), *SMALL, "--mode", "both", "--epochs", "2", "--lr", "1.0"]) == 0
+    assert main(["lincls", str(path), *SMALL, "--mode", "both", "--epochs", "5", "--lr", "1.0", "0.1"]) == 0
     lincls = json.loads((tmp_path / "lincls.json").read_text())
     assert [r["mode"] for r in lincls["rows"]] == ["cached", "augmented"]
-    assert lincls["options"]["lr"] == 1.0 and lincls["options"]["milestones"] == []  # 60, 80 lie past 2 epochs
+    assert lincls["options"]["milestones"] == []  # 60 and 80 lie past 5 epochs
+    # The lr was chosen once, on a holdout of the training split, and used by both modes.
+    selection = lincls["rows"][0]["lr_selection"]
+    assert set(selection) == {"1", "0.1"}
+    assert lincls["rows"][0]["lr"] == lincls["rows"][1]["lr"] == max((1.0, 0.1), key=lambda lr: selection[f"{lr:g}"])
     out = tmp_path / "elsewhere"
     assert main(["finetune", str(path), *SMALL, "--steps", "2", "--fractions", "0.1", "--init", "scratch",
                  "--output-dir", str(out)]) == 0

@@ -10,8 +10,9 @@ from torch import nn
 from moco.data.augment import BatchAugment, EvalTransform, preset
 from moco.data.datasets import make_loader
 from moco.evaluate.knn import extract_features
-from moco.evaluate.linear import (BackboneChangedError, FrozenBackbone, LinclsOptions, snapshot, train_augmented,
-                                  train_on_features)
+from moco.evaluate.common import FeatureSet
+from moco.evaluate.linear import (BackboneChangedError, FrozenBackbone, LinclsOptions, select_lr, snapshot,
+                                  train_augmented, train_on_features)
 from moco.evaluate.supervised import Recipe
 from tests.conftest import tiny_resnet
 from tests.eval_helpers import pattern_dataset
@@ -96,3 +97,15 @@ def test_frozen_backbone_gets_no_gradients() -> None:
     assert all(not p.requires_grad for p in frozen.parameters())
     out = frozen(torch.randn(4, 1, 8, 8))
     assert not out.requires_grad and out.shape == (4, 8)
+
+
+def test_lr_selection_uses_a_training_holdout_and_skips_diverging_rates() -> None:
+    train = pattern_dataset(120, seed=7)
+    backbone = _backbone()
+    feats, labels = extract_features(backbone, make_loader(train, 64, False, False), EvalTransform(8, MEAN, STD),
+                                     head=True, normalize=False)
+    # The test split is poisoned: selection must not look at it.
+    features = FeatureSet(feats, labels, torch.full((5, feats.shape[1]), float("nan")), torch.zeros(5, dtype=torch.long))
+    chosen, scores = select_lr(features, 4, (1e12, 0.5), LinclsOptions(epochs=10, batch_size=32))
+    assert chosen == 0.5 and set(scores) == {1e12, 0.5}
+    assert scores[0.5] > scores[1e12]

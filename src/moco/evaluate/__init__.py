@@ -1,5 +1,11 @@
-"""Evaluation of frozen representations."""
+"""Evaluation of learned representations.
 
-from moco.evaluate.knn import extract_features, knn_accuracy, knn_predict, topk_accuracy
+``knn`` is imported here; the other tools (``linear``, ``finetune``, ``report``, and ``common``,
+which loads checkpoints and data) are imported from their modules, e.g.
+``from moco.evaluate.linear import run_lincls``.
+"""
 
-__all__ = ["extract_features", "knn_accuracy", "knn_predict", "topk_accuracy"]
+from moco.evaluate.knn import (extract_features, knn_accuracies, knn_accuracy, knn_predict, knn_predict_many,
+                               topk_accuracy)
+
+__all__ = ["extract_features", "knn_accuracies", "knn_accuracy", "knn_predict", "knn_predict_many", "topk_accuracy"]

@@ -12,7 +12,7 @@ Results go to ``report.json`` and ``report.md`` in the run directory.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -55,10 +55,17 @@ def knn_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]
 class ReportOptions:
     knn: KnnOptions = field(default_factory=KnnOptions)
     lincls: LinclsOptions = field(default_factory=LinclsOptions)
-    lincls_modes: tuple[str, ...] = ("cached",)
+    lincls_lrs: tuple[float, ...] = ()  # several: choose by a holdout of the training split (select_lr)
+    augmented_epochs: int = 0  # > 0: also the paper's augmented probe, this many epochs (milestones scaled)
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
     fractions: tuple[float, ...] = FRACTIONS
     finetune_rows: bool = True
+
+
+def rescale_epochs(options: LinclsOptions, epochs: int) -> LinclsOptions:
+    """The same probe recipe over ``epochs`` epochs, step milestones at the same fractions of training."""
+    milestones = tuple(round(m * epochs / options.epochs) for m in options.milestones)
+    return replace(options, epochs=epochs, milestones=tuple(m for m in milestones if 0 < m < epochs))
 
 
 def run_report(ctx: EvalContext, options: ReportOptions) -> dict[str, Any]:
@@ -74,12 +81,17 @@ def run_report(ctx: EvalContext, options: ReportOptions) -> dict[str, Any]:
     n = ctx.data.num_classes
     knn = (knn_rows(moco_feats, "MoCo", options.knn, n) + knn_rows(random_feats, "random init", options.knn, n)
            + knn_rows(pixel_feature_set(ctx), "raw pixels", options.knn, n))
-    lincls = run_lincls(ctx, moco_backbone, options.lincls_modes, options.lincls, moco_feats, "MoCo")
-    lincls += run_lincls(ctx, random_backbone, ("cached",), options.lincls, random_feats, "random init")
+    lrs = options.lincls_lrs
+    lincls = run_lincls(ctx, moco_backbone, ("cached",), options.lincls, moco_feats, "MoCo", lrs)
+    if options.augmented_epochs:  # at the lr chosen for the cached probe
+        augmented = replace(rescale_epochs(options.lincls, options.augmented_epochs), lr=lincls[0]["lr"])
+        lincls += run_lincls(ctx, moco_backbone, ("augmented",), augmented)
+    lincls += run_lincls(ctx, random_backbone, ("cached",), options.lincls, random_feats, "random init", lrs)
     finetune = run_finetune(ctx, options.finetune, options.fractions) if options.finetune_rows else []
     results = {"provenance": describe(ctx), "knn": knn, "lincls": lincls, "finetune": finetune,
                "options": {"knn": vars(options.knn) | {"ks": list(options.knn.ks)},
-                           "lincls": options.lincls.to_dict(), "lincls_modes": list(options.lincls_modes),
+                           "lincls": options.lincls.to_dict(),
+                           "lincls_lrs": list(options.lincls_lrs), "augmented_epochs": options.augmented_epochs,
                            "finetune": options.finetune.to_dict(), "fractions": list(options.fractions)},
                "seconds": time.perf_counter() - tic}
     write_results(ctx.run_dir, "report", results, report_markdown(results))
@@ -91,7 +103,8 @@ def summary_table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     knn_k = max(r["k"] for r in results["knn"]) if results["knn"] else None
     fractions = sorted({r["fraction"] for r in results["finetune"]})
     modes = [m for m in ("cached", "augmented") if any(r["mode"] == m for r in results["lincls"])]
-    headers = ["representation", f"kNN (k={knn_k})"] + [f"linear ({m})" for m in modes]
+    epochs = {r["mode"]: r["epochs"] for r in results["lincls"]}
+    headers = ["representation", f"kNN (k={knn_k})"] + [f"linear ({m}, {epochs[m]} ep)" for m in modes]
     headers += [f"fine-tune {100 * f:g}% labels" for f in fractions]
 
     def pick(rows: list[dict], **match: Any) -> float | None:
