@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from moco.data.datasets import labels_of
 from moco.evaluate.common import EvalContext
@@ -82,7 +83,8 @@ def finetune_row(ctx: EvalContext, init: str, fraction: float, options: Finetune
     """Train one row's network on its label subset and measure it on the test split."""
     train_set = ctx.data.full_train
     if fraction < 1:
-        train_set = train_set.subset(balanced_subset(labels_of(train_set), fraction, options.seed))
+        picks = balanced_subset(labels_of(train_set), fraction, options.seed)
+        train_set = train_set.subset(picks) if hasattr(train_set, "subset") else Subset(train_set, picks.tolist())
     model = build_model(ctx, init, options.seed)
     recipe = options.recipe(init, len(train_set))
     loader = ctx.loader(train_set, recipe.batch_size, shuffle=True, seed=options.seed, drop_last=True)

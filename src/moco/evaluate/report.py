@@ -3,7 +3,8 @@
 One run of :func:`run_report` measures, on the labelled test split:
 - weighted kNN for several k: MoCo backbone, a randomly initialised backbone of the same shape,
   and raw pixels (centred on the training mean image);
-- linear probes (cached features; augmented too when asked): MoCo and random-init backbones;
+- linear probes (cached features; augmented too when asked): MoCo and random-init backbones,
+  each with its lr chosen among the paper's 30 and smaller values on a holdout of the training split;
 - fine-tuning on 1/10/100% of the labels from MoCo weights and from random init, and
   supervised training from scratch on all labels, with one step budget for every row.
 Results go to ``report.json`` and ``report.md`` in the run directory.
@@ -55,7 +56,7 @@ def knn_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]
 class ReportOptions:
     knn: KnnOptions = field(default_factory=KnnOptions)
     lincls: LinclsOptions = field(default_factory=LinclsOptions)
-    lincls_lrs: tuple[float, ...] = ()  # several: choose by a holdout of the training split (select_lr)
+    lincls_lrs: tuple[float, ...] = (30.0, 3.0, 0.3)  # several: chosen on a training holdout (select_lr)
     augmented_epochs: int = 0  # > 0: also the paper's augmented probe, this many epochs (milestones scaled)
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
     fractions: tuple[float, ...] = FRACTIONS
