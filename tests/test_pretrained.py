@@ -16,7 +16,7 @@ def test_our_checkpoint_gives_encoder_q_backbone_and_its_options(tmp_path: Path,
     path, model = save_tiny_moco_checkpoint(tmp_path, ddp_prefix)
     pretrained = load_pretrained(path)
     assert pretrained.source == "moco"
-    assert pretrained.spec == EncoderSpec("resnet18", (4, 8, 8, 8), True, 1, "mlp", 128)
+    assert pretrained.spec == EncoderSpec("resnet18", (4, 8, 8, 8), True, 1, "mlp", 128, stem_stride=1)
     assert pretrained.config["model"]["widths"] == [4, 8, 8, 8]
     # Different from the key encoder, so the test would notice the wrong encoder being taken.
     with torch.no_grad():
@@ -65,3 +65,14 @@ def test_unsafe_or_foreign_files_are_one_line_errors(tmp_path: Path) -> None:
     not_torch.write_bytes(pickle.dumps({"model": 1}))
     with pytest.raises(CheckpointFormatError):
         load_pretrained(not_torch)
+
+
+def test_stem_stride_comes_from_the_stored_config(tmp_path: Path) -> None:
+    # The stride of the small stem leaves no trace in the weights: a stride-2 encoder must not be
+    # rebuilt with stride 1 (it would run, at the wrong resolution, and give other features).
+    path, model = save_tiny_moco_checkpoint(tmp_path, extra=["model.stem_stride=2"])
+    pretrained = load_pretrained(path)
+    assert pretrained.spec.stem_stride == 2
+    images = torch.randn(4, 1, 28, 28)
+    model.eval()
+    torch.testing.assert_close(pretrained.backbone()(images), backbone_features(model.encoder_q, images))

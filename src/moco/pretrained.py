@@ -8,7 +8,8 @@ It accepts, without any key editing by the user:
 - a plain ResNet state dict (e.g. our torchvision export, or torchvision's own weights).
 
 Files are read with ``weights_only=True``. The model options (arch, widths, stem, input channels,
-head) are read off the weight shapes, so a checkpoint describes itself even without a config.
+head) are read off the weight shapes, so a checkpoint describes itself even without a config;
+the one option weights cannot show, the small stem's stride, comes from the stored config.
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ class EncoderSpec:
     in_channels: int
     head: str = "none"   # "linear" (MoCo v1), "mlp" (MoCo v2) or "none"
     dim: int = 0         # the head's output width; 0 without a head
+    stem_stride: int = 1  # small-image stem only; a convolution's stride is not in its weights
 
     def resnet_kwargs(self) -> dict[str, Any]:
         """Constructor arguments of :func:`moco.models.resnet` (recorded in exports' metadata)."""
-        return {"arch": self.arch, "small_images": self.small_images, "in_channels": self.in_channels,
-                "widths": list(self.widths)}
+        return {"arch": self.arch, "small_images": self.small_images, "stem_stride": self.stem_stride,
+                "in_channels": self.in_channels, "widths": list(self.widths)}
 
     @property
     def feature_dim(self) -> int:
@@ -125,8 +127,10 @@ def find_encoder_state(checkpoint: Mapping[str, Any], path: str | os.PathLike = 
     return dict(state), source
 
 
-def infer_spec(state: Mapping[str, torch.Tensor], path: str | os.PathLike = "checkpoint") -> EncoderSpec:
-    """Arch, widths, stem, input channels and head of a ResNet encoder, read off its weight shapes."""
+def infer_spec(state: Mapping[str, torch.Tensor], path: str | os.PathLike = "checkpoint",
+               stem_stride: int = 1) -> EncoderSpec:
+    """Arch, widths, stem, input channels and head of a ResNet encoder, read off its weight shapes
+    (``stem_stride`` cannot be, so the caller passes it from the checkpoint's config)."""
     bottleneck = "layer1.0.conv3.weight" in state
     blocks = []
     for stage in range(1, 5):
@@ -146,8 +150,9 @@ def infer_spec(state: Mapping[str, torch.Tensor], path: str | os.PathLike = "che
         head, dim = "linear", int(state["fc.weight"].shape[0])
     elif "fc.0.weight" in state and "fc.2.weight" in state:
         head, dim = "mlp", int(state["fc.2.weight"].shape[0])
-    return EncoderSpec(arch=arch, widths=widths, small_images=stem.shape[-1] == 3,  # type: ignore[arg-type]
-                       in_channels=int(stem.shape[1]), head=head, dim=dim)
+    small_images = stem.shape[-1] == 3
+    return EncoderSpec(arch=arch, widths=widths, small_images=small_images,  # type: ignore[arg-type]
+                       in_channels=int(stem.shape[1]), head=head, dim=dim, stem_stride=stem_stride if small_images else 1)
 
 
 def load_pretrained(path: str | os.PathLike) -> PretrainedEncoder:
@@ -160,8 +165,9 @@ def load_pretrained(path: str | os.PathLike) -> PretrainedEncoder:
     if not isinstance(checkpoint, Mapping):
         raise CheckpointFormatError(f"{path}: expected a dict of weights, found a {type(checkpoint).__name__}")
     state, source = find_encoder_state(checkpoint, path)
-    spec = infer_spec(state, path)
     config = checkpoint.get("config") if isinstance(checkpoint.get("config"), Mapping) else None
+    model_config = config.get("model", {}) if config else {}
+    spec = infer_spec(state, path, stem_stride=int(model_config.get("stem_stride", 1)))
     pretrained = PretrainedEncoder(path, source, spec, state, dict(config) if config else None)
     try:
         pretrained.encoder()  # strict load now, so a mismatch is reported here and not mid-evaluation
