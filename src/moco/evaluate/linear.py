@@ -179,15 +179,22 @@ def select_lr(
     short = replace(options, epochs=epochs,
                     milestones=tuple(m for m in (round(x * epochs / options.epochs) for x in options.milestones)
                                      if 0 < m < epochs))
-    scores = {}
+    scores, converged = {}, {}
     for lr in candidates:
         try:
             result, _ = train_on_features(features.train[fit], features.train_labels[fit], features.train[val],
                                           features.train_labels[val], num_classes, replace(short, lr=lr), device)
-            scores[lr] = result["top1"]
+            scores[lr], converged[lr] = result["top1"], probe_converged(result["final_loss"], num_classes)
         except FloatingPointError:  # diverged: never the choice
-            scores[lr] = 0.0
-    return max(scores, key=lambda lr: scores[lr]), scores
+            scores[lr], converged[lr] = 0.0, False
+    # A probe that did not converge can score well on a small holdout by luck: prefer those that did.
+    return max(scores, key=lambda lr: (converged[lr], scores[lr])), scores
+
+
+def probe_converged(final_loss: float, num_classes: int) -> bool:
+    """False when the training loss stayed near chance level, i.e. the probe diverged or oscillated
+    (lr too high for these features' scale): its accuracy then says little about the representation."""
+    return final_loss < 0.8 * math.log(num_classes)
 
 
 def run_lincls(ctx: EvalContext, backbone: nn.Module, modes: Sequence[str], options: LinclsOptions,
@@ -229,9 +236,7 @@ def run_lincls(ctx: EvalContext, backbone: nn.Module, modes: Sequence[str], opti
                                         ctx.augment(options.crop_scale), ctx.preprocess, ctx.data.num_classes,
                                         options, len(ctx.data.full_train), ctx.device)
             seconds = result["train_seconds"]
-        # A probe whose training loss stays near chance level diverged or oscillated (lr too high
-        # for these features' scale): its accuracy says little about the representation.
-        result["converged"] = result["final_loss"] < 0.8 * math.log(ctx.data.num_classes)
+        result["converged"] = probe_converged(result["final_loss"], ctx.data.num_classes)
         rows.append({"features": label, "mode": mode, "epochs": options.epochs, "lr": options.lr, "seconds": seconds,
                      "lr_selection": {f"{k:g}": v for k, v in selection.items()},
                      "lr_selection_seconds": selection_seconds, **result})
