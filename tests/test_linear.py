@@ -1,7 +1,6 @@
 """Linear protocol: cached features give the probe of on-the-fly features, the backbone never moves,
 and a backbone that does move is a loud error."""
 
-from pathlib import Path
 
 import pytest
 import torch
