@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,37 @@ def test_cli_lists_presets_and_rejects_unknown_ones(capsys) -> None:
     assert {"fmnist_cpu", "cifar10_gpu", "imagenet100_gpu"} <= set(capsys.readouterr().out.split())
     assert main(["ablate", "momentum", "nope"]) == 2
     assert capsys.readouterr().err.startswith("moco: error: ablation preset 'nope' is neither a file nor")
+
+
+def test_sweep_workers_exit_when_the_sweep_process_is_killed(tmp_path: Path) -> None:
+    """A killed `moco ablate` must not leave point workers training on as orphans."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from multiprocessing import get_context\n"
+        "from moco.ablate import _exit_with_parent\n"
+        "if __name__ == '__main__':\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=get_context('spawn'), initializer=_exit_with_parent,\n"
+        "                               initargs=(os.getpid(),))\n"
+        "    print(pool.submit(os.getpid).result(), flush=True)\n"
+        "    pool.submit(time.sleep, 120)\n"
+        "    time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(worker, signal.SIGKILL)
+    raise AssertionError("the worker outlived its sweep process by 20 s")

@@ -22,6 +22,7 @@ import copy
 import json
 import math
 import os
+import threading
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -259,6 +260,19 @@ def finished_result(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | N
     return result
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker initialiser: stop when the sweep process dies, instead of training on as an orphan.
+
+    A killed sweep leaves each point's last checkpoint behind, so re-running the sweep resumes it.
+    """
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def run_point(point: Point, run_dir: str) -> dict[str, Any]:
     """Train one point (or resume it) and return its result; never raises for a failed run.
 
@@ -359,7 +373,8 @@ def sweep(ablation: str, preset: str, overrides: list[str] = (), output: str | N
             counter += 1
             print(f"[{counter}/{len(points)}] {_one_line(results[point.name])}", flush=True)
     else:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"),
+                                 initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(run_point, point, str(out_dir / point.name)): point for point in pending}
             for future in as_completed(futures):
                 point = futures[future]
