@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -39,3 +41,16 @@ needs_fashion_mnist = pytest.mark.skipif(
     not fashion_mnist_available(),
     reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist; the README's test command does it)",
 )
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny config of tests/tiny.py and its uninterrupted run directory (reliability tests)."""
+    from moco.config import load_config
+    from moco.train import pretrain
+    from tests.tiny import tiny_config
+
+    tmp = tmp_path_factory.mktemp("reference")
+    config_path = tiny_config(tmp)
+    pretrain(load_config(config_path))
+    return config_path, tmp / "run"

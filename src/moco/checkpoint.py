@@ -6,21 +6,29 @@ renamed over the old one, so a crash mid-save leaves the previous checkpoint int
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
+
+TEMP_SUFFIX = ".tmp"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unsafe (would unpickle code), corrupt or truncated."""
 
 
 def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> Path:
     """``torch.save`` to a temp file beside ``path``, fsync, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(obj, handle)
@@ -47,18 +55,40 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
+    """Delete temp files left by a save that was killed before its rename (they are never read)."""
+    stale = sorted(Path(directory).glob(f".*.pth.*{TEMP_SUFFIX}"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely; a file that needs arbitrary unpickling is refused with a clear error."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # pickle.UnpicklingError and friends
-        raise ValueError(
-            f"refusing to load {path}: it is not a plain tensor checkpoint loadable with "
-            f"weights_only=True ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-        ) from None
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # pickle.UnpicklingError for code, RuntimeError for a broken zip archive
+        text = str(err)
+        if "weights only load failed" in text.lower():
+            culprit = re.search(r"GLOBAL ([\w.]+)", text)
+            raise CheckpointError(
+                f"refusing to load {path}: it holds a pickled object that could run code"
+                f"{f' ({culprit.group(1)})' if culprit else ''}; only plain tensor checkpoints are loaded "
+                f"(weights_only=True)") from None
+        first = text.strip().splitlines()[0].split(". ")[0] if text.strip() else type(err).__name__
+        raise CheckpointError(f"cannot load {path}: the file is corrupt or truncated ({first})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"cannot load {path}: expected a dict of tensors, found {type(state).__name__}")
+    return state
+
+
+def nonfinite_entries(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors that hold a NaN or an infinity."""
+    return [name for name, value in state_dict.items()
+            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
 
 
 def rng_state() -> dict[str, Any]:
@@ -84,3 +114,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block (e.g. the kNN monitor) without moving any RNG, so training draws the same numbers
+    whether or not the block runs; this keeps resumed runs identical to uninterrupted ones."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)

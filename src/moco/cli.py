@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from moco.config import ConfigError, load_config
@@ -32,6 +33,9 @@ def _pretrain(args: argparse.Namespace) -> int:
     result = pretrain(config, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         print(f"run directory: {result.run_dir} ({result.seconds:.0f} s)")
+    if result.checkpoint_error:  # training finished, but its final state is not on disk
+        print(f"moco: error: the final checkpoint could not be written: {result.checkpoint_error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -77,17 +81,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    """Our own warnings (skipped images, failed checkpoint writes) as one ``moco: warning:`` line."""
+    if category.__module__.startswith("moco."):
+        return f"moco: warning: {message}\n"
+    return _default_format_warning(message, category, filename, lineno, line)
+
+
+_default_format_warning = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    from moco.checkpoint import CheckpointError
+    from moco.data.images import BadImageError
+    from moco.reliability import TrainingInterrupted
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.formatwarning = _format_warning
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, BadImageError, CheckpointError) as err:
         print(f"moco: error: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:  # non-finite loss: the message names the step and last checkpoint
         print(f"moco: training stopped: {err}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as err:  # SIGINT/SIGTERM: a resumable checkpoint was saved first
+        print(f"moco: interrupted by {err}", file=sys.stderr)
+        return err.exit_code
     except RuntimeError as err:
         from moco.distributed import DistributedFailure, ReplicasOutOfSync
 
@@ -98,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moco: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = _default_format_warning
 
 
 if __name__ == "__main__":

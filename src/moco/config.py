@@ -59,6 +59,7 @@ class DataConfig:
     workers: int = 2                   # DataLoader workers (image folders only)
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
+    on_bad_image: str = "skip"         # skip | fail: corrupt/unreadable files in image folders (docs/reliability.md)
 
 
 @dataclass
@@ -112,6 +113,11 @@ class TrainConfig:
     # Several processes (torchrun; docs/distributed.md):
     dist_timeout_s: float = 600.0      # a collective waiting longer than this (a rank died or hangs) is an error
     debug_sync_checks: bool = False    # every step, check that queue and weights are identical on all ranks
+    # Reliability (docs/reliability.md)
+    checkpoint_every_steps: int = 0    # also refresh checkpoint_last.pth every N steps (mid-epoch resume); 0 = epoch ends
+    on_nonfinite: str = "stop"         # stop | skip: what a NaN/inf loss does
+    max_consecutive_skips: int = 10    # on_nonfinite=skip: stop after this many non-finite steps in a row
+    deterministic: bool = False        # torch.use_deterministic_algorithms + no cuDNN autotuning (for CUDA; CPU already is)
 
 
 @dataclass
@@ -134,6 +140,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("cosine", "step", "constant"),
     "optim.optimizer": ("sgd", "adamw"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "data.on_bad_image": ("skip", "fail"),
+    "train.on_nonfinite": ("stop", "skip"),
 }
 
 
@@ -257,6 +265,11 @@ def validate(config: Config) -> None:
         (t.knn_t > 0, "train.knn_t", f"must be > 0, got {t.knn_t}"),
         (t.dist_timeout_s > 0, "train.dist_timeout_s", f"must be > 0, got {t.dist_timeout_s}"),
         (not m.sync_bn or m.bn_splits == 1, "model.sync_bn", "SyncBatchNorm replaces split BN; set model.bn_splits=1"),
+        (t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}"),
+        (t.knn_every >= 0, "train.knn_every", f"must be >= 0, got {t.knn_every}"),
+        (t.keep_checkpoints >= 0, "train.keep_checkpoints", f"must be >= 0, got {t.keep_checkpoints}"),
+        (t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", f"must be >= 0, got {t.checkpoint_every_steps}"),
+        (t.max_consecutive_skips >= 1, "train.max_consecutive_skips", f"must be >= 1, got {t.max_consecutive_skips}"),
     ]
     for ok, key, message in checks:
         if not ok:

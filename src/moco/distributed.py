@@ -198,6 +198,15 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return (total / world_size()).to(value.device, value.dtype)
 
 
+def max_over_ranks(value: int) -> int:
+    """The largest of a per-rank integer, e.g. "has any rank received a stop signal?"."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def weighted_mean_over_ranks(value: float, weight: float) -> float:
     """``sum(value_r * weight_r) / sum(weight_r)``: e.g. accuracies of shards of different sizes."""
     if not is_distributed():

@@ -8,7 +8,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -17,14 +17,17 @@ import torch
 from torch import nn
 
 from moco import distributed as dist_utils
-from moco.builder import MoCo
-from moco.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from moco.builder import MoCo, MoCoOutput
+from moco.checkpoint import (CheckpointError, load_checkpoint, preserved_rng, remove_stale_temp_files, rng_state,
+                             set_rng_state)
 from moco.contrast import build_contrast
 from moco.config import Config, ConfigError, save_config
 from moco.data.augment import AugmentSpec, BatchAugment, EvalTransform, preset
-from moco.data.datasets import labels_of, load_dataset, make_loader, split_holdout
+from moco.data.datasets import NoUsableImagesError, labels_of, load_dataset, make_loader, split_holdout
 from moco.evaluate.knn import extract_features, knn_accuracy
 from moco.models.resnet import resnet
+from moco.reliability import (Checkpointer, NonFiniteGuard, StopSignals, TrainingInterrupted, check_paths, check_resume,
+                              make_deterministic)
 
 DEFAULT_STATS = {
     "fashion_mnist": ((0.2860,), (0.3530,)),
@@ -134,24 +137,29 @@ def build_data(config: Config) -> Data:
     d, seed = config.data, config.train.seed
     channels_request = d.channels or 3
     load_size = d.load_size or d.image_size
-    labeled = load_dataset(d.dataset, "train", d.root, d.download, load_size, channels_request)
+    labeled = load_dataset(d.dataset, "train", d.root, d.download, load_size, channels_request, d.on_bad_image)
     labeled = _take_subset(labeled, d.train_subset, seed)
     channels = d.channels or _channels_of(labeled)
     has_labels = bool((labels_of(labeled) >= 0).any())
     if d.val_size and has_labels:
+        if d.val_size >= len(labeled):
+            raise ConfigError(f"data.val_size: {d.val_size} would hold out all {len(labeled)} training images")
         rest, val = split_holdout(labeled, d.val_size, seed)
     else:
         rest, val = labeled, None
     pretrain = rest if d.train_split == "train" else load_dataset(d.dataset, d.train_split, d.root, d.download,
-                                                                   load_size, channels)
+                                                                   load_size, channels, d.on_bad_image)
     bank = rest
     if config.train.knn_bank_size and config.train.knn_bank_size < len(rest):
         pick = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed + 1))[: config.train.knn_bank_size]
         bank = rest.subset(pick)
     try:
-        test = load_dataset(d.dataset, "test", d.root, d.download, load_size, channels) if has_labels else None
+        test = (load_dataset(d.dataset, "test", d.root, d.download, load_size, channels, d.on_bad_image)
+                if has_labels else None)
         test = _take_subset(test, d.test_subset, seed) if test is not None else None
-    except FileNotFoundError:
+    except NoUsableImagesError:
+        raise
+    except FileNotFoundError:  # no test split: no final kNN
         test = None
     mean, std = DEFAULT_STATS.get(d.dataset, IMAGENET_STATS if channels == 3 else ((0.5,), (0.5,)))
     if d.mean is not None:
@@ -201,29 +209,44 @@ def build_optimizer(config: Config, params: Iterable[nn.Parameter]) -> torch.opt
 
 # --- logging ----------------------------------------------------------------------------------
 class MetricsLog:
-    """Append-only ``metrics.jsonl`` (one JSON object per line) plus optional TensorBoard."""
+    """Append-only ``metrics.jsonl`` (one JSON object per line) plus optional TensorBoard.
 
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int | None) -> None:
+    On resume, ``keep_rows`` (the row count a checkpoint recorded) cuts the file back to what
+    existed when that checkpoint was written, so rows of lost steps are not duplicated.
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int | None, keep_rows: int | None = None) -> None:
         self.path = run_dir / "metrics.jsonl"
+        self.rows = 0
         if resume_step is not None and self.path.exists():
-            # Drop rows written after the checkpoint we resume from: they will be produced again.
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [r for r in rows if r.get("step", 0) <= resume_step]
+            rows = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    break
+            if keep_rows is not None:
+                kept = rows[:keep_rows]
+            else:  # checkpoints from before the row count was recorded
+                kept = [r for r in rows if r.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        elif resume_step is None:
+            self.rows = len(kept)
+        else:
             self.path.write_text("")
         self.writer = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+                purge = resume_step + 1 if resume_step is not None else None
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
             except ImportError:
                 self.writer = None
 
     def write(self, row: dict[str, Any]) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
+        self.rows += 1
         if self.writer is not None:
             step = row.get("step", 0)
             for key, value in row.items():
@@ -237,6 +260,8 @@ class MetricsLog:
 
 class NullLog:
     """What ranks other than 0 log: nothing (rank 0 writes the run's metrics)."""
+
+    rows = 0
 
     def write(self, row: dict[str, Any]) -> None:
         pass
@@ -270,6 +295,7 @@ def knn_eval(model: MoCo, bank: Any, queries: Any, data: Data, config: Config, d
 
     Under several processes every rank encodes its shard of both sets with rank 0's BN
     statistics, the bank features are gathered, and the shards' accuracies are averaged.
+    It leaves every RNG as it found it, so training draws the same numbers with or without it.
     """
     preprocess = EvalTransform(config.data.image_size, data.mean, data.std)
     batch = 512
@@ -279,9 +305,10 @@ def knn_eval(model: MoCo, bank: Any, queries: Any, data: Data, config: Config, d
         loader = make_loader(dist_utils.shard(ds), batch, shuffle=False, drop_last=False, workers=config.data.workers)
         return extract_features(model.encoder_q, loader, preprocess, device, memory_format=memory_format)
 
-    bank_f, bank_y = feats(bank)
-    bank_f, bank_y = dist_utils.gather_uneven(bank_f), dist_utils.gather_uneven(bank_y)
-    query_f, query_y = feats(queries)
+    with preserved_rng():
+        bank_f, bank_y = feats(bank)
+        bank_f, bank_y = dist_utils.gather_uneven(bank_f), dist_utils.gather_uneven(bank_y)
+        query_f, query_y = feats(queries)
     accuracy = knn_accuracy(bank_f, bank_y, query_f, query_y, config.train.knn_k, config.train.knn_t, data.num_classes)
     return dist_utils.weighted_mean_over_ranks(accuracy, len(query_y))
 
@@ -293,6 +320,32 @@ class RunResult:
     val_knn: dict[int, float]
     test_knn: float | None
     seconds: float
+    checkpoint_error: str | None = None  # set when the final checkpoint could not be written
+
+
+@dataclass
+class LoopState:
+    """Where the loop is. Saved in every checkpoint, so a resume continues exactly here."""
+
+    epoch: int = 0                # epochs completed
+    batch: int = 0                # batches of the current epoch done (> 0: a mid-epoch checkpoint)
+    step: int = 0                 # steps done, skipped non-finite ones included
+    steps_per_epoch: int = 0
+    epoch_losses: list[float] = field(default_factory=list)
+    last_loss: float = float("nan")
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+    epoch_accs: list[float] = field(default_factory=list)
+    metrics_rows: int | None = None  # rows in metrics.jsonl when the checkpoint was written
+    elapsed_s: float = 0.0        # training time before this process started
+
+
+def run_identity(config: Config, channels: int) -> dict[str, Any]:
+    """What a checkpoint must share with the config to be resumed (see ``check_resume``)."""
+    m = config.model
+    return {"model.method": m.method, "model.arch": m.arch, "model.widths": list(m.widths),
+            "model.small_images": m.small_images, "model.stem_stride": m.stem_stride, "model.dim": m.dim,
+            "model.mlp": m.mlp, "model.K": m.K, "data.channels": channels}
 
 
 def pretrain(config: Config, resume: str | None = None) -> RunResult:
@@ -309,15 +362,11 @@ def _pretrain(config: Config, resume: str | None) -> RunResult:
     start_time = time.time()
     t = config.train
     run_dir = Path(t.output_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write_test.{os.getpid()}"  # one per process: ranks may share the directory
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"train.output_dir: cannot write to {run_dir}: {err.strerror}") from None
+    check_paths(config)
     if t.threads:
         torch.set_num_threads(t.threads)
+    if t.deterministic:
+        make_deterministic()
     device = resolve_device(t.device)
     precision = resolve_precision(t.precision, device)
     memory_format = resolve_memory_format(config, device)
@@ -342,122 +391,192 @@ def _pretrain(config: Config, resume: str | None) -> RunResult:
     loader = make_loader(data.pretrain, local_batch, shuffle=True, drop_last=True, seed=t.seed,
                          workers=config.data.workers, num_replicas=dist_utils.world_size(), rank=dist_utils.rank())
     steps_per_epoch = len(loader)
+    identity = run_identity(config, data.channels)
+    checkpointer = Checkpointer(run_dir, t.checkpoint_every_steps, t.keep_checkpoints,
+                                enabled=dist_utils.is_main_process())
+    if dist_utils.is_main_process():
+        remove_stale_temp_files(run_dir)
 
-    start_epoch, step = 0, 0
+    state = LoopState(steps_per_epoch=steps_per_epoch)
     if resume:
         ckpt_path = run_dir / "checkpoint_last.pth" if resume == "auto" else Path(resume)
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        if ckpt.get("arch") != config.model.arch:
-            raise ConfigError(f"--resume: {ckpt_path} holds a {ckpt.get('arch')} model, config says {config.model.arch}")
-        if ckpt.get("method", "moco") != config.model.method:
-            raise ConfigError(f"--resume: {ckpt_path} was trained with model.method={ckpt.get('method', 'moco')}, "
-                              f"config says {config.model.method}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
-        _restore_rng(ckpt, t.seed + step)
+        state = _restore(ckpt_path, model, optimizer, scaler, identity, steps_per_epoch, device, t.seed)
+        checkpointer.last_good = ckpt_path
     train_step = dist_utils.training_step(model, config.model.symmetric, device)
+    guard = NonFiniteGuard(model, t.on_nonfinite, t.max_consecutive_skips, check_gradients=not scaler.is_enabled())
+    guard.skipped, guard.consecutive = state.skipped_steps, state.consecutive_skips
     if dist_utils.is_main_process():
         save_config(config, run_dir / "config.yaml")
         (run_dir / "resolved.json").write_text(json.dumps({"device": str(device), "precision": precision,
                                                             "threads": torch.get_num_threads(),
                                                             "steps_per_epoch": steps_per_epoch,
                                                             "processes": dist_utils.world_size()}, indent=2))
-    log = MetricsLog(run_dir, t.tensorboard, step if resume else None) if dist_utils.is_main_process() else NullLog()
-    val_knn: dict[int, float] = {}
-    last_loss = float("nan")
-    try:
-        for epoch in range(start_epoch, config.optim.epochs):
-            if hasattr(loader, "set_epoch"):  # in-memory loader: epoch order from (seed, epoch)
-                loader.set_epoch(epoch)
-            model.train()
-            epoch_losses: list[float] = []
-            epoch_acc: list[float] = []
-            batches, show_progress = _progress(loader, epoch, config)
-            for images, _, indices in batches:
-                lr = learning_rate(config, step, steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                tic = time.perf_counter()
-                x1, x2 = _views(images, augment, device, memory_format)
-                with autocast(device, precision):
-                    out = train_step(x1, x2, indices.to(device, non_blocking=True))
-                global_loss = dist_utils.mean_over_ranks(out.loss.detach())  # the global batch's loss
-                if not torch.isfinite(global_loss):
-                    raise FloatingPointError(
-                        f"loss is {global_loss.item()} at epoch {epoch} step {step}; last good checkpoint: "
-                        f"{run_dir / 'checkpoint_last.pth'} (lower optim.lr or check the data)")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(out.loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                if t.debug_sync_checks:
-                    replicated = {n: b for n, b in model.named_buffers() if n in ("queue", "queue_ptr", "bank.features")}
-                    dist_utils.assert_same_on_all_ranks({**replicated, **dict(model.named_parameters())})
-                step += 1
-                last_loss = global_loss.item()
-                epoch_losses.append(last_loss)
-                img_s = images.shape[0] * dist_utils.world_size() / (time.perf_counter() - tic)
-                acc = dist_utils.mean_over_ranks((out.logits.argmax(1) == out.labels).float().mean()).item() * 100
-                epoch_acc.append(acc)
-                if step % t.log_every == 0 or step == 1:
-                    log.write({"kind": "train", "step": step, "epoch": epoch + 1, "loss": last_loss,
-                               "pretext_acc": acc, "lr": lr, "img_s": img_s})
-                show_progress(loss=f"{last_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{img_s:.0f}")
-            row: dict[str, Any] = {"kind": "epoch", "step": step, "epoch": epoch + 1,
-                                   "loss": float(np.mean(epoch_losses)), "pretext_acc": float(np.mean(epoch_acc)),
-                                   "elapsed_s": time.time() - start_time}
-            if t.knn_every and data.val is not None and ((epoch + 1) % t.knn_every == 0 or epoch + 1 == config.optim.epochs):
-                val_knn[epoch + 1] = knn_eval(model, data.monitor_bank, data.val, data, config, device, memory_format)
-                row["val_knn_top1"] = val_knn[epoch + 1]
-            log.write(row)
-            _print(f"epoch {epoch + 1}/{config.optim.epochs}: loss {row['loss']:.4f}"
-                   + (f", val kNN top-1 {row['val_knn_top1']:.2f}%" if "val_knn_top1" in row else "")
-                   + f" ({row['elapsed_s']:.0f} s)")
-            rng_of_ranks = dist_utils.all_gather_objects(rng_state())  # each rank resumes its own RNG
-            if dist_utils.is_main_process():
-                save_training_checkpoint(run_dir, model, optimizer, scaler, config, epoch + 1, step, rng_of_ranks)
+    log = (MetricsLog(run_dir, t.tensorboard, state.step if resume else None,
+                      keep_rows=state.metrics_rows if resume else None)
+           if dist_utils.is_main_process() else NullLog())
 
-        test_knn = None
-        if t.test_knn and data.test is not None and data.full_train is not None:
-            test_knn = knn_eval(model, data.full_train, data.test, data, config, device, memory_format)
-            log.write({"kind": "test", "step": step, "epoch": config.optim.epochs, "test_knn_top1": test_knn})
-            _print(f"test kNN top-1 (k={t.knn_k}, T={t.knn_t}): {test_knn:.2f}%")
+    def elapsed() -> float:  # training time across resumes
+        return state.elapsed_s + time.time() - start_time
+
+    def checkpoint(epoch_end: bool) -> Path | None:  # on every rank: the RNG states are gathered
+        state.metrics_rows, state.skipped_steps, state.consecutive_skips = log.rows, guard.skipped, guard.consecutive
+        rng_of_ranks = dist_utils.all_gather_objects(rng_state())  # each rank resumes its own RNG
+        loop = dict(vars(state), epoch_losses=list(state.epoch_losses), epoch_accs=list(state.epoch_accs),
+                    elapsed_s=elapsed())
+        return checkpointer.save(training_state(model, optimizer, scaler, config, identity, loop, rng_of_ranks),
+                                 epoch_end)
+
+    val_knn: dict[int, float] = {}
+    try:
+        with StopSignals() as stop:
+            for epoch in range(state.epoch, config.optim.epochs):
+                loader.set_epoch(epoch, state.batch)  # the order depends on (seed, epoch) only
+                model.train()
+                batches, show_progress = _progress(loader, epoch, config)
+                for images, _, indices in stop.batches(batches):
+                    lr = learning_rate(config, state.step, steps_per_epoch)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    tic = time.perf_counter()
+                    views = _views(images, augment, device, memory_format)
+                    out, loss, finite = _train_step(train_step, optimizer, scaler, guard, views,
+                                                    indices.to(device, non_blocking=True), autocast(device, precision),
+                                                    f"epoch {epoch + 1} step {state.step + 1}",
+                                                    checkpointer.describe_last())
+                    if t.debug_sync_checks:
+                        replicated = {n: b for n, b in model.named_buffers() if n in ("queue", "queue_ptr", "bank.features")}
+                        dist_utils.assert_same_on_all_ranks({**replicated, **dict(model.named_parameters())})
+                    state.step += 1
+                    state.batch += 1
+                    acc = dist_utils.mean_over_ranks((out.logits.argmax(1) == out.labels).float().mean()).item() * 100
+                    img_s = images.shape[0] * dist_utils.world_size() / (time.perf_counter() - tic)
+                    _log_step(log, show_progress, state, epoch, loss, finite, acc, lr, img_s, t.log_every, guard.skipped)
+                    stopping = stop.agreed()
+                    if stopping or checkpointer.due(state.step, state.batch, steps_per_epoch):
+                        saved = checkpoint(epoch_end=False)
+                        if stopping:
+                            raise TrainingInterrupted(stopping, saved, state.step)
+                if stop.agreed():  # the loader stopped early: its workers were signalled too
+                    raise TrainingInterrupted(stop.received, checkpoint(epoch_end=False), state.step)
+
+                row: dict[str, Any] = {"kind": "epoch", "step": state.step, "epoch": epoch + 1,
+                                       "loss": float(np.mean(state.epoch_losses)) if state.epoch_losses else None,
+                                       "pretext_acc": float(np.mean(state.epoch_accs)) if state.epoch_accs else None,
+                                       "elapsed_s": elapsed()}
+                if guard.skipped:
+                    row["skipped_steps"] = guard.skipped
+                last_epoch = epoch + 1 == config.optim.epochs
+                if t.knn_every and data.val is not None and ((epoch + 1) % t.knn_every == 0 or last_epoch):
+                    val_knn[epoch + 1] = knn_eval(model, data.monitor_bank, data.val, data, config, device,
+                                                  memory_format)
+                    row["val_knn_top1"] = val_knn[epoch + 1]
+                log.write(row)
+                _print(f"epoch {epoch + 1}/{config.optim.epochs}: loss "
+                       + (f"{row['loss']:.4f}" if row["loss"] is not None else "n/a (every step skipped)")
+                       + (f", val kNN top-1 {row['val_knn_top1']:.2f}%" if "val_knn_top1" in row else "")
+                       + (f", {guard.skipped} non-finite steps skipped so far" if guard.skipped else "")
+                       + f" ({row['elapsed_s']:.0f} s)")
+                state.epoch, state.batch, state.epoch_losses, state.epoch_accs = epoch + 1, 0, [], []
+                saved = checkpoint(epoch_end=True)
+                if stop.agreed():
+                    raise TrainingInterrupted(stop.received, saved, state.step)
+
+            test_knn = None
+            if t.test_knn and data.test is not None and data.full_train is not None:
+                test_knn = knn_eval(model, data.full_train, data.test, data, config, device, memory_format)
+                log.write({"kind": "test", "step": state.step, "epoch": config.optim.epochs, "test_knn_top1": test_knn})
+                _print(f"test kNN top-1 (k={t.knn_k}, T={t.knn_t}): {test_knn:.2f}%")
+            if stop.agreed():  # during the final kNN: the checkpoint is complete, a resume redoes the kNN
+                raise TrainingInterrupted(stop.received, checkpointer.last_good, state.step)
+    except TrainingInterrupted as err:
+        if err.checkpoint is None:  # a second signal, or the save failed: point at the last good one
+            raise TrainingInterrupted(err.signum, checkpointer.last_good, state.step) from None
+        raise
     finally:
         log.close()
     seconds = time.time() - start_time
-    result = RunResult(run_dir, last_loss, val_knn, test_knn, seconds)
+    checkpoint_error = (f"{checkpointer.error}; last good checkpoint: {checkpointer.describe_last()}"
+                        if checkpointer.error else None)
+    result = RunResult(run_dir, state.last_loss, val_knn, test_knn, seconds, checkpoint_error)
     if dist_utils.is_main_process():
         from moco.plot import plot_run
 
         plot_run(run_dir)
-        summary = {"final_loss": last_loss, "val_knn_top1": val_knn, "test_knn_top1": test_knn,
-                   "seconds": seconds, "precision": precision, "device": str(device)}
+        summary = {"final_loss": state.last_loss, "val_knn_top1": val_knn, "test_knn_top1": test_knn,
+                   "seconds": seconds, "training_seconds": elapsed(), "skipped_steps": guard.skipped,
+                   "precision": precision, "device": str(device), "processes": dist_utils.world_size()}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return result
 
 
-def save_training_checkpoint(run_dir: Path, model: MoCo, optimizer: torch.optim.Optimizer,
-                             scaler: torch.amp.GradScaler, config: Config, epoch: int, step: int,
-                             rng_of_ranks: list[dict[str, Any]] | None = None) -> Path:
-    """Everything a resume needs (weights, queue, optimiser, RNGs), written atomically.
+def _train_step(train_step: Callable[..., MoCoOutput], optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler, guard: NonFiniteGuard, views: tuple[torch.Tensor, torch.Tensor],
+                indices: torch.Tensor, precision_context: Any, where: str,
+                last_checkpoint: str) -> tuple[MoCoOutput, torch.Tensor, bool]:
+    """Loss, backward and (unless the guard rejects a non-finite step) the optimiser step.
+    Returns the output, the global batch's loss (mean over processes) and whether the step was taken."""
+    guard.snapshot()
+    with precision_context:
+        out = train_step(*views, indices)
+    loss = dist_utils.mean_over_ranks(out.loss.detach())  # every rank judges the same number
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(out.loss).backward()
+    finite = guard.step_ok(loss, where, last_checkpoint)
+    if finite:
+        scaler.step(optimizer)
+        scaler.update()
+    return out, loss, finite
 
-    ``rng_of_ranks`` holds every process's RNG states when several processes train.
-    """
+
+def _log_step(log: Any, show_progress: Callable[..., None], state: LoopState, epoch: int, loss: torch.Tensor,
+              finite: bool, acc: float, lr: float, img_s: float, log_every: int, skipped: int) -> None:
+    if not finite:
+        log.write({"kind": "nonfinite", "step": state.step, "epoch": epoch + 1, "loss": str(loss.float().item()),
+                   "skipped_steps": skipped})
+        return
+    state.last_loss = loss.item()
+    state.epoch_losses.append(state.last_loss)
+    state.epoch_accs.append(acc)
+    if state.step % log_every == 0 or state.step == 1:
+        log.write({"kind": "train", "step": state.step, "epoch": epoch + 1, "loss": state.last_loss,
+                   "pretext_acc": acc, "lr": lr, "img_s": img_s})
+    show_progress(loss=f"{state.last_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{img_s:.0f}")
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, config: Config,
+                   identity: dict[str, Any], loop: dict[str, Any],
+                   rng_of_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Everything a resume needs: weights (both encoders, queue, pointer), optimiser, scaler,
+    every RNG (each process's, under torchrun), and the loop's position. Only tensors and plain
+    values: it loads with weights_only."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "epoch": epoch, "step": step, "rng": rng_state(), "config": config.to_dict(),
-             "arch": config.model.arch, "method": config.model.method}
+             "epoch": loop["epoch"], "step": loop["step"], "loop": loop, "rng": rng_state(),
+             "config": config.to_dict(), "identity": identity, "arch": config.model.arch,
+             "method": config.model.method}
     if rng_of_ranks is not None and len(rng_of_ranks) > 1:
         state["rng_of_ranks"] = rng_of_ranks
-    path = save_atomic(state, run_dir / "checkpoint_last.pth")
-    keep = config.train.keep_checkpoints
-    if keep > 0:
-        save_atomic(state, run_dir / f"checkpoint_epoch{epoch:04d}.pth")
-        old = sorted(run_dir.glob("checkpoint_epoch*.pth"))[:-keep]
-        for stale in old:
-            stale.unlink(missing_ok=True)
-    return path
+    return state
+
+
+def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+             identity: dict[str, Any], steps_per_epoch: int, device: torch.device, seed: int) -> LoopState:
+    """Load a checkpoint into the model, optimiser, scaler and RNGs; returns the loop's position."""
+    try:
+        ckpt = load_checkpoint(path, map_location=device)
+    except CheckpointError as err:
+        raise ConfigError(f"--resume: {err}") from None
+    check_resume(ckpt, identity, path, steps_per_epoch)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise ConfigError(f"--resume: {path} does not fit this model ({detail})") from None
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    _restore_rng(ckpt, seed + ckpt["step"])
+    if "loop" in ckpt:
+        return LoopState(**ckpt["loop"])
+    return LoopState(epoch=ckpt["epoch"], step=ckpt["step"], steps_per_epoch=steps_per_epoch)  # older checkpoints
 
 
 def _restore_rng(ckpt: dict[str, Any], fallback_seed: int) -> None:

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import gzip
 import os
+import signal
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from moco.data.images import BadImageError, BadImageWarning, decode, describe, probe
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -26,6 +30,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 
 class DatasetNotFoundError(FileNotFoundError):
     """The data is not on disk; the message says how to get it."""
+
+
+class NoUsableImagesError(DatasetNotFoundError):
+    """An image folder exists but holds no file that can be used."""
 
 
 @dataclass
@@ -138,49 +146,103 @@ def _torchvision_in_memory(name: str, root: str | None, split: str, download: bo
 
 
 # --- image folders ---------------------------------------------------------------------------
+SUBSTITUTE_TRIES = 16  # neighbours tried in place of an image that fails to decode
+
+
+def _probe_all(paths: list[Path]) -> list[str | None]:
+    """:func:`images.probe` for every file; threads, since opening headers waits on the disk."""
+    if len(paths) < 256:
+        return [probe(path) for path in paths]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(probe, paths, chunksize=64))
+
+
 class ImageFolderDataset(Dataset):
     """Images under ``root``: class sub-folders give labels; a flat folder gives unlabeled images.
 
     Each image is decoded, converted to ``channels`` (1 or 3) and resized (shorter side, then
     centre crop) to ``load_size`` so batches stack; random crops happen later, in batches.
+
+    Bad files are skipped and counted (``on_bad_image="skip"``) or stop the run (``"fail"``):
+    empty, unreadable, non-image and oversized files are found at start-up from their headers;
+    a file that still fails to decode while training is replaced by the next decodable file and
+    reported by the loader (see :class:`FolderLoader`). A folder with nothing usable is an error.
     """
 
-    def __init__(self, root: str | os.PathLike, load_size: int, channels: int = 3) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike, load_size: int, channels: int = 3, on_bad_image: str = "skip") -> None:
+        self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise DatasetNotFoundError(f"image folder {self.root} does not exist")
-        self.load_size, self.channels = load_size, channels
+        if on_bad_image not in ("skip", "fail"):
+            raise ValueError(f"on_bad_image must be 'skip' or 'fail', got {on_bad_image!r}")
+        self.load_size, self.channels, self.on_bad_image = load_size, channels, on_bad_image
         subdirs = sorted(p for p in self.root.iterdir() if p.is_dir())
-        samples: list[tuple[Path, int]] = []
+        candidates: list[tuple[Path, int]] = []
         if subdirs:
             self.classes = tuple(p.name for p in subdirs)
             for label, folder in enumerate(subdirs):
-                samples += [(p, label) for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
+                candidates += [(p, label) for p in sorted(folder.rglob("*")) if _is_image_name(p)]
         else:
             self.classes = ()
-            samples = [(p, -1) for p in sorted(self.root.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
-        if not samples:
-            raise DatasetNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {self.root}")
-        self.samples = samples
-        self.labels = torch.tensor([label for _, label in samples], dtype=torch.long)
+            candidates = [(p, -1) for p in sorted(self.root.iterdir()) if _is_image_name(p)]
+        reasons = _probe_all([path for path, _ in candidates])
+        self.skipped = [(path, reason) for (path, _), reason in zip(candidates, reasons) if reason]
+        if self.skipped and on_bad_image == "fail":
+            path, reason = self.skipped[0]
+            raise BadImageError(f"{path}: {reason} (data.on_bad_image=fail; {len(self.skipped)} bad files in {self.root})")
+        self.samples = [sample for sample, reason in zip(candidates, reasons) if not reason]
+        if not candidates:
+            raise NoUsableImagesError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {self.root}")
+        if not self.samples:
+            raise NoUsableImagesError(f"no usable images in {self.root}: "
+                                      f"{describe(self.skipped, len(candidates), self.root)}")
+        self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.long)
+        empty = [name for label, name in enumerate(self.classes) if not bool((self.labels == label).any())]
+        notes = [describe(self.skipped, len(candidates), self.root)] if self.skipped else []
+        if empty:
+            notes.append(f"class folders with no usable image: {', '.join(empty[:5])}"
+                         + (f" and {len(empty) - 5} more" if len(empty) > 5 else ""))
+        if notes:
+            warnings.warn("; ".join(notes), BadImageWarning, stacklevel=2)
+        self._undecodable: set[int] = set()  # per worker: files that failed once are not retried
+        self.reported: set[int] = set()      # main process: undecodable files already warned about
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        from PIL import Image
+    def load(self, index: int) -> torch.Tensor:
+        """Image ``index`` decoded and resized to ``load_size``; :class:`BadImageError` if it cannot be."""
         from torchvision.transforms.v2 import functional as TF
 
-        path, label = self.samples[index]
-        with Image.open(path) as image:
-            image = image.convert("L" if self.channels == 1 else "RGB")
-            tensor = TF.pil_to_tensor(image)
+        tensor = decode(self.samples[index][0], self.channels, draft_size=self.load_size)
         tensor = TF.resize(tensor, self.load_size, antialias=True)
-        tensor = TF.center_crop(tensor, [self.load_size, self.load_size])
-        return tensor, label, index
+        return TF.center_crop(tensor, [self.load_size, self.load_size])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        """(image, label, index); an undecodable image is replaced by the next decodable one and
+        its index is returned as ``-(index + 1)`` so the main process can count and report it
+        (raising here would surface as a traceback from a DataLoader worker)."""
+        for offset in range(SUBSTITUTE_TRIES):
+            candidate = (index + offset) % len(self.samples)
+            if candidate in self._undecodable:
+                continue
+            try:
+                image = self.load(candidate)
+            except BadImageError:
+                self._undecodable.add(candidate)
+                continue
+            return image, self.samples[candidate][1], index if offset == 0 else -(index + 1)
+        raise BadImageError(f"{self.samples[index][0]} and the {SUBSTITUTE_TRIES - 1} files after it cannot be "
+                            f"decoded; is {self.root} an image folder?")
 
     def subset(self, indices: torch.Tensor) -> "torch.utils.data.Subset":
         return torch.utils.data.Subset(self, indices.tolist())
+
+
+def _is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
 
 
 # --- one entry point -------------------------------------------------------------------------
@@ -188,7 +250,7 @@ DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "folder")
 
 
 def load_dataset(name: str, split: str, root: str | None = None, download: bool = False,
-                 image_size: int = 32, channels: int = 3) -> Dataset:
+                 image_size: int = 32, channels: int = 3, on_bad_image: str = "skip") -> Dataset:
     """Load ``split`` ('train', 'test', STL-10 also 'unlabeled' / 'train+unlabeled') of a dataset.
 
     For ``folder``, ``root`` holds ``train/`` and optionally ``test/`` (or is itself the
@@ -201,11 +263,11 @@ def load_dataset(name: str, split: str, root: str | None = None, download: bool 
     if name == "folder":
         if root is None:
             raise ValueError("data.root must name the image folder when data.dataset=folder")
-        base = Path(root)
+        base = Path(root).expanduser()
         folder = base / split if (base / split).is_dir() else base
         if split != "train" and folder == base:
             raise DatasetNotFoundError(f"no '{split}' sub-folder in {base}")
-        return ImageFolderDataset(folder, image_size, channels)
+        return ImageFolderDataset(folder, image_size, channels, on_bad_image)
     raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
 
 
@@ -225,65 +287,149 @@ def split_holdout(dataset: Dataset, holdout: int, seed: int) -> tuple[Dataset, D
 
 
 # --- batches ----------------------------------------------------------------------------------
+def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of epoch ``epoch``: a function of (seed, epoch) only, so a resumed run
+    (even one resumed mid-epoch) sees exactly the batches an uninterrupted run sees."""
+    if not shuffle:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
+def _check_sharding(drop_last: bool, num_replicas: int, rank: int) -> None:
+    if num_replicas > 1 and not drop_last:
+        raise ValueError("a loader sharded over processes needs drop_last=True so every rank takes as many steps")
+    if not 0 <= rank < num_replicas:
+        raise ValueError(f"rank {rank} is outside [0, {num_replicas})")
+
+
+def _num_batches(n: int, batch_size: int, drop_last: bool, num_replicas: int) -> int:
+    step = batch_size * num_replicas
+    return n // step if drop_last else -(-n // step)
+
+
 class InMemoryLoader:
     """Batches of an in-memory dataset by indexing: (images uint8, labels, indices).
 
-    The order of epoch ``e`` depends only on (seed, e), so a resumed run sees the same batches.
-    With ``num_replicas`` processes every rank draws the same order, each step takes the next
-    ``batch_size * num_replicas`` samples, and rank ``r`` keeps the r-th contiguous slice: the
-    ranks' batches concatenated are exactly the one-process batch of the global size.
+    The order of epoch ``e`` depends only on (seed, e); ``set_epoch(e, start_batch)`` resumes
+    part-way through an epoch. With ``num_replicas`` processes every rank draws the same order,
+    each step takes the next ``batch_size * num_replicas`` samples, and rank ``r`` keeps the r-th
+    contiguous slice: the ranks' batches concatenated are exactly the one-process batch of the
+    global size.
     """
 
     def __init__(self, dataset: TensorImageDataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0,
                  num_replicas: int = 1, rank: int = 0) -> None:
-        if num_replicas > 1 and not drop_last:
-            raise ValueError("a loader sharded over processes needs drop_last=True so every rank takes as many steps")
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is outside [0, {num_replicas})")
-        self.dataset, self.batch_size, self.shuffle, self.drop_last, self.seed = dataset, batch_size, shuffle, drop_last, seed
-        self.num_replicas, self.rank = num_replicas, rank
-        self.epoch = 0
+        _check_sharding(drop_last, num_replicas, rank)
+        self.dataset, self.batch_size, self.shuffle, self.drop_last = dataset, batch_size, shuffle, drop_last
+        self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
+        self.epoch, self.start_batch = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
-        n, step = len(self.dataset), self.batch_size * self.num_replicas
-        return n // step if self.drop_last else -(-n // step)
+        """Batches in a whole epoch."""
+        return _num_batches(len(self.dataset), self.batch_size, self.drop_last, self.num_replicas)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        n = len(self.dataset)
-        if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
-        else:
-            order = torch.arange(n)
+        order = epoch_order(len(self.dataset), self.shuffle, self.seed, self.epoch)
         step = self.batch_size * self.num_replicas
-        for start in range(self.rank * self.batch_size, len(self) * step, step):
+        for start in range(self.start_batch * step + self.rank * self.batch_size, len(self) * step, step):
             idx = order[start : start + self.batch_size]
             yield self.dataset.images[idx], self.dataset.labels[idx], idx
 
 
-class _EpochDataLoader(DataLoader):
-    """A DataLoader whose ``set_epoch`` reaches its DistributedSampler (a new shuffle each epoch)."""
+class EpochSampler(Sampler[int]):
+    """This rank's indices of an epoch in :func:`epoch_order`, from batch ``start_batch`` on,
+    laid out over ranks as :class:`InMemoryLoader` does."""
 
-    def set_epoch(self, epoch: int) -> None:
-        if isinstance(self.sampler, DistributedSampler):
-            self.sampler.set_epoch(epoch)
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _positions(self) -> torch.Tensor:
+        if self.num_replicas == 1:
+            return torch.arange(self.start_batch * self.batch_size, self.n)
+        step = self.batch_size * self.num_replicas
+        starts = torch.arange(self.start_batch, self.n // step) * step + self.rank * self.batch_size
+        return (starts[:, None] + torch.arange(self.batch_size)).flatten()
+
+    def __len__(self) -> int:
+        return len(self._positions())
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(epoch_order(self.n, self.shuffle, self.seed, self.epoch)[self._positions()].tolist())
+
+
+def _worker_stop_signals(_: int) -> None:
+    """Ctrl-C reaches the whole process group: the main process decides (save, then stop), so
+    workers ignore it. SIGTERM ends a worker with exit code 0: DataLoader uses it to shut workers
+    down, and a clean exit makes the main process see a stopped loader between two steps (where
+    it can still save) instead of an error raised from its SIGCHLD handler in the middle of one."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+
+
+class FolderLoader:
+    """A DataLoader over image files with the in-memory loader's contract: epoch order from
+    (seed, epoch), ``set_epoch(e, start_batch)``, the same sharding over processes, and bad files
+    reported in the main process, once per dataset, as a :class:`BadImageWarning` (or a
+    :class:`BadImageError` with ``on_bad_image=fail``)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0,
+                 workers: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        _check_sharding(drop_last, num_replicas, rank)
+        self.dataset, self.batch_size, self.drop_last, self.num_replicas = dataset, batch_size, drop_last, num_replicas
+        self.folder = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+        self.sampler = EpochSampler(len(dataset), batch_size, shuffle, seed, num_replicas, rank)
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=drop_last,
+                                 num_workers=workers, persistent_workers=workers > 0,
+                                 worker_init_fn=_worker_stop_signals if workers > 0 else None,
+                                 generator=torch.Generator().manual_seed(seed))
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_batch)
+
+    def __len__(self) -> int:
+        """Batches in a whole epoch."""
+        return _num_batches(len(self.dataset), self.batch_size, self.drop_last, self.num_replicas)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        fresh: list[int] = []
+        for images, labels, idx in self.loader:
+            bad = (-idx[idx < 0] - 1).tolist()  # replaced files (ImageFolderDataset.__getitem__)
+            if bad:
+                fresh += [i for i in bad if i not in self.folder.reported]
+                self.folder.reported.update(bad)
+                if fresh and self.folder.on_bad_image == "fail":
+                    raise BadImageError(f"{self._reason(fresh[0])} (data.on_bad_image=fail)")
+                idx = idx.abs() - (idx < 0).long()  # back to the requested indices
+            yield images, labels, idx
+        if fresh:
+            shown = [(self.folder.samples[i][0], self._reason(i).split(": ", 1)[-1]) for i in fresh[:3]]
+            problems = shown + [(self.folder.samples[i][0], "") for i in fresh[3:]]
+            warnings.warn(describe(problems, len(self.folder), self.folder.root, verb="could not decode")
+                          + " (each replaced by the next decodable file)", BadImageWarning, stacklevel=2)
+
+    def _reason(self, index: int) -> str:
+        try:
+            self.folder.load(index)
+        except BadImageError as err:
+            return str(err)
+        return f"{self.folder.samples[index][0]}: failed to decode in a worker"
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0, workers: int = 0,
                 num_replicas: int = 1, rank: int = 0):
-    """An iterable of (images, labels, indices) batches; in-memory data skips DataLoader.
+    """An iterable of (images, labels, indices) batches with ``set_epoch(epoch, start_batch)``;
+    in-memory data skips DataLoader.
 
-    ``batch_size`` is per process; with ``num_replicas > 1`` each rank gets its share of every
-    epoch (image folders through ``DistributedSampler``, reshuffled by ``set_epoch``).
+    ``batch_size`` is per process; with ``num_replicas > 1`` each rank gets its share of every step.
     """
     if isinstance(dataset, TensorImageDataset):
         return InMemoryLoader(dataset, batch_size, shuffle, drop_last, seed, num_replicas, rank)
-    if num_replicas > 1:
-        sampler = DistributedSampler(dataset, num_replicas, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        return _EpochDataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                                num_workers=workers, persistent_workers=workers > 0)
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=workers,
-                      generator=generator, persistent_workers=workers > 0)
+    return FolderLoader(dataset, batch_size, shuffle, drop_last, seed, workers, num_replicas, rank)
