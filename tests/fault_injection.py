@@ -9,7 +9,8 @@ the signal, so what the tests check is what a user's pre-empted or crashed run w
 - ``MOCO_FAULT_SIGNAL_BEFORE_STEP=N`` with ``MOCO_FAULT_SIGNAL=SIGINT|SIGTERM``: send that signal
   to itself when step N+1 is about to run;
 - ``MOCO_FAULT_DISK_FULL_SAVES=2,3``: the 2nd and 3rd checkpoint writes fail with ENOSPC after
-  writing a few bytes.
+  writing a few bytes;
+- ``MOCO_FAULT_ONLY_RANK=R``: under torchrun, only rank R injects its faults.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def _numbers(name: str) -> set[int]:
 
 
 def install() -> None:
+    if os.environ.get("MOCO_FAULT_ONLY_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+        return
     kill_step, signal_step = _numbers("MOCO_FAULT_KILL_BEFORE_STEP"), _numbers("MOCO_FAULT_SIGNAL_BEFORE_STEP")
     kill_save, full_saves = _numbers("MOCO_FAULT_KILL_IN_SAVE"), _numbers("MOCO_FAULT_DISK_FULL_SAVES")
     steps, saves = [0], [0]

@@ -23,7 +23,8 @@ from moco.checkpoint import load_checkpoint
 from moco.config import load_config
 from moco.data.datasets import ImageFolderDataset, InMemoryLoader, TensorImageDataset, make_loader
 from moco.train import knn_eval, pretrain, read_metrics
-from tests.tiny import (EPOCHS, STEPS_PER_EPOCH, assert_identical_runs, env, moco_command, run_moco, tiny_config)
+from tests.tiny import (EPOCHS, FAULT_INJECTION, STEPS_PER_EPOCH, assert_identical_runs, env, moco_command, run_moco,
+                        tiny_config)
 
 
 def _resume(config_path: Path, run: Path, *extra: str) -> None:
@@ -133,6 +134,33 @@ def test_sigterm_to_the_whole_process_group_with_dataloader_workers(tmp_path: Pa
     assert "resumable checkpoint" in stderr and "Traceback" not in stderr
     _resume(config_path, run)
     assert_identical_runs(tmp_path / "reference", run)
+
+
+def test_under_torchrun_a_signal_to_one_rank_stops_all_ranks_after_the_same_step(tiny_reference: tuple[Path, Path],
+                                                                                   tmp_path: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two gloo ranks; only rank 1 gets SIGTERM (during step 7). Both ranks agree to stop after
+    that step, rank 0 saves, both exit 143, and a 2-rank resume ends identical to a 2-rank run."""
+    from tests.test_distributed import start_ranks
+
+    config_path = tiny_reference[0]
+
+    def two_ranks(run: Path, *extra: str) -> list[tuple[int, str]]:
+        procs = start_ranks([str(FAULT_INJECTION), "pretrain", str(config_path), f"train.output_dir={run}", *extra])
+        results = [proc.communicate(timeout=300) for proc in procs]
+        return [(proc.returncode, stderr) for proc, (_, stderr) in zip(procs, results)]
+
+    assert [code for code, _ in two_ranks(tmp_path / "reference")] == [0, 0]
+    monkeypatch.setenv("MOCO_FAULT_ONLY_RANK", "1")
+    monkeypatch.setenv("MOCO_FAULT_SIGNAL_BEFORE_STEP", "6")
+    stopped = two_ranks(tmp_path / "run")
+    assert [code for code, _ in stopped] == [143, 143], stopped[0][1][-2000:] + stopped[1][1][-2000:]
+    assert f"SIGTERM at step 7; resumable checkpoint: {tmp_path / 'run' / 'checkpoint_last.pth'}" in stopped[0][1]
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint_last.pth")
+    assert ckpt["step"] == 7 and len(ckpt["rng_of_ranks"]) == 2
+    monkeypatch.delenv("MOCO_FAULT_SIGNAL_BEFORE_STEP")
+    assert [code for code, _ in two_ranks(tmp_path / "run", "--resume")] == [0, 0]
+    assert_identical_runs(tmp_path / "reference", tmp_path / "run")
 
 
 def test_interrupt_mid_step_saves_that_step_in_process(tiny_reference: tuple[Path, Path], tmp_path: Path,
