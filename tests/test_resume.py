@@ -156,6 +156,7 @@ def test_under_torchrun_a_signal_to_one_rank_stops_all_ranks_after_the_same_step
     stopped = two_ranks(tmp_path / "run")
     assert [code for code, _ in stopped] == [143, 143], stopped[0][1][-2000:] + stopped[1][1][-2000:]
     assert f"SIGTERM at step 7; resumable checkpoint: {tmp_path / 'run' / 'checkpoint_last.pth'}" in stopped[0][1]
+    assert "moco: interrupted" not in stopped[1][1]  # rank 0 reports for the run
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint_last.pth")
     assert ckpt["step"] == 7 and len(ckpt["rng_of_ranks"]) == 2
     monkeypatch.delenv("MOCO_FAULT_SIGNAL_BEFORE_STEP")

@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moco: training stopped: {err}", file=sys.stderr)
         return 1
     except TrainingInterrupted as err:  # SIGINT/SIGTERM: a resumable checkpoint was saved first
-        print(f"moco: interrupted by {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 wrote the checkpoint and reports
+            print(f"moco: interrupted by {err}", file=sys.stderr)
         return err.exit_code
     except RuntimeError as err:
         from moco.distributed import DistributedFailure, ReplicasOutOfSync
