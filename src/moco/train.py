@@ -558,6 +558,20 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: t
     return state
 
 
+def save_training_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                             scaler: torch.amp.GradScaler, config: Config, epoch: int, step: int,
+                             rng_of_ranks: list[dict[str, Any]] | None = None) -> Path:
+    """The epoch-end checkpoint the loop writes, for code outside the loop (tools, tests)."""
+    channels = next(m for m in model.encoder_q.modules() if isinstance(m, nn.Conv2d)).in_channels
+    loop = dict(vars(LoopState(epoch=epoch, step=step)))
+    saver = Checkpointer(run_dir, keep=config.train.keep_checkpoints)
+    path = saver.save(training_state(model, optimizer, scaler, config, run_identity(config, channels), loop,
+                                     rng_of_ranks), epoch_end=True)
+    if path is None:
+        raise OSError(f"could not write {saver.latest}: {saver.error}")
+    return path
+
+
 def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
              identity: dict[str, Any], steps_per_epoch: int, device: torch.device, seed: int) -> LoopState:
     """Load a checkpoint into the model, optimiser, scaler and RNGs; returns the loop's position."""
