@@ -31,7 +31,8 @@ def test_pretrain_cli_writes_the_run_directory_and_resumes(tmp_path: Path) -> No
         assert (run / name).is_file(), name
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     summary = json.loads((run / "summary.json").read_text())
-    assert 10.0 < summary["test_knn_top1"] <= 100.0
+    assert 10.0 < summary["test_knn_top1"] <= 100.0 and 10.0 < summary["test_knn_top1_whitened"] <= 100.0
+    assert "on PCA-whitened features" in result.stdout
     ckpt = load_checkpoint(run / "checkpoint_last.pth")
     assert ckpt["epoch"] == 1 and ckpt["step"] == 800 // 64
     queue = ckpt["model"]["queue"]

@@ -28,7 +28,8 @@ def test_report_runs_every_evaluation_and_baseline(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["provenance"]["train_images"] == 600 and report["provenance"]["checkpoint_kind"] == "moco"
     assert {(r["features"], r["k"]) for r in report["knn"]} == {
-        (f, k) for f in ("MoCo", "random init", "raw pixels") for k in (5, 20)}
+        (f, k) for f in ("MoCo", "MoCo (PCA-whitened)", "random init", "random init (PCA-whitened)", "raw pixels")
+        for k in (5, 20)}
     assert {(r["features"], r["mode"], r["epochs"]) for r in report["lincls"]} == {
         ("MoCo", "cached", 2), ("MoCo", "augmented", 1), ("random init", "cached", 2)}
     assert {(r["init"], r["fraction"]) for r in report["finetune"]} == {
@@ -39,7 +40,7 @@ def test_report_runs_every_evaluation_and_baseline(tmp_path: Path) -> None:
     assert next(r for r in report["knn"] if r["features"] == "raw pixels" and r["k"] == 20)["top1"] > 60.0
     markdown = (tmp_path / "report.md").read_text()
     assert "| representation | kNN (k=20) | linear (cached, 2 ep) | linear (augmented, 1 ep) | fine-tune 10% labels |" in markdown
-    for label in ("| MoCo |", "| random init |", "| raw pixels |", "| supervised from scratch |"):
+    for label in ("| MoCo |", "| MoCo (PCA-whitened) |", "| random init |", "| raw pixels |", "| supervised from scratch |"):
         assert label in markdown
     assert markdown in result.stdout
 
@@ -50,6 +51,10 @@ def test_knn_lincls_finetune_commands_write_their_files(tmp_path: Path, capsys: 
     assert main(["knn", str(path), *SMALL, "--k", "1", "10", "--chunk-size", "64"]) == 0
     knn = json.loads((tmp_path / "knn.json").read_text())
     assert [r["k"] for r in knn["rows"]] == [1, 10]
+    assert main(["knn", str(path), *SMALL, "--k", "10", "--whiten"]) == 0
+    rows = json.loads((tmp_path / "knn.json").read_text())["rows"]
+    assert [(r["features"], r["k"]) for r in rows] == [("MoCo", 10), ("MoCo (PCA-whitened)", 10)]
+    assert rows[0]["top1"] == next(r for r in knn["rows"] if r["k"] == 10)["top1"]  # the standard row is unchanged
     assert main(["lincls", str(path), *SMALL, "--mode", "both", "--epochs", "5", "--lr", "1.0", "0.1"]) == 0
     lincls = json.loads((tmp_path / "lincls.json").read_text())
     assert [r["mode"] for r in lincls["rows"]] == ["cached", "augmented"]

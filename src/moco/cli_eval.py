@@ -55,8 +55,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batch-size", type=_positive(int), default=512, help="batch for feature extraction")
 
 
-def _add_knn(p: argparse.ArgumentParser) -> None:
+def _add_knn(p: argparse.ArgumentParser, whiten: bool = False) -> None:
     d = KnnOptions()
+    p.add_argument("--whiten", action=argparse.BooleanOptionalAction, default=whiten,
+                   help="also report kNN on PCA-whitened features, fitted on the training features "
+                        f"(extra rows beside the standard protocol; default: {'on' if whiten else 'off'})")
     p.add_argument("--k", type=_positive(int), nargs="+", default=list(KS), help="neighbour counts, all from one search")
     p.add_argument("--temperature", type=_positive(float), default=d.temperature)
     p.add_argument("--chunk-size", type=_positive(int), default=d.chunk_size, help="test features per similarity block")
@@ -112,7 +115,7 @@ def _finetune_options(args: argparse.Namespace, prefix: str = "") -> FinetuneOpt
 
 def _knn_options(args: argparse.Namespace) -> KnnOptions:
     return KnnOptions(ks=tuple(dict.fromkeys(args.k)), temperature=args.temperature, chunk_size=args.chunk_size,
-                      backend=args.backend)
+                      backend=args.backend, whiten=args.whiten)
 
 
 def _context(args: argparse.Namespace):
@@ -221,7 +224,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("report", help="kNN, linear probe and fine-tuning with baselines, in one table")
     _add_common(p)
-    _add_knn(p)
+    _add_knn(p, whiten=True)
     # Small encoders' features often need far less than the paper's 30: let a training holdout choose.
     _add_lincls(p, "lincls-", lrs=(30.0, 3.0, 0.3))
     p.add_argument("--lincls-augmented-epochs", type=int, default=0,

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moco import distributed as dist_utils
@@ -24,7 +25,7 @@ from moco.contrast import build_contrast
 from moco.config import Config, ConfigError, save_config
 from moco.data.augment import AugmentSpec, BatchAugment, EvalTransform, preset
 from moco.data.datasets import NoUsableImagesError, labels_of, load_dataset, make_loader, split_holdout
-from moco.evaluate.knn import extract_features, knn_accuracy
+from moco.evaluate.knn import PCAWhitening, extract_features, knn_accuracy
 from moco.models.resnet import resnet
 from moco.reliability import (Checkpointer, NonFiniteGuard, StopSignals, TrainingInterrupted, check_paths, check_resume,
                               make_deterministic)
@@ -290,8 +291,10 @@ def _views(batch: torch.Tensor, augment: BatchAugment, device: torch.device,
 
 
 def knn_eval(model: MoCo, bank: Any, queries: Any, data: Data, config: Config, device: torch.device,
-             memory_format: torch.memory_format) -> float:
-    """Weighted kNN top-1 (%) of ``queries`` against ``bank`` with the query encoder's backbone.
+             memory_format: torch.memory_format, whitened: bool = False) -> float | tuple[float, float]:
+    """Weighted kNN top-1 (%) of ``queries`` against ``bank`` with the query encoder's backbone;
+    with ``whitened`` also the same kNN on PCA-whitened features (fitted on the bank, see
+    ``PCAWhitening``), as a pair (standard, whitened).
 
     Under several processes every rank encodes its shard of both sets with rank 0's BN
     statistics, the bank features are gathered, and the shards' accuracies are averaged.
@@ -303,14 +306,24 @@ def knn_eval(model: MoCo, bank: Any, queries: Any, data: Data, config: Config, d
 
     def feats(ds: Any) -> tuple[torch.Tensor, torch.Tensor]:
         loader = make_loader(dist_utils.shard(ds), batch, shuffle=False, drop_last=False, workers=config.data.workers)
-        return extract_features(model.encoder_q, loader, preprocess, device, memory_format=memory_format)
+        return extract_features(model.encoder_q, loader, preprocess, device, memory_format=memory_format,
+                                normalize=False)
 
     with preserved_rng():
         bank_f, bank_y = feats(bank)
         bank_f, bank_y = dist_utils.gather_uneven(bank_f), dist_utils.gather_uneven(bank_y)
         query_f, query_y = feats(queries)
-    accuracy = knn_accuracy(bank_f, bank_y, query_f, query_y, config.train.knn_k, config.train.knn_t, data.num_classes)
-    return dist_utils.weighted_mean_over_ranks(accuracy, len(query_y))
+
+    def accuracy(bank_features: torch.Tensor, query_features: torch.Tensor) -> float:
+        top1 = knn_accuracy(F.normalize(bank_features, dim=1), bank_y, F.normalize(query_features, dim=1), query_y,
+                            config.train.knn_k, config.train.knn_t, data.num_classes)
+        return dist_utils.weighted_mean_over_ranks(top1, len(query_y))
+
+    standard = accuracy(bank_f, query_f)
+    if not whitened:
+        return standard
+    whiten = PCAWhitening(bank_f)
+    return standard, accuracy(whiten(bank_f), whiten(query_f))
 
 
 @dataclass
@@ -481,11 +494,14 @@ def _pretrain(config: Config, resume: str | None) -> RunResult:
                 if stop.agreed():
                     raise TrainingInterrupted(stop.received, saved, state.step)
 
-            test_knn = None
+            test_knn = test_knn_whitened = None
             if t.test_knn and data.test is not None and data.full_train is not None:
-                test_knn = knn_eval(model, data.full_train, data.test, data, config, device, memory_format)
-                log.write({"kind": "test", "step": state.step, "epoch": config.optim.epochs, "test_knn_top1": test_knn})
-                _print(f"test kNN top-1 (k={t.knn_k}, T={t.knn_t}): {test_knn:.2f}%")
+                test_knn, test_knn_whitened = knn_eval(model, data.full_train, data.test, data, config, device,
+                                                       memory_format, whitened=True)
+                log.write({"kind": "test", "step": state.step, "epoch": config.optim.epochs, "test_knn_top1": test_knn,
+                           "test_knn_top1_whitened": test_knn_whitened})
+                _print(f"test kNN top-1 (k={t.knn_k}, T={t.knn_t}): {test_knn:.2f}% "
+                       f"(on PCA-whitened features: {test_knn_whitened:.2f}%)")
             if stop.agreed():  # during the final kNN: the checkpoint is complete, a resume redoes the kNN
                 raise TrainingInterrupted(stop.received, checkpointer.last_good, state.step)
     except TrainingInterrupted as err:
@@ -503,7 +519,7 @@ def _pretrain(config: Config, resume: str | None) -> RunResult:
 
         plot_run(run_dir)
         summary = {"final_loss": state.last_loss, "val_knn_top1": val_knn, "test_knn_top1": test_knn,
-                   "seconds": seconds, "training_seconds": elapsed(), "skipped_steps": guard.skipped,
+                   "test_knn_top1_whitened": test_knn_whitened, "seconds": seconds, "training_seconds": elapsed(), "skipped_steps": guard.skipped,
                    "precision": precision, "device": str(device), "processes": dist_utils.world_size()}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return result

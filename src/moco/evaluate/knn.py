@@ -47,6 +47,34 @@ def extract_features(
     return torch.cat(feats), torch.cat(labels)
 
 
+class PCAWhitening:
+    """Centre, rotate onto the principal axes and scale every axis to unit variance.
+
+    Fitted on the bank's features only (no labels), then applied to bank and queries alike; PCA
+    whitening before cosine search is standard practice in image retrieval (Jegou & Chum, ECCV
+    2012). Why it matters for kNN monitors: contrastive backbone features (post-ReLU, average
+    pooled) put most of their variance in a few directions, so all cosine similarities sit close
+    to 1 and the T = 0.1 weights of the 200 neighbours are nearly equal. Whitening spreads the
+    similarities, and the vote becomes dominated by the truly near neighbours. It is reported
+    *beside* the standard protocol, never instead of it. Directions whose variance is below ``eps``
+    times the largest are dropped, not amplified: a rank-deficient bank (fewer samples than
+    dimensions) has nothing to compare there, and scaling them up would turn noise into distance.
+    """
+
+    def __init__(self, bank: torch.Tensor, eps: float = 1e-6) -> None:
+        bank = bank.double()
+        self.mean = bank.mean(0, keepdim=True)
+        centred = bank - self.mean
+        covariance = centred.T @ centred / max(1, bank.shape[0] - 1)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        keep = eigenvalues > eps * eigenvalues.max().clamp(min=torch.finfo(torch.float64).tiny)
+        self.projection = eigenvectors[:, keep] / eigenvalues[keep].sqrt()
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        return ((features.double() - self.mean.to(features.device)) @ self.projection.to(features.device)).to(
+            features.dtype)
+
+
 def faiss_available() -> bool:
     try:
         import faiss  # noqa: F401

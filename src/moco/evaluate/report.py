@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from moco.evaluate.common import (EvalContext, FeatureSet, describe, extract_feature_set, markdown_table,
                                   pixel_feature_set, write_results)
 from moco.evaluate.finetune import FRACTIONS, FinetuneOptions, finetune_table, run_finetune
-from moco.evaluate.knn import knn_accuracies
+from moco.evaluate.knn import PCAWhitening, knn_accuracies
 from moco.evaluate.linear import LinclsOptions, lincls_table, run_lincls
 
 KS = (10, 20, 100, 200)
@@ -34,15 +34,31 @@ class KnnOptions:
     temperature: float = 0.1
     chunk_size: int = 1024
     backend: str = "auto"      # auto (faiss when importable) | torch | faiss
+    whiten: bool = False       # also report kNN on PCA-whitened features (extra rows, see PCAWhitening)
+
+
+WHITENED = " (PCA-whitened)"
 
 
 def knn_rows(features: FeatureSet, label: str, options: KnnOptions, num_classes: int) -> list[dict[str, Any]]:
-    """kNN accuracy for each k on L2-normalised ``features``."""
+    """kNN accuracy for each k on L2-normalised ``features`` (the standard protocol); with
+    ``options.whiten`` also on PCA-whitened ones, as rows labelled ``label + WHITENED``."""
+    rows = _knn_rows(features.train, features.test, features, label, options, num_classes)
+    if options.whiten:
+        tic = time.perf_counter()
+        whiten = PCAWhitening(features.train)
+        rows += _knn_rows(whiten(features.train), whiten(features.test), features, label + WHITENED, options,
+                          num_classes, time.perf_counter() - tic)
+    return rows
+
+
+def _knn_rows(train: torch.Tensor, test: torch.Tensor, features: FeatureSet, label: str, options: KnnOptions,
+              num_classes: int, extra_seconds: float = 0.0) -> list[dict[str, Any]]:
     tic = time.perf_counter()
-    train, test = F.normalize(features.train, dim=1), F.normalize(features.test, dim=1)
+    train, test = F.normalize(train, dim=1), F.normalize(test, dim=1)
     accs = knn_accuracies(train, features.train_labels, test, features.test_labels, options.ks, options.temperature,
                           num_classes, options.chunk_size, options.backend)
-    seconds = time.perf_counter() - tic + features.seconds
+    seconds = time.perf_counter() - tic + features.seconds + extra_seconds
     return [{"features": label, "k": k, "temperature": options.temperature, **acc, "seconds": seconds}
             for k, acc in accs.items()]
 
@@ -54,7 +70,7 @@ def knn_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]
 
 @dataclass(frozen=True)
 class ReportOptions:
-    knn: KnnOptions = field(default_factory=KnnOptions)
+    knn: KnnOptions = field(default_factory=lambda: KnnOptions(whiten=True))
     lincls: LinclsOptions = field(default_factory=LinclsOptions)
     lincls_lrs: tuple[float, ...] = (30.0, 3.0, 0.3)  # several: chosen on a training holdout (select_lr)
     augmented_epochs: int = 0  # > 0: also the paper's augmented probe, this many epochs (milestones scaled)
@@ -81,7 +97,7 @@ def run_report(ctx: EvalContext, options: ReportOptions) -> dict[str, Any]:
     random_feats = extract_feature_set(random_backbone, ctx)
     n = ctx.data.num_classes
     knn = (knn_rows(moco_feats, "MoCo", options.knn, n) + knn_rows(random_feats, "random init", options.knn, n)
-           + knn_rows(pixel_feature_set(ctx), "raw pixels", options.knn, n))
+           + knn_rows(pixel_feature_set(ctx), "raw pixels", replace(options.knn, whiten=False), n))
     lrs = options.lincls_lrs
     lincls = run_lincls(ctx, moco_backbone, ("cached",), options.lincls, moco_feats, "MoCo", lrs)
     if options.augmented_epochs:  # at the lr chosen for the cached probe
@@ -113,7 +129,10 @@ def summary_table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
         return found[0] if found else None
 
     body = []
-    for label, init in (("MoCo", "moco"), ("random init", "random"), ("raw pixels", None), ("supervised from scratch", "scratch")):
+    labels = [("MoCo", "moco"), ("random init", "random"), ("raw pixels", None), ("supervised from scratch", "scratch")]
+    if any(r["features"].endswith(WHITENED) for r in results["knn"]):
+        labels.insert(1, ("MoCo" + WHITENED, None))
+    for label, init in labels:
         row: list[Any] = [label, pick(results["knn"], features=label, k=knn_k)]
         row += [pick(results["lincls"], features=label, mode=m) for m in modes]
         row += [pick(results["finetune"], init=init, fraction=f) if init else None for f in fractions]
