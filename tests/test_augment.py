@@ -72,3 +72,58 @@ def test_eval_transform_normalises_without_randomness() -> None:
     t = EvalTransform(28, (0.5,), (0.5,))
     torch.testing.assert_close(t(images), t(images))
     torch.testing.assert_close(t(images), images.float() / 255 * 2 - 1)
+
+
+def test_rotation_turns_views_within_the_requested_angle() -> None:
+    from moco.data.augment import random_resized_crop_flip
+
+    full = dict(size=33, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0)
+    yy, xx = torch.meshgrid(torch.arange(33.0) - 16, torch.arange(33.0) - 16, indexing="ij")
+    # A centred disc does not change under any rotation.
+    disc = ((yy**2 + xx**2) < 100).float().expand(64, 1, 33, 33)
+    turned = random_resized_crop_flip(disc, AugmentSpec(rotation=180.0, **full))
+    assert (turned - disc).abs().mean() < 0.02
+    # A horizontal bar 25 pixels long: after a turn of at most 10 degrees its rows span at most
+    # 25 * sin(10 deg) ~ 4.3 pixels (+ the bar's width and interpolation); after up to 90, far more.
+    bar = torch.zeros(256, 1, 33, 33)
+    bar[:, :, 16, 4:29] = 1
+
+    def row_span(views: torch.Tensor) -> torch.Tensor:
+        rows = (views[:, 0] > 0.1).any(2).float()
+        idx = torch.arange(33.0)
+        return torch.where(rows > 0, idx, -1.0).amax(1) - torch.where(rows > 0, idx, 99.0).amin(1) + 1
+
+    small = row_span(random_resized_crop_flip(bar, AugmentSpec(rotation=10.0, **full)))
+    large = row_span(random_resized_crop_flip(bar, AugmentSpec(rotation=90.0, **full)))
+    assert small.max() <= 7 and small.float().mean() > 1.5  # turned, but never by more than 10 degrees
+    assert large.float().mean() > 10
+    assert torch.equal(row_span(random_resized_crop_flip(bar, AugmentSpec(**full))), torch.ones(256))
+
+
+def test_erasing_blanks_one_rectangle_of_the_requested_area() -> None:
+    from moco.data.augment import random_erasing
+
+    x = torch.ones(512, 1, 20, 20)
+    out = random_erasing(x, AugmentSpec(size=20, erase_p=1.0, erase_scale=(0.1, 0.1), erase_ratio=(1.0, 1.0)))
+    erased = (out == 0).float().flatten(1).mean(1)
+    assert (erased > 0).all()  # every view lost a rectangle
+    assert abs(erased.mean().item() - 0.1) < 0.03  # of about the requested area (pixel rounding)
+    # the blank region is one axis-aligned rectangle: its rows and columns form a full block
+    for view in out[:16, 0] == 0:
+        rows, cols = view.any(1).nonzero().flatten(), view.any(0).nonzero().flatten()
+        assert view[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+        assert view.sum() == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    half = random_erasing(x, AugmentSpec(size=20, erase_p=0.5))
+    assert 0.35 < (half == 0).flatten(1).any(1).float().mean() < 0.65
+    assert torch.equal(random_erasing(x, AugmentSpec(erase_p=0.0)), x)
+
+
+def test_crop_area_above_one_zooms_out() -> None:
+    # A bright square filling the image: a window of twice the area shows it at half the area,
+    # the rest of the view being the image's border (the padding mode) around it.
+    x = torch.zeros(64, 1, 32, 32)
+    x[:, :, 1:31, 1:31] = 1
+    spec = AugmentSpec(size=32, crop_scale=(2.0, 2.0), crop_ratio=(1.0, 1.0), flip_p=0.0)
+    out = random_resized_crop_flip(x, spec)
+    bright = (out > 0.5).float().flatten(1).mean(1)
+    torch.testing.assert_close(bright, torch.full_like(bright, (30 / 32) ** 2 / 2), atol=0.04, rtol=0)  # pixel rounding

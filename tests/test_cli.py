@@ -32,7 +32,10 @@ def test_pretrain_cli_writes_the_run_directory_and_resumes(tmp_path: Path) -> No
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     summary = json.loads((run / "summary.json").read_text())
     assert 10.0 < summary["test_knn_top1"] <= 100.0 and 10.0 < summary["test_knn_top1_whitened"] <= 100.0
-    assert "on PCA-whitened features" in result.stdout
+    feature = summary["knn_feature"]
+    assert summary["test_knn_top1"] == summary[f"test_knn_top1_{feature}"]
+    assert 10.0 < summary["test_knn_top1_backbone"] <= 100.0 and 10.0 < summary["test_knn_top1_encoder"] <= 100.0
+    assert "on PCA-whitened backbone features" in result.stdout and "on the encoder output" in result.stdout
     ckpt = load_checkpoint(run / "checkpoint_last.pth")
     assert ckpt["epoch"] == 1 and ckpt["step"] == 800 // 64
     queue = ckpt["model"]["queue"]

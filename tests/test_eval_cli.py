@@ -28,7 +28,8 @@ def test_report_runs_every_evaluation_and_baseline(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["provenance"]["train_images"] == 600 and report["provenance"]["checkpoint_kind"] == "moco"
     assert {(r["features"], r["k"]) for r in report["knn"]} == {
-        (f, k) for f in ("MoCo", "MoCo (PCA-whitened)", "random init", "random init (PCA-whitened)", "raw pixels")
+        (f, k) for f in ("MoCo", "MoCo (PCA-whitened)", "MoCo (encoder output)", "random init",
+                         "random init (PCA-whitened)", "raw pixels")
         for k in (5, 20)}
     assert {(r["features"], r["mode"], r["epochs"]) for r in report["lincls"]} == {
         ("MoCo", "cached", 2), ("MoCo", "augmented", 1), ("random init", "cached", 2)}
@@ -40,7 +41,7 @@ def test_report_runs_every_evaluation_and_baseline(tmp_path: Path) -> None:
     assert next(r for r in report["knn"] if r["features"] == "raw pixels" and r["k"] == 20)["top1"] > 60.0
     markdown = (tmp_path / "report.md").read_text()
     assert "| representation | kNN (k=20) | linear (cached, 2 ep) | linear (augmented, 1 ep) | fine-tune 10% labels |" in markdown
-    for label in ("| MoCo |", "| MoCo (PCA-whitened) |", "| random init |", "| raw pixels |", "| supervised from scratch |"):
+    for label in ("| MoCo |", "| MoCo (PCA-whitened) |", "| MoCo (encoder output) |", "| random init |", "| raw pixels |", "| supervised from scratch |"):
         assert label in markdown
     assert markdown in result.stdout
 
@@ -50,8 +51,10 @@ def test_knn_lincls_finetune_commands_write_their_files(tmp_path: Path, capsys: 
     path, _ = save_tiny_moco_checkpoint(tmp_path, ddp_prefix=True)
     assert main(["knn", str(path), *SMALL, "--k", "1", "10", "--chunk-size", "64"]) == 0
     knn = json.loads((tmp_path / "knn.json").read_text())
-    assert [r["k"] for r in knn["rows"]] == [1, 10]
-    assert main(["knn", str(path), *SMALL, "--k", "10", "--whiten"]) == 0
+    assert [(r["features"], r["k"]) for r in knn["rows"]] == [
+        ("MoCo", 1), ("MoCo", 10), ("MoCo (encoder output)", 1), ("MoCo (encoder output)", 10)]
+    assert knn["options"]["feature"] == "both"  # the checkpoint has a head
+    assert main(["knn", str(path), *SMALL, "--k", "10", "--whiten", "--feature", "backbone"]) == 0
     rows = json.loads((tmp_path / "knn.json").read_text())["rows"]
     assert [(r["features"], r["k"]) for r in rows] == [("MoCo", 10), ("MoCo (PCA-whitened)", 10)]
     assert rows[0]["top1"] == next(r for r in knn["rows"] if r["k"] == 10)["top1"]  # the standard row is unchanged
@@ -85,6 +88,14 @@ def test_reference_checkpoint_is_evaluated_without_key_editing(tmp_path: Path, c
     ctx = make_context(tmp_path / "ref.pth.tar", SMALL)
     feats = [extract_features(model.encoder_q, ctx.loader(ds), ctx.preprocess) for ds in (ctx.data.full_train, ctx.data.test)]
     expected = knn_accuracies(*feats[0], *feats[1], ks=(20,), num_classes=10)[20]["top1"]
+    assert knn["rows"][0]["top1"] == pytest.approx(expected, abs=1e-6)
+    # --feature encoder: kNN on the query encoder's own output, MLP head included.
+    assert main(["knn", str(tmp_path / "ref.pth.tar"), *SMALL, "--k", "20", "--feature", "encoder"]) == 0
+    knn = json.loads((tmp_path / "knn.json").read_text())
+    feats = [extract_features(model.encoder_q, ctx.loader(ds), ctx.preprocess, head=True)
+             for ds in (ctx.data.full_train, ctx.data.test)]
+    expected = knn_accuracies(*feats[0], *feats[1], ks=(20,), num_classes=10)[20]["top1"]
+    assert [r["features"] for r in knn["rows"]] == ["MoCo (encoder output)"]
     assert knn["rows"][0]["top1"] == pytest.approx(expected, abs=1e-6)
     # An RGB encoder on gray images is named as such, not a shape error deep inside a convolution.
     save_reference_checkpoint(tmp_path / "rgb.pth.tar", "resnet18", mlp=False, small_images=True, widths=(4, 8, 8, 8))

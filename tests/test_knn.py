@@ -5,8 +5,12 @@ import torch.nn.functional as F
 
 import pytest
 
-from moco.evaluate.knn import (PCAWhitening, faiss_available, knn_accuracies, knn_accuracy, knn_predict, knn_predict_many,
-                               topk_accuracy)
+from torch import nn
+
+from moco.evaluate.knn import (PCAWhitening, faiss_available, head_outputs, knn_accuracies, knn_accuracy, knn_predict,
+                               knn_predict_many, topk_accuracy)
+from moco.models.heads import add_mlp_head
+from moco.models.resnet import backbone_features, resnet
 
 
 def test_one_hot_features_give_perfect_accuracy_with_k1() -> None:
@@ -107,3 +111,53 @@ def test_rank_deficient_bank_drops_the_empty_directions() -> None:
     assert whiten.projection.shape == (20, 4)
     out = whiten(torch.randn(7, 20, generator=g))
     assert out.shape == (7, 4) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("mlp", [False, True])
+def test_head_outputs_of_backbone_features_equal_the_encoders_own_output(mlp: bool) -> None:
+    torch.manual_seed(0)
+    encoder = resnet("resnet18", num_classes=16, widths=(4, 8, 8, 8), in_channels=1, small_images=True)
+    if mlp:
+        add_mlp_head(encoder)
+    encoder.train()  # head_outputs must evaluate the head in eval mode and restore the mode
+    x = torch.randn(6, 1, 12, 12)
+    with torch.no_grad():
+        encoder.eval()
+        expected, features = encoder(x), backbone_features(encoder, x)
+        encoder.train()
+    torch.testing.assert_close(head_outputs(encoder, features, batch=4), expected)
+    assert encoder.training and encoder.fc.training
+
+
+def test_head_outputs_of_an_encoder_without_head_are_its_features() -> None:
+    features = torch.randn(5, 3)
+    assert head_outputs(nn.Flatten(), features) is features
+
+
+def test_monitor_scores_each_feature_with_its_own_knn(tiny_reference) -> None:
+    """knn_eval's backbone / encoder figures equal kNN on features extracted each way on their own."""
+    from moco.config import load_config
+    from moco.data.augment import EvalTransform
+    from moco.data.datasets import make_loader
+    from moco.evaluate.knn import extract_features
+    from moco.train import build_data, build_model, knn_eval
+
+    config = load_config(tiny_reference[0], ["train.knn_k=5"])
+    data = build_data(config)
+    torch.manual_seed(3)
+    model = build_model(config, data.channels)
+    scores = knn_eval(model, data.monitor_bank, data.val, data, config, torch.device("cpu"), torch.contiguous_format,
+                      whitened=True)
+    preprocess = EvalTransform(config.data.image_size, data.mean, data.std)
+
+    def manual(head: bool) -> float:
+        bank, bank_y = extract_features(model.encoder_q, make_loader(data.monitor_bank, 64, shuffle=False,
+                                                                     drop_last=False), preprocess, head=head)
+        query, query_y = extract_features(model.encoder_q, make_loader(data.val, 64, shuffle=False, drop_last=False),
+                                          preprocess, head=head)
+        return knn_accuracy(bank, bank_y, query, query_y, 5, config.train.knn_t, data.num_classes)
+
+    assert scores.backbone == pytest.approx(manual(head=False), abs=1e-6)
+    assert scores.encoder == pytest.approx(manual(head=True), abs=1e-6)
+    assert scores.of("backbone") == scores.backbone and scores.of("encoder") == scores.encoder
+    assert scores.whitened is not None and 0 <= scores.whitened <= 100

@@ -15,6 +15,10 @@ SHORT_RUN = [
     "model.widths=[8,16,32,64]", "model.K=1024", "model.T=0.1", "optim.batch_size=128",
     "optim.epochs=4", "data.train_subset=6000", "data.val_size=500", "data.test_subset=1000",
     "train.knn_every=0", "train.progress=false", "train.tensorboard=false", "train.channels_last=false",
+    # The demo's garment augmentation (zoom, rotation, erasing) pays off over tens of epochs; in a
+    # 4-epoch run on 6,000 images it keeps the pretext task too hard to move, so this run uses
+    # plain v2 crops and jitter to test that the loop learns at all.
+    "aug.crop_scale=[0.85,1.0]", "aug.rotation=0", "aug.erase_p=0", "aug.brightness=0.4", "aug.contrast=0.4",
 ]
 
 
@@ -26,7 +30,7 @@ def test_short_pretraining_lowers_loss_and_beats_random_init_knn(tmp_path: Path)
     data = build_data(config)
     untrained = build_model(config, data.channels)
     random_init_knn = knn_eval(untrained, data.full_train, data.test, data, config, torch.device("cpu"),
-                               torch.contiguous_format)
+                               torch.contiguous_format).of(config.train.knn_feature)
 
     result = pretrain(config)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -156,12 +156,27 @@ def _lincls(args: argparse.Namespace) -> int:
 
 def _knn(args: argparse.Namespace) -> int:
     from moco.evaluate.common import describe, extract_feature_set, markdown_table
-    from moco.evaluate.report import knn_rows, knn_table
+    from dataclasses import replace
+
+    from moco.evaluate.report import ENCODER_OUTPUT, encoder_output_set, knn_rows, knn_table
 
     ctx = _context(args)
     options = _knn_options(args)
-    rows = knn_rows(extract_feature_set(ctx.pretrained.backbone(), ctx), "MoCo", options, ctx.data.num_classes)
-    results = {"provenance": describe(ctx), "options": {**vars(options), "ks": list(options.ks)}, "rows": rows}
+    has_head = ctx.pretrained.spec.head != "none"
+    feature = args.feature or ("both" if has_head else "backbone")
+    if feature != "backbone" and not has_head:
+        print(f"moco: error: --feature {feature}: {args.checkpoint} holds no projection head, so there is no "
+              "encoder output to evaluate; use --feature backbone", file=sys.stderr)
+        return 2
+    features = extract_feature_set(ctx.pretrained.backbone(), ctx)
+    n, rows = ctx.data.num_classes, []
+    if feature in ("backbone", "both"):
+        rows += knn_rows(features, "MoCo", options, n)
+    if feature in ("encoder", "both"):
+        rows += knn_rows(encoder_output_set(ctx.pretrained.encoder(), features), "MoCo" + ENCODER_OUTPUT,
+                         replace(options, whiten=False), n)
+    results = {"provenance": describe(ctx), "options": {**vars(options), "ks": list(options.ks),
+                                                        "feature": feature}, "rows": rows}
     return _finish(ctx, "knn", results, markdown_table(*knn_table(rows)))
 
 
@@ -209,9 +224,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_lincls)
 
-    p = sub.add_parser("knn", help="weighted kNN on the frozen backbone for several k")
+    p = sub.add_parser("knn", help="weighted kNN on the frozen encoder for several k")
     _add_common(p)
     _add_knn(p)
+    p.add_argument("--feature", choices=("backbone", "encoder", "both"),
+                   help="backbone: pooled features before the head (what export keeps); encoder: the encoder's "
+                        "output, head included (the reference CIFAR-10 demo's kNN monitor); "
+                        "default: both when the checkpoint has a head, else backbone")
     p.set_defaults(func=_knn)
 
     p = sub.add_parser("finetune", help="fine-tune the whole network on 1/10/100%% of the labels, with baselines")

@@ -65,8 +65,9 @@ class DataConfig:
 @dataclass
 class AugConfig:
     preset: str = "v2"                 # v1 | v2 | none; the fields below override the preset
-    crop_scale: Optional[list[float]] = None
+    crop_scale: Optional[list[float]] = None   # [low, high] fractions of the image area; above 1 zooms out
     flip_p: Optional[float] = None
+    rotation: Optional[float] = None   # degrees, +- (0 in the presets)
     jitter_p: Optional[float] = None
     brightness: Optional[float] = None
     contrast: Optional[float] = None
@@ -76,6 +77,9 @@ class AugConfig:
     blur_p: Optional[float] = None
     blur_sigma: Optional[list[float]] = None
     solarize_p: Optional[float] = None
+    erase_p: Optional[float] = None    # random erasing of one rectangle per view (0 in the presets)
+    erase_scale: Optional[list[float]] = None
+    erase_ratio: Optional[list[float]] = None
 
 
 @dataclass
@@ -108,6 +112,8 @@ class TrainConfig:
     knn_k: int = 200
     knn_t: float = 0.1
     knn_bank_size: int = 0             # training images in the monitor's feature bank; 0 = all
+    knn_feature: str = "backbone"      # backbone (pooled, before the head; what export keeps) | encoder (output, head
+                                       # included: the reference CIFAR demo's monitor). The test line reports both.
     test_knn: bool = True              # final kNN on the test split
     keep_checkpoints: int = 1          # epoch checkpoints kept besides checkpoint_last.pth
     # Several processes (torchrun; docs/distributed.md):
@@ -142,6 +148,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "data.on_bad_image": ("skip", "fail"),
     "train.on_nonfinite": ("stop", "skip"),
+    "train.knn_feature": ("backbone", "encoder"),
 }
 
 
@@ -286,8 +293,31 @@ def validate(config: Config) -> None:
             f"model.K: queue size {m.K} must be a multiple of the keys enqueued per step "
             f"({keys_per_step} = optim.batch_size{' x 2 (symmetric)' if m.symmetric else ''})"
         )
+    _validate_augmentation(config.aug)
     if o.batch_size % m.bn_splits:
         raise ConfigError(f"model.bn_splits: {m.bn_splits} must divide optim.batch_size={o.batch_size}")
+
+
+def _validate_augmentation(aug: AugConfig) -> None:
+    """Probabilities in [0, 1], strengths >= 0, (low, high) ranges in order; unset fields keep the preset's."""
+    for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "erase_p"):
+        value = getattr(aug, name)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"aug.{name}: a probability must lie in [0, 1], got {value}")
+    for name in ("brightness", "contrast", "saturation", "hue", "rotation"):
+        value = getattr(aug, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"aug.{name}: must be >= 0, got {value}")
+    if aug.hue is not None and aug.hue > 0.5:
+        raise ConfigError(f"aug.hue: must lie in [0, 0.5], got {aug.hue}")
+    ranges = {"crop_scale": (0.0, 4.0), "blur_sigma": (0.0, float("inf")), "erase_scale": (0.0, 1.0),
+              "erase_ratio": (0.0, float("inf"))}
+    for name, (low, high) in ranges.items():
+        value = getattr(aug, name)
+        if value is None:
+            continue
+        if len(value) != 2 or not low < value[0] <= value[1] <= high:
+            raise ConfigError(f"aug.{name}: expected [low, high] with {low:g} < low <= high <= {high:g}, got {value}")
 
 
 def save_config(config: Config, path: str | os.PathLike) -> None:

@@ -25,7 +25,7 @@ from moco.contrast import build_contrast
 from moco.config import Config, ConfigError, save_config
 from moco.data.augment import AugmentSpec, BatchAugment, EvalTransform, preset
 from moco.data.datasets import NoUsableImagesError, labels_of, load_dataset, make_loader, split_holdout
-from moco.evaluate.knn import PCAWhitening, extract_features, knn_accuracy
+from moco.evaluate.knn import PCAWhitening, extract_features, head_outputs, knn_accuracy
 from moco.models.resnet import resnet
 from moco.reliability import (Checkpointer, NonFiniteGuard, StopSignals, TrainingInterrupted, check_paths, check_resume,
                               make_deterministic)
@@ -290,15 +290,34 @@ def _views(batch: torch.Tensor, augment: BatchAugment, device: torch.device,
             augment(batch).contiguous(memory_format=memory_format))
 
 
-def knn_eval(model: MoCo, bank: Any, queries: Any, data: Data, config: Config, device: torch.device,
-             memory_format: torch.memory_format, whitened: bool = False) -> float | tuple[float, float]:
-    """Weighted kNN top-1 (%) of ``queries`` against ``bank`` with the query encoder's backbone;
-    with ``whitened`` also the same kNN on PCA-whitened features (fitted on the bank, see
-    ``PCAWhitening``), as a pair (standard, whitened).
+@dataclass
+class KnnScores:
+    """Weighted kNN top-1 (%) of one query set against one bank, on each feature the monitor knows.
 
-    Under several processes every rank encodes its shard of both sets with rank 0's BN
-    statistics, the bank features are gathered, and the shards' accuracies are averaged.
-    It leaves every RNG as it found it, so training draws the same numbers with or without it.
+    ``backbone``: the pooled features before the head (what ``moco export`` keeps).
+    ``encoder``: the query encoder's output, head included (the reference CIFAR-10 demo's monitor);
+    the same as ``backbone`` for an encoder without an ``fc`` head.
+    ``whitened``: the backbone features PCA-whitened on the bank (a diagnostic, see ``PCAWhitening``).
+    """
+
+    backbone: float
+    encoder: float
+    whitened: float | None = None
+
+    def of(self, feature: str) -> float:
+        return self.backbone if feature == "backbone" else self.encoder
+
+
+def knn_eval(model: MoCo, bank: Any, queries: Any, data: Data, config: Config, device: torch.device,
+             memory_format: torch.memory_format, whitened: bool = False) -> KnnScores:
+    """Weighted kNN (``train.knn_k``, ``train.knn_t``) of ``queries`` against ``bank`` with the
+    query encoder, on its backbone features and on its output (see ``KnnScores``); with
+    ``whitened`` also on PCA-whitened backbone features.
+
+    The backbone is run once; the head is applied to its features. Under several processes every
+    rank encodes its shard of both sets with rank 0's BN statistics, the bank features are
+    gathered, and the shards' accuracies are averaged. It leaves every RNG as it found it, so
+    training draws the same numbers with or without it.
     """
     preprocess = EvalTransform(config.data.image_size, data.mean, data.std)
     batch = 512
@@ -319,11 +338,15 @@ def knn_eval(model: MoCo, bank: Any, queries: Any, data: Data, config: Config, d
                             config.train.knn_k, config.train.knn_t, data.num_classes)
         return dist_utils.weighted_mean_over_ranks(top1, len(query_y))
 
-    standard = accuracy(bank_f, query_f)
-    if not whitened:
-        return standard
-    whiten = PCAWhitening(bank_f)
-    return standard, accuracy(whiten(bank_f), whiten(query_f))
+    backbone = accuracy(bank_f, query_f)
+    head = getattr(model.encoder_q, "fc", None)
+    encoder = backbone if head is None else accuracy(head_outputs(model.encoder_q, bank_f),
+                                                     head_outputs(model.encoder_q, query_f))
+    scores = KnnScores(backbone, encoder)
+    if whitened:
+        whiten = PCAWhitening(bank_f)
+        scores.whitened = accuracy(whiten(bank_f), whiten(query_f))
+    return scores
 
 
 @dataclass
@@ -480,13 +503,14 @@ def _pretrain(config: Config, resume: str | None) -> RunResult:
                     row["skipped_steps"] = guard.skipped
                 last_epoch = epoch + 1 == config.optim.epochs
                 if t.knn_every and data.val is not None and ((epoch + 1) % t.knn_every == 0 or last_epoch):
-                    val_knn[epoch + 1] = knn_eval(model, data.monitor_bank, data.val, data, config, device,
-                                                  memory_format)
-                    row["val_knn_top1"] = val_knn[epoch + 1]
+                    scores = knn_eval(model, data.monitor_bank, data.val, data, config, device, memory_format)
+                    val_knn[epoch + 1] = scores.of(t.knn_feature)
+                    row.update(val_knn_top1=val_knn[epoch + 1], val_knn_top1_backbone=scores.backbone,
+                               val_knn_top1_encoder=scores.encoder)
                 log.write(row)
                 _print(f"epoch {epoch + 1}/{config.optim.epochs}: loss "
                        + (f"{row['loss']:.4f}" if row["loss"] is not None else "n/a (every step skipped)")
-                       + (f", val kNN top-1 {row['val_knn_top1']:.2f}%" if "val_knn_top1" in row else "")
+                       + (_val_knn_text(row, t.knn_feature) if "val_knn_top1" in row else "")
                        + (f", {guard.skipped} non-finite steps skipped so far" if guard.skipped else "")
                        + f" ({row['elapsed_s']:.0f} s)")
                 state.epoch, state.batch, state.epoch_losses, state.epoch_accs = epoch + 1, 0, [], []
@@ -494,14 +518,14 @@ def _pretrain(config: Config, resume: str | None) -> RunResult:
                 if stop.agreed():
                     raise TrainingInterrupted(stop.received, saved, state.step)
 
-            test_knn = test_knn_whitened = None
+            test_knn, test_scores = None, None
             if t.test_knn and data.test is not None and data.full_train is not None:
-                test_knn, test_knn_whitened = knn_eval(model, data.full_train, data.test, data, config, device,
-                                                       memory_format, whitened=True)
+                test_scores = knn_eval(model, data.full_train, data.test, data, config, device, memory_format,
+                                       whitened=True)
+                test_knn = test_scores.of(t.knn_feature)
                 log.write({"kind": "test", "step": state.step, "epoch": config.optim.epochs, "test_knn_top1": test_knn,
-                           "test_knn_top1_whitened": test_knn_whitened})
-                _print(f"test kNN top-1 (k={t.knn_k}, T={t.knn_t}): {test_knn:.2f}% "
-                       f"(on PCA-whitened features: {test_knn_whitened:.2f}%)")
+                           **_test_knn_fields(test_scores, t.knn_feature)})
+                _print(_test_knn_line(test_scores, t.knn_feature, t.knn_k, t.knn_t))
             if stop.agreed():  # during the final kNN: the checkpoint is complete, a resume redoes the kNN
                 raise TrainingInterrupted(stop.received, checkpointer.last_good, state.step)
     except TrainingInterrupted as err:
@@ -519,10 +543,31 @@ def _pretrain(config: Config, resume: str | None) -> RunResult:
 
         plot_run(run_dir)
         summary = {"final_loss": state.last_loss, "val_knn_top1": val_knn, "test_knn_top1": test_knn,
-                   "test_knn_top1_whitened": test_knn_whitened, "seconds": seconds, "training_seconds": elapsed(), "skipped_steps": guard.skipped,
+                   **(_test_knn_fields(test_scores, t.knn_feature) if test_scores else {}), "seconds": seconds, "training_seconds": elapsed(), "skipped_steps": guard.skipped,
                    "precision": precision, "device": str(device), "processes": dist_utils.world_size()}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return result
+
+
+def _val_knn_text(row: dict[str, Any], feature: str) -> str:
+    text = f", val kNN top-1 {row['val_knn_top1']:.2f}%"
+    if row["val_knn_top1_backbone"] == row["val_knn_top1_encoder"]:
+        return text
+    other = "encoder" if feature == "backbone" else "backbone"
+    return text + f" ({feature}; {other} {row[f'val_knn_top1_{other}']:.2f}%)"
+
+
+def _test_knn_fields(scores: KnnScores, feature: str) -> dict[str, Any]:
+    return {"knn_feature": feature, "test_knn_top1_backbone": scores.backbone,
+            "test_knn_top1_encoder": scores.encoder, "test_knn_top1_whitened": scores.whitened}
+
+
+def _test_knn_line(scores: KnnScores, feature: str, k: int, temperature: float) -> str:
+    """The final report: the monitored feature first, the others beside it, each named."""
+    names = {"backbone": "backbone features", "encoder": "encoder output (head included)"}
+    other = "encoder" if feature == "backbone" else "backbone"
+    return (f"test kNN top-1 (k={k}, T={temperature}): {scores.of(feature):.2f}% on the {names[feature]}; "
+            f"{scores.of(other):.2f}% on the {names[other]}, {scores.whitened:.2f}% on PCA-whitened backbone features")
 
 
 def _train_step(train_step: Callable[..., MoCoOutput], optimizer: torch.optim.Optimizer,

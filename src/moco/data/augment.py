@@ -30,6 +30,7 @@ class AugmentSpec:
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5
+    rotation: float = 0.0              # degrees: each view is rotated by an angle uniform in +-rotation
     jitter_p: float = 0.8
     brightness: float = 0.4
     contrast: float = 0.4
@@ -40,6 +41,9 @@ class AugmentSpec:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     blur_kernel_frac: float = 0.1
     solarize_p: float = 0.0
+    erase_p: float = 0.0               # random erasing (Zhong et al. 2020): one rectangle per selected view
+    erase_scale: tuple[float, float] = (0.02, 0.33)
+    erase_ratio: tuple[float, float] = (0.3, 3.3)
     mean: Sequence[float] = field(default=(0.5,))
     std: Sequence[float] = field(default=(0.5,))
 
@@ -80,22 +84,30 @@ def _per_image(values: torch.Tensor) -> torch.Tensor:
 
 
 def random_resized_crop_flip(x: torch.Tensor, spec: AugmentSpec) -> torch.Tensor:
-    """Per-image random resized crop (area and aspect ratio as torchvision) and horizontal flip."""
+    """Per-image random resized crop (area and aspect ratio as torchvision), horizontal flip and,
+    with ``spec.rotation``, a rotation about the crop's centre: one affine map, one resampling."""
     n, device = x.shape[0], x.device
     area = _uniform(n, *spec.crop_scale, device)
     log_ratio = _uniform(n, math.log(spec.crop_ratio[0]), math.log(spec.crop_ratio[1]), device)
     ratio = torch.exp(log_ratio)
     # Crop width/height as fractions of the image side; clamped to fit, like torchvision's fallback.
-    width = torch.sqrt(area * ratio).clamp(max=1.0)
-    height = torch.sqrt(area / ratio).clamp(max=1.0)
+    # An area above 1 zooms out: the window is larger than the image, and the image lies inside it.
+    limit = max(1.0, math.sqrt(spec.crop_scale[1]))
+    width = torch.sqrt(area * ratio).clamp(max=limit)
+    height = torch.sqrt(area / ratio).clamp(max=limit)
     # Crop centre in [-1, 1] normalised coordinates, anywhere the crop fits.
     cx = (torch.rand(n, device=device) * 2 - 1) * (1 - width)
     cy = (torch.rand(n, device=device) * 2 - 1) * (1 - height)
     flip = torch.where(_bernoulli(n, spec.flip_p, device), -1.0, 1.0)
+    angle = _uniform(n, -spec.rotation, spec.rotation, device) * (math.pi / 180)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # Output coordinates are flipped, rotated, then scaled to the crop and moved to its centre.
     theta = torch.zeros(n, 2, 3, device=device)
-    theta[:, 0, 0] = width * flip
+    theta[:, 0, 0] = width * cos * flip
+    theta[:, 0, 1] = -width * sin
     theta[:, 0, 2] = cx
-    theta[:, 1, 1] = height
+    theta[:, 1, 0] = height * sin * flip
+    theta[:, 1, 1] = height * cos
     theta[:, 1, 2] = cy
     grid = F.affine_grid(theta, [n, x.shape[1], spec.size, spec.size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -176,6 +188,28 @@ def random_solarize(x: torch.Tensor, spec: AugmentSpec, threshold: float = 0.5) 
     return torch.where(selected, 1 - x, x)
 
 
+def random_erasing(x: torch.Tensor, spec: AugmentSpec) -> torch.Tensor:
+    """Erase one random rectangle (area fraction in ``erase_scale``, aspect ratio in
+    ``erase_ratio``) to zero in a ``erase_p`` fraction of the views; applied after
+    normalisation, so the rectangle takes the dataset mean, as torchvision's ``RandomErasing``."""
+    if spec.erase_p <= 0:
+        return x
+    n, _, h, w = x.shape
+    device = x.device
+    area = _uniform(n, *spec.erase_scale, device)
+    ratio = torch.exp(_uniform(n, math.log(spec.erase_ratio[0]), math.log(spec.erase_ratio[1]), device))
+    eh = (torch.sqrt(area * ratio) * h).clamp(1, h)
+    ew = (torch.sqrt(area / ratio) * w).clamp(1, w)
+    top = torch.rand(n, device=device) * (h - eh)
+    left = torch.rand(n, device=device) * (w - ew)
+    rows = torch.arange(h, device=device, dtype=x.dtype).view(1, h, 1)
+    cols = torch.arange(w, device=device, dtype=x.dtype).view(1, 1, w)
+    inside = ((rows >= top.view(-1, 1, 1)) & (rows < (top + eh).view(-1, 1, 1))
+              & (cols >= left.view(-1, 1, 1)) & (cols < (left + ew).view(-1, 1, 1)))
+    erase = inside & _bernoulli(n, spec.erase_p, device).view(-1, 1, 1)
+    return x.masked_fill(erase.unsqueeze(1), 0.0)
+
+
 class BatchAugment(nn.Module):
     """Turn a uint8 (or [0, 1] float) batch N x C x H x W into one normalised random view per image."""
 
@@ -191,7 +225,7 @@ class BatchAugment(nn.Module):
         x = random_grayscale(x, spec)
         x = random_gaussian_blur(x, spec)
         x = random_solarize(x, spec)
-        return normalize(x, spec.mean, spec.std)
+        return random_erasing(normalize(x, spec.mean, spec.std), spec)
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -47,6 +47,28 @@ def extract_features(
     return torch.cat(feats), torch.cat(labels)
 
 
+@torch.no_grad()
+def head_outputs(encoder: nn.Module, features: torch.Tensor, batch: int = 8192) -> torch.Tensor:
+    """The encoder's own output from its backbone ``features``: its ``fc`` head applied to them.
+
+    This is the feature the reference MoCo CIFAR-10 demo's kNN monitor votes on (the query
+    encoder's output, head included). Encoders without an ``fc`` are their own backbone, so the
+    features come back unchanged.
+    """
+    head = getattr(encoder, "fc", None)
+    if head is None:
+        return features
+    was_training = head.training
+    head.eval()
+    try:
+        param = next(head.parameters(), None)
+        device = param.device if param is not None else features.device
+        dtype = param.dtype if param is not None else features.dtype
+        return torch.cat([head(chunk.to(device, dtype)).float().cpu() for chunk in features.split(batch)])
+    finally:
+        head.train(was_training)
+
+
 class PCAWhitening:
     """Centre, rotate onto the principal axes and scale every axis to unit variance.
 
