@@ -27,10 +27,13 @@ def plot_run(run_dir: str | os.PathLike, filename: str = "curves.png") -> Path:
     ax_loss.plot([r["epoch"] for r in epochs], [r["loss"] for r in epochs], "o-", label="epoch mean")
     ax_loss.set(xlabel="epoch", ylabel="InfoNCE loss", title="pretraining loss")
     ax_loss.legend()
-    ax_knn.plot([r["epoch"] for r in knn], [r["val_knn_top1"] for r in knn], "o-", label="validation")
+    for key, label, colour in _knn_series(knn):
+        ax_knn.plot([r["epoch"] for r in knn], [r[key] for r in knn], "o-", color=colour, label=label)
     for r in test:
-        ax_knn.scatter([r["epoch"]], [r["test_knn_top1"]], marker="*", s=120, color="C3",
-                       label=f"test {r['test_knn_top1']:.2f}%", zorder=3)
+        for key, name, colour, marker in _test_points(r):
+            prefix = f"test, {name}" if name else "test"
+            ax_knn.scatter([r["epoch"]], [r[key]], marker=marker, s=120, color=colour,
+                           label=f"{prefix} {r[key]:.2f}%", zorder=3)
     ax_knn.set(xlabel="epoch", ylabel="kNN top-1 (%)", title="weighted kNN monitor (k=200)")
     if knn or test:
         ax_knn.legend()
@@ -39,3 +42,19 @@ def plot_run(run_dir: str | os.PathLike, filename: str = "curves.png") -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _knn_series(knn: list[dict]) -> list[tuple[str, str, str]]:
+    """Validation curves to draw: backbone and encoder output where the run logged both."""
+    if knn and all("val_knn_top1_backbone" in r and "val_knn_top1_encoder" in r for r in knn):
+        return [("val_knn_top1_backbone", "validation, backbone", "C0"),
+                ("val_knn_top1_encoder", "validation, encoder output", "C1")]
+    return [("val_knn_top1", "validation", "C0")]
+
+
+def _test_points(row: dict) -> list[tuple[str, str, str, str]]:
+    """Test-set markers: one per feature the run scored (the whitened diagnostic is left out)."""
+    if "test_knn_top1_backbone" in row and "test_knn_top1_encoder" in row:
+        return [("test_knn_top1_backbone", "backbone", "C3", "*"),
+                ("test_knn_top1_encoder", "encoder output", "C2", "P")]
+    return [("test_knn_top1", "", "C3", "*")]
