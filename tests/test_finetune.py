@@ -1,4 +1,5 @@
-"""Few-label fine-tuning: balanced seeded subsets, the right starting weights, one budget for all rows."""
+"""Few-label fine-tuning: balanced seeded subsets, the right starting weights, one budget for all rows,
+the lr chosen on validation images, LP-FT's head fit."""
 
 from pathlib import Path
 
@@ -7,7 +8,9 @@ import torch
 
 from moco.config import load_config
 from moco.evaluate.common import EvalContext
-from moco.evaluate.finetune import FinetuneOptions, balanced_subset, build_model, run_finetune
+from moco.evaluate.finetune import (FinetuneOptions, balanced_subset, build_model, finetune_row, fit_head,
+                                   run_finetune, validation_split)
+from moco.evaluate.supervised import Recipe, TensorBatches, endless, train_classifier
 from moco.pretrained import load_pretrained
 from moco.train import Data
 from tests.eval_helpers import pattern_dataset, save_tiny_moco_checkpoint
@@ -49,7 +52,7 @@ def test_rows_start_from_the_right_weights(tmp_path: Path) -> None:
 
 def test_every_row_gets_the_same_step_budget_and_learns(tmp_path: Path) -> None:
     ctx = _context(tmp_path)
-    options = FinetuneOptions(steps=30, batch_size=32, lr=0.05, scratch_lr=0.1, crop_scale=(0.8, 1.0))
+    options = FinetuneOptions(steps=30, batch_size=32, lrs=(0.05,), scratch_lr=0.1, crop_scale=(0.8, 1.0))
     rows = run_finetune(ctx, options, fractions=(0.1, 1.0))
     assert [(r["init"], r["fraction"]) for r in rows] == [("moco", 0.1), ("moco", 1.0), ("random", 0.1),
                                                          ("random", 1.0), ("scratch", 1.0)]
@@ -58,3 +61,49 @@ def test_every_row_gets_the_same_step_budget_and_learns(tmp_path: Path) -> None:
     assert [r["lr"] for r in rows] == [0.05] * 4 + [0.1]
     full = [r for r in rows if r["fraction"] == 1.0]
     assert all(r["top1"] > 60.0 for r in full), full  # chance is 25%
+
+
+def test_validation_images_are_balanced_and_outside_the_few_label_subsets() -> None:
+    labels = torch.arange(1000) % 4
+    val = validation_split(labels, 100, seed=0)
+    assert torch.bincount(labels[val]).tolist() == [25, 25, 25, 25]
+    for fraction in (0.01, 0.1, 0.5):
+        assert not set(val.tolist()) & set(balanced_subset(labels, fraction, seed=0).tolist())
+    assert set(val.tolist()) <= set(balanced_subset(labels, 1.0, seed=0).tolist())
+    assert len(validation_split(labels, 10_000, seed=0)) == 500  # at most half of each class
+
+
+def test_each_row_keeps_the_lr_that_scores_best_on_validation(tmp_path: Path) -> None:
+    ctx = _context(tmp_path)
+    options = FinetuneOptions(steps=30, batch_size=32, lrs=(1e-6, 0.05), crop_scale=(0.8, 1.0), head_init="random",
+                              val_size=80)
+    few = finetune_row(ctx, "random", 0.1, options)
+    assert few["lr"] == 0.05 and set(few["val_top1"]) == {"1e-06", "0.05"}
+    assert few["val_top1"]["0.05"] > few["val_top1"]["1e-06"] + 20  # a lr that cannot move the weights loses
+    assert few["labels"] == 20 and few["top1"] > 40.0  # chance is 25%
+    full = finetune_row(ctx, "random", 1.0, options)
+    assert full["lr"] == 0.05 and full["labels"] == 200  # chosen without the validation images, retrained on all
+    single = finetune_row(ctx, "random", 0.1, FinetuneOptions(steps=2, batch_size=32, lrs=(0.05,)))
+    assert single["val_top1"] is None and single["lr"] == 0.05
+
+
+def test_lp_ft_fits_the_new_layer_on_frozen_features_first(tmp_path: Path) -> None:
+    ctx = _context(tmp_path)
+    model = build_model(ctx, "moco", seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_top1 = fit_head(model, ctx, ctx.data.full_train, seed=0)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if not k.startswith("fc."))  # backbone frozen
+    assert not torch.equal(after["fc.weight"], before["fc.weight"])
+    assert train_top1 > 60.0  # the stripes are linearly separable from the features; chance is 25%
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_classifier_training_learns_under_each_precision(precision: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(256) % 4
+    inputs = torch.randn(256, 16, generator=g) + 3 * torch.nn.functional.one_hot(labels, 16).float()
+    model = torch.nn.Linear(16, 4)
+    log = train_classifier(model, model.parameters(), endless(TensorBatches(inputs, labels, 64)),
+                           Recipe(steps=60, batch_size=64, lr=0.5), precision=precision)
+    assert log.losses[-1] < 0.3 * log.losses[0]

@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Any, Callable
 
-from moco.evaluate.finetune import FRACTIONS, INITS, FinetuneOptions
+from moco.evaluate.finetune import FRACTIONS, HEAD_INITS, INITS, FinetuneOptions
 from moco.evaluate.linear import MODES, LinclsOptions
 from moco.evaluate.report import KS, KnnOptions, ReportOptions
 
@@ -86,10 +86,19 @@ def _add_finetune(p: argparse.ArgumentParser, prefix: str = "") -> None:
     d = FinetuneOptions()
     p.add_argument(f"--{prefix}steps", type=_positive(int), default=d.steps, help="optimiser steps per row")
     p.add_argument(f"--{prefix}batch-size", type=_positive(int), default=d.batch_size)
-    p.add_argument(f"--{prefix}lr", type=_positive(float), default=d.lr, help="fine-tuning lr (moco and random rows)")
+    p.add_argument(f"--{prefix}lr", type=_positive(float), nargs="+", default=list(d.lrs),
+                   help="fine-tuning lr of the moco and random rows; several: each row keeps the one with the best "
+                        f"top-1 on --{prefix}val-size labelled training images (default: {' '.join(map(str, d.lrs))})")
     p.add_argument("--scratch-lr", type=_positive(float), default=d.scratch_lr, help="supervised-from-scratch lr")
     p.add_argument(f"--{prefix}weight-decay", type=_nonnegative_float, default=d.weight_decay)
     p.add_argument(f"--{prefix}crop-scale", type=_fraction, nargs=2, default=list(d.crop_scale))
+    p.add_argument(f"--{prefix}head-init", choices=HEAD_INITS, default=d.head_init,
+                   help="the MoCo start's new linear layer: probe = first fitted on the frozen features (LP-FT); "
+                        "random-init rows always start with a random layer")
+    p.add_argument(f"--{prefix}val-size", type=_positive(int), default=d.val_size,
+                   help="validation images (from the training split, never the test split) for the lr choice")
+    p.add_argument(f"--{prefix}precision", choices=("auto", "fp32", "bf16", "fp16"), default=d.precision,
+                   help="auto: bf16 autocast on CUDA and on CPUs with fast bf16, else fp32")
     p.add_argument("--fractions", type=_fraction, nargs="+", default=list(FRACTIONS), help="label fractions")
 
 
@@ -108,9 +117,11 @@ def _lincls_options(args: argparse.Namespace, prefix: str = "") -> LinclsOptions
 
 def _finetune_options(args: argparse.Namespace, prefix: str = "") -> FinetuneOptions:
     return FinetuneOptions(steps=_get(args, prefix, "steps"), batch_size=_get(args, prefix, "batch-size"),
-                           lr=_get(args, prefix, "lr"), scratch_lr=args.scratch_lr,
+                           lrs=tuple(dict.fromkeys(_get(args, prefix, "lr"))), scratch_lr=args.scratch_lr,
                            weight_decay=_get(args, prefix, "weight-decay"),
-                           crop_scale=tuple(sorted(_get(args, prefix, "crop-scale"))), seed=args.seed)
+                           crop_scale=tuple(sorted(_get(args, prefix, "crop-scale"))),
+                           head_init=_get(args, prefix, "head-init"), val_size=_get(args, prefix, "val-size"),
+                           precision=_get(args, prefix, "precision"), seed=args.seed)
 
 
 def _knn_options(args: argparse.Namespace) -> KnnOptions:

@@ -4,17 +4,30 @@ Rows of the table, all with the same backbone shape and the same number of optim
 - ``moco``: start from the pretrained backbone (fine-tuning recipe);
 - ``random``: start from a random initialisation (the same fine-tuning recipe), so the gap to
   ``moco`` is what pretraining is worth at that label budget;
-- ``scratch``: supervised training from a random initialisation with a from-scratch recipe (a
-  larger learning rate), on all labels: how far the self-supervised weights are from supervised.
+- ``scratch``: supervised training from a random initialisation with a from-scratch recipe (its
+  own lr), on all labels: how far the self-supervised weights are from supervised.
 
 Label subsets are class-balanced and seeded; with one seed the 1% subset lies inside the 10% one.
 Training images are randomly cropped and flipped; BN trains normally.
+
+A fair comparison gives each start its own learning rate: with several candidate lrs, every
+(start, fraction) row trains once per candidate and keeps the one with the best top-1 on
+labelled *validation* images of the training split (never the test split). Those images are
+held out of every label subset up to 1 - val_size/len (the 1% and 10% rows); the 100% row's
+candidates train without them, and the chosen lr is then retrained on all labels.
+
+The MoCo start's new linear layer is first fitted on the frozen features of its labelled
+images ("LP-FT", Kumar et al., 2022): a random head's first gradients otherwise distort the
+pretrained features. Random-init rows keep a random head: a probe of random features is a bad
+start (measured: 70% instead of 80% at 1% of the labels).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
+
+import time
 
 import torch
 from torch import nn
@@ -22,49 +35,83 @@ from torch.utils.data import Subset
 
 from moco.data.datasets import labels_of
 from moco.evaluate.common import EvalContext
-from moco.evaluate.supervised import Recipe, endless, evaluate_classifier, train_classifier
+from moco.evaluate.knn import extract_features
+from moco.evaluate.supervised import Recipe, TensorBatches, endless, evaluate_classifier, train_classifier
+from moco.train import resolve_precision
 
 FRACTIONS = (0.01, 0.1, 1.0)
 INITS = ("moco", "random", "scratch")
+HEAD_INITS = ("probe", "random")
+# LP-FT's linear probe on the frozen features of the labelled images: cheap, cached, fixed.
+PROBE_RECIPE = Recipe(steps=1000, batch_size=256, lr=1.0, weight_decay=5e-4)
 
 
 @dataclass(frozen=True)
 class FinetuneOptions:
     steps: int = 500                            # optimiser steps per row: the same budget for every row
     batch_size: int = 128
-    lr: float = 0.05                            # fine-tuning recipe (moco and random rows)
+    lrs: tuple[float, ...] = (0.05, 0.1)        # moco and random rows; several: each row picks on validation
     scratch_lr: float = 0.1                     # supervised-from-scratch recipe
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     crop_scale: tuple[float, float] = (0.5, 1.0)
+    head_init: str = "probe"                    # the MoCo start's new layer: probe (LP-FT) or random
+    val_size: int = 5000                        # labelled validation images for the lr choice
+    precision: str = "auto"                     # auto: bf16 where it is fast (CUDA, AVX-512 CPUs), else fp32
     seed: int = 0
 
-    def recipe(self, init: str, num_train: int) -> Recipe:
-        lr = self.scratch_lr if init == "scratch" else self.lr
+    def __post_init__(self) -> None:
+        if not self.lrs or min(self.lrs) <= 0:
+            raise ValueError(f"fine-tuning needs at least one lr > 0, got {self.lrs}")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
+        if self.val_size < 1:
+            raise ValueError(f"val_size must be >= 1, got {self.val_size}")
+
+    def recipe(self, lr: float, num_train: int) -> Recipe:
         return Recipe(steps=self.steps, batch_size=min(self.batch_size, num_train), lr=lr, momentum=self.momentum,
                       weight_decay=self.weight_decay, schedule=self.schedule)
 
+    def candidates(self, init: str) -> tuple[float, ...]:
+        return (self.scratch_lr,) if init == "scratch" else tuple(dict.fromkeys(self.lrs))
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "crop_scale": list(self.crop_scale)}
+        return {**asdict(self), "lrs": list(self.lrs), "crop_scale": list(self.crop_scale)}
+
+
+def class_orders(labels: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:
+    """Each labelled class's indices in one seeded random order (unlabeled images, label < 0, left out)."""
+    generator = torch.Generator().manual_seed(seed)
+    orders = []
+    for cls in labels.unique(sorted=True).tolist():
+        if cls < 0:
+            continue
+        members = (labels == cls).nonzero().flatten()
+        orders.append(members[torch.randperm(len(members), generator=generator)])
+    return orders
 
 
 def balanced_subset(labels: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
     """Sorted indices of ``fraction`` of each class (at least one image per class), seeded.
 
-    Each class is permuted by the same seeded generator whatever the fraction, so smaller
-    subsets are prefixes of larger ones.
+    Subsets are prefixes of :func:`class_orders`, so smaller subsets lie inside larger ones.
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"label fraction must lie in (0, 1], got {fraction}")
-    generator = torch.Generator().manual_seed(seed)
-    picks = []
-    for cls in labels.unique(sorted=True).tolist():
-        if cls < 0:  # unlabeled images never enter a labelled subset
-            continue
-        members = (labels == cls).nonzero().flatten()
-        order = members[torch.randperm(len(members), generator=generator)]
-        picks.append(order[: max(1, round(fraction * len(members)))])
+    picks = [order[: max(1, round(fraction * len(order)))] for order in class_orders(labels, seed)]
+    return torch.cat(picks).sort().values
+
+
+def validation_split(labels: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of about ``size`` labelled images, class-balanced, for choosing hyper-parameters.
+
+    They are the *ends* of :func:`class_orders` (at most half of a class), so they are disjoint
+    from every :func:`balanced_subset` of the same seed that leaves them room (1% and 10% here).
+    """
+    orders = class_orders(labels, seed)
+    per_class = max(1, size // max(1, len(orders)))
+    picks = [order[len(order) - min(per_class, len(order) // 2):] for order in orders]
     return torch.cat(picks).sort().values
 
 
@@ -79,21 +126,76 @@ def build_model(ctx: EvalContext, init: str, seed: int) -> nn.Module:
     return backbone.to(ctx.device)
 
 
-def finetune_row(ctx: EvalContext, init: str, fraction: float, options: FinetuneOptions) -> dict[str, Any]:
-    """Train one row's network on its label subset and measure it on the test split."""
-    train_set = ctx.data.full_train
-    if fraction < 1:
-        picks = balanced_subset(labels_of(train_set), fraction, options.seed)
-        train_set = train_set.subset(picks) if hasattr(train_set, "subset") else Subset(train_set, picks.tolist())
+def fit_head(model: nn.Module, ctx: EvalContext, train_set: Any, seed: int) -> float:
+    """LP-FT's first stage: fit ``model.fc`` on the frozen, unaugmented backbone features of
+    ``train_set``; returns the probe's training top-1 (%)."""
+    features, labels = extract_features(model, ctx.loader(train_set), ctx.preprocess, ctx.device, normalize=False)
+    recipe = replace(PROBE_RECIPE, batch_size=min(PROBE_RECIPE.batch_size, len(features)))
+    head = model.fc
+    head.train()
+    train_classifier(head, head.parameters(), endless(TensorBatches(features, labels, recipe.batch_size, seed=seed)),
+                     recipe, device=ctx.device)
+    return evaluate_classifier(head, [(features, labels)], device=ctx.device)["top1"]
+
+
+def subset_of(dataset: Any, picks: torch.Tensor) -> Any:
+    return dataset.subset(picks) if hasattr(dataset, "subset") else Subset(dataset, picks.tolist())
+
+
+def memory_format_for(ctx: EvalContext) -> torch.memory_format:
+    """channels_last where it is safe (see ``moco.train.resolve_memory_format``): not for CPU models
+    with stages narrower than 8 channels."""
+    if ctx.device.type == "cpu" and min(ctx.pretrained.spec.widths) < 8:
+        return torch.contiguous_format
+    return torch.channels_last
+
+
+def train_one(ctx: EvalContext, init: str, train_set: Any, lr: float, options: FinetuneOptions) -> dict[str, Any]:
+    """One network trained on ``train_set`` at ``lr``: the model and its training record."""
     model = build_model(ctx, init, options.seed)
-    recipe = options.recipe(init, len(train_set))
+    probe_top1 = fit_head(model, ctx, train_set, options.seed) if init == "moco" and options.head_init == "probe" else None
+    fmt = memory_format_for(ctx)
+    model = model.to(memory_format=fmt)
+    recipe = options.recipe(lr, len(train_set))
     loader = ctx.loader(train_set, recipe.batch_size, shuffle=True, seed=options.seed, drop_last=True)
     log = train_classifier(model, model.parameters(), endless(loader), recipe, transform=ctx.augment(options.crop_scale),
-                           device=ctx.device)
-    metrics = evaluate_classifier(model, ctx.loader(ctx.data.test), transform=ctx.preprocess, device=ctx.device)
-    return {"init": init, "fraction": fraction, "labels": len(train_set), "steps": recipe.steps, "lr": recipe.lr,
-            "epochs": round(recipe.steps * recipe.batch_size / len(train_set), 2), **metrics,
-            "final_loss": log.final_loss, "seconds": log.seconds}
+                           device=ctx.device, precision=resolve_precision(options.precision, ctx.device),
+                           memory_format=fmt)
+    return {"model": model, "recipe": recipe, "final_loss": log.final_loss, "probe_top1": probe_top1}
+
+
+def finetune_row(ctx: EvalContext, init: str, fraction: float, options: FinetuneOptions) -> dict[str, Any]:
+    """Train one row's network on its label subset (choosing its lr on validation images when
+    there are several candidates) and measure it on the test split."""
+    tic = time.perf_counter()
+    labels = labels_of(ctx.data.full_train)
+    picks = balanced_subset(labels, fraction, options.seed)
+    candidates = options.candidates(init)
+    scores: dict[float, float] = {}
+    if len(candidates) > 1:
+        val = validation_split(labels, options.val_size, options.seed)
+        fit = picks[~torch.isin(picks, val)]
+        val_batches = ctx.loader(subset_of(ctx.data.full_train, val))
+        best = None
+        for lr in candidates:
+            run = train_one(ctx, init, subset_of(ctx.data.full_train, fit), lr, options)
+            scores[lr] = evaluate_classifier(run["model"], val_batches, ctx.preprocess, ctx.device)["top1"]
+            if best is None or scores[lr] > scores[best["lr"]]:
+                best = {**run, "lr": lr}
+        assert best is not None
+        if len(fit) < len(picks):  # the candidates trained without the validation images: retrain on all
+            best = {**train_one(ctx, init, subset_of(ctx.data.full_train, picks), best["lr"], options), "lr": best["lr"]}
+    else:
+        best = {**train_one(ctx, init, subset_of(ctx.data.full_train, picks), candidates[0], options),
+                "lr": candidates[0]}
+    metrics = evaluate_classifier(best["model"], ctx.loader(ctx.data.test), transform=ctx.preprocess, device=ctx.device)
+    recipe = best["recipe"]
+    return {"init": init, "fraction": fraction, "labels": len(picks), "steps": recipe.steps, "lr": best["lr"],
+            "val_top1": {str(lr): top1 for lr, top1 in scores.items()} or None,
+            "head_init": options.head_init if init == "moco" else "random", "probe_top1": best["probe_top1"],
+            "precision": resolve_precision(options.precision, ctx.device),
+            "epochs": round(recipe.steps * recipe.batch_size / len(picks), 2), **metrics,
+            "final_loss": best["final_loss"], "seconds": time.perf_counter() - tic}
 
 
 def run_finetune(ctx: EvalContext, options: FinetuneOptions, fractions: Sequence[float] = FRACTIONS,
@@ -111,7 +213,15 @@ LABELS = {"moco": "MoCo weights, fine-tuned", "random": "random init, fine-tuned
 
 
 def finetune_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    headers = ["start", "labels", "images", "steps", "top-1 (%)", "top-5 (%)", "wall time (s)"]
-    body = [[LABELS[r["init"]], f"{100 * r['fraction']:g}%", r["labels"], r["steps"], r["top1"], r["top5"],
-             round(r["seconds"], 1)] for r in rows]
+    headers = ["start", "labels", "images", "steps", "lr", "top-1 (%)", "top-5 (%)", "wall time (s)"]
+    body = [[LABELS[r["init"]], f"{100 * r['fraction']:g}%", r["labels"], r["steps"], _lr_cell(r), r["top1"],
+             r["top5"], round(r["seconds"], 1)] for r in rows]
     return headers, body
+
+
+def _lr_cell(row: dict[str, Any]) -> str:
+    """The row's lr, with the validation top-1 of each candidate when it was chosen."""
+    if not row.get("val_top1"):
+        return f"{row['lr']:g}"
+    scores = ", ".join(f"{float(lr):g}: {top1:.1f}" for lr, top1 in row["val_top1"].items())
+    return f"{row['lr']:g} (val {scores})"

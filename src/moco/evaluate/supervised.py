@@ -7,6 +7,7 @@ transform and the recipe; they all run :func:`train_classifier` and :func:`evalu
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -112,13 +113,23 @@ def train_classifier(
     recipe: Recipe,
     transform: Transform | None = None,
     device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> TrainLog:
     """Minimise cross-entropy for ``recipe.steps`` steps; returns the loss per step.
 
     ``param_groups`` may carry an ``lr_scale`` (e.g. a faster head); the scheduled lr is multiplied by it.
+    ``precision`` bf16 / fp16 runs the forward pass under autocast (fp16 with loss scaling).
     """
     optimizer = torch.optim.SGD(param_groups, lr=recipe.lr, momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay)
+    device_type = torch.device(device).type
+    scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if precision == "fp32" else torch.autocast(device_type, dtype=dtype)
+
     model.train()
     losses: list[float] = []
     tic = time.perf_counter()
@@ -127,16 +138,19 @@ def train_classifier(
         inputs, labels = inputs.to(device), labels.to(device)
         if transform is not None:
             inputs = transform(inputs)
+        inputs = inputs.contiguous(memory_format=memory_format) if inputs.dim() == 4 else inputs
         lr = recipe.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        loss = F.cross_entropy(model(inputs), labels)
+        with autocast():
+            loss = F.cross_entropy(model(inputs).float(), labels)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"classifier loss is {loss.item()} at step {step} of {recipe.steps} "
                                      f"(lr {lr:g}); lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         losses.append(loss.item())
     return TrainLog(losses, time.perf_counter() - tic)
 
