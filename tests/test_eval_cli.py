@@ -71,7 +71,7 @@ def test_knn_lincls_finetune_commands_write_their_files(tmp_path: Path, capsys: 
                  "--output-dir", str(out)]) == 0
     finetune = json.loads((out / "finetune.json").read_text())
     assert [(r["init"], r["labels"], r["steps"]) for r in finetune["rows"]] == [("scratch", 600, 2)]
-    assert "| supervised from scratch | 100% | 600 | 2 |" in (out / "finetune.md").read_text()
+    assert "| supervised from scratch | 100% | 600 | 0 | 2 | 0.1 |" in (out / "finetune.md").read_text()
     capsys.readouterr()
 
 

@@ -9,7 +9,7 @@ import torch
 from moco.config import load_config
 from moco.evaluate.common import EvalContext
 from moco.evaluate.finetune import (FinetuneOptions, balanced_subset, build_model, finetune_row, fit_head,
-                                   run_finetune, validation_split)
+                                   pretraining_gain, run_finetune, validation_split)
 from moco.evaluate.supervised import Recipe, TensorBatches, endless, train_classifier
 from moco.pretrained import load_pretrained
 from moco.train import Data
@@ -107,3 +107,22 @@ def test_classifier_training_learns_under_each_precision(precision: str) -> None
     log = train_classifier(model, model.parameters(), endless(TensorBatches(inputs, labels, 64)),
                            Recipe(steps=60, batch_size=64, lr=0.5), precision=precision)
     assert log.losses[-1] < 0.3 * log.losses[0]
+
+
+def test_pretraining_gain_averages_over_the_seeds_both_starts_ran() -> None:
+    rows = [{"init": "moco", "fraction": 0.01, "seed": s, "top1": t} for s, t in ((0, 85.0), (1, 84.0), (2, 86.0))]
+    rows += [{"init": "random", "fraction": 0.01, "seed": s, "top1": t} for s, t in ((0, 80.0), (1, 81.0))]
+    rows += [{"init": "scratch", "fraction": 1.0, "seed": 0, "top1": 85.0}]
+    (gain,) = pretraining_gain(rows)
+    assert gain["seeds"] == [0, 1]  # seed 2 has no random-init row to compare with
+    assert gain["moco"] == pytest.approx(84.5) and gain["random"] == pytest.approx(80.5)
+    assert gain["gain"] == pytest.approx(4.0) and gain["gain_min"] == pytest.approx(3.0)
+    assert gain["gain_sd"] == pytest.approx(2 ** 0.5)
+
+
+def test_rows_run_once_per_seed_with_their_own_label_draw(tmp_path: Path) -> None:
+    ctx = _context(tmp_path)
+    rows = run_finetune(ctx, FinetuneOptions(steps=2, batch_size=16, lrs=(0.05,)), fractions=(0.1,),
+                        inits=("moco", "random"), seeds=(0, 3))
+    assert [(r["init"], r["seed"]) for r in rows] == [("moco", 0), ("random", 0), ("moco", 3), ("random", 3)]
+    assert [g["seeds"] for g in pretraining_gain(rows)] == [[0, 3]]

@@ -193,13 +193,20 @@ def _knn(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     from moco.evaluate.common import describe, markdown_table
-    from moco.evaluate.finetune import finetune_table, run_finetune
+    from moco.evaluate.finetune import finetune_table, gain_table, pretraining_gain, run_finetune
 
     ctx = _context(args)
+    seeds = tuple(dict.fromkeys(args.seed))
+    args.seed = seeds[0]
     options = _finetune_options(args)
-    rows = run_finetune(ctx, options, tuple(args.fractions), tuple(dict.fromkeys(args.init)))
-    results = {"provenance": describe(ctx), "options": options.to_dict(), "rows": rows}
-    return _finish(ctx, "finetune", results, markdown_table(*finetune_table(rows)))
+    rows = run_finetune(ctx, options, tuple(args.fractions), tuple(dict.fromkeys(args.init)), seeds)
+    gains = pretraining_gain(rows)
+    results = {"provenance": describe(ctx), "options": {**options.to_dict(), "seeds": list(seeds)}, "rows": rows,
+               "gain": gains}
+    table = markdown_table(*finetune_table(rows))
+    if gains:
+        table += "\nWhat pretraining adds (MoCo minus random init, mean over seeds):\n\n" + markdown_table(*gain_table(gains))
+    return _finish(ctx, "finetune", results, table)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -249,7 +256,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_finetune(p)
     p.add_argument("--init", choices=INITS, nargs="+", default=list(INITS),
                    help="rows: moco weights, random init, supervised from scratch (100%% labels only)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, nargs="+", default=[0],
+                   help="label draws (subset, validation images, random init); several: every row runs once per "
+                        "seed and the gain of pretraining is averaged over them")
     p.set_defaults(func=_finetune)
 
     p = sub.add_parser("report", help="kNN, linear probe and fine-tuning with baselines, in one table")

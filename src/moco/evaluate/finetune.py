@@ -164,30 +164,38 @@ def train_one(ctx: EvalContext, init: str, train_set: Any, lr: float, options: F
     return {"model": model, "recipe": recipe, "final_loss": log.final_loss, "probe_top1": probe_top1}
 
 
+def choose_lr(ctx: EvalContext, init: str, picks: torch.Tensor, options: FinetuneOptions
+              ) -> tuple[dict[str, Any], dict[float, float]]:
+    """Train once per candidate lr on ``picks`` without the validation images; the run with the
+    best validation top-1 (the first on ties), and every candidate's score."""
+    labels = labels_of(ctx.data.full_train)
+    val = validation_split(labels, options.val_size, options.seed)
+    fit = subset_of(ctx.data.full_train, picks[~torch.isin(picks, val)])
+    val_batches = ctx.loader(subset_of(ctx.data.full_train, val))
+    best: dict[str, Any] = {}
+    scores: dict[float, float] = {}
+    for lr in options.candidates(init):
+        run = train_one(ctx, init, fit, lr, options)
+        scores[lr] = evaluate_classifier(run["model"], val_batches, ctx.preprocess, ctx.device)["top1"]
+        if not best or scores[lr] > scores[best["lr"]]:
+            best = {**run, "lr": lr, "images": len(fit)}
+    return best, scores
+
+
 def finetune_row(ctx: EvalContext, init: str, fraction: float, options: FinetuneOptions) -> dict[str, Any]:
-    """Train one row's network on its label subset (choosing its lr on validation images when
+    """Train one row's network on its label subset (its lr chosen on validation images when
     there are several candidates) and measure it on the test split."""
     tic = time.perf_counter()
-    labels = labels_of(ctx.data.full_train)
-    picks = balanced_subset(labels, fraction, options.seed)
+    picks = balanced_subset(labels_of(ctx.data.full_train), fraction, options.seed)
+    train_set = subset_of(ctx.data.full_train, picks)
     candidates = options.candidates(init)
     scores: dict[float, float] = {}
     if len(candidates) > 1:
-        val = validation_split(labels, options.val_size, options.seed)
-        fit = picks[~torch.isin(picks, val)]
-        val_batches = ctx.loader(subset_of(ctx.data.full_train, val))
-        best = None
-        for lr in candidates:
-            run = train_one(ctx, init, subset_of(ctx.data.full_train, fit), lr, options)
-            scores[lr] = evaluate_classifier(run["model"], val_batches, ctx.preprocess, ctx.device)["top1"]
-            if best is None or scores[lr] > scores[best["lr"]]:
-                best = {**run, "lr": lr}
-        assert best is not None
-        if len(fit) < len(picks):  # the candidates trained without the validation images: retrain on all
-            best = {**train_one(ctx, init, subset_of(ctx.data.full_train, picks), best["lr"], options), "lr": best["lr"]}
+        best, scores = choose_lr(ctx, init, picks, options)
+        if best["images"] < len(picks):  # the candidates trained without the validation images: retrain on all
+            best = {**train_one(ctx, init, train_set, best["lr"], options), "lr": best["lr"]}
     else:
-        best = {**train_one(ctx, init, subset_of(ctx.data.full_train, picks), candidates[0], options),
-                "lr": candidates[0]}
+        best = {**train_one(ctx, init, train_set, candidates[0], options), "lr": candidates[0]}
     metrics = evaluate_classifier(best["model"], ctx.loader(ctx.data.test), transform=ctx.preprocess, device=ctx.device)
     recipe = best["recipe"]
     return {"init": init, "fraction": fraction, "labels": len(picks), "steps": recipe.steps, "lr": best["lr"],
@@ -199,12 +207,15 @@ def finetune_row(ctx: EvalContext, init: str, fraction: float, options: Finetune
 
 
 def run_finetune(ctx: EvalContext, options: FinetuneOptions, fractions: Sequence[float] = FRACTIONS,
-                 inits: Sequence[str] = INITS) -> list[dict[str, Any]]:
-    """Every requested row; ``scratch`` runs on all labels only, as a supervised reference."""
+                 inits: Sequence[str] = INITS, seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Every requested row, once per seed (a seed draws the label subset, the validation images
+    and the random init); ``scratch`` runs on all labels only, as a supervised reference."""
     rows = []
-    for init in inits:
-        for fraction in ((1.0,) if init == "scratch" else fractions):
-            rows.append(finetune_row(ctx, init, fraction, options))
+    for seed in (options.seed,) if seeds is None else tuple(dict.fromkeys(seeds)):
+        seeded = replace(options, seed=seed)
+        for init in inits:
+            for fraction in ((1.0,) if init == "scratch" else fractions):
+                rows.append({**finetune_row(ctx, init, fraction, seeded), "seed": seed})
     return rows
 
 
@@ -213,9 +224,9 @@ LABELS = {"moco": "MoCo weights, fine-tuned", "random": "random init, fine-tuned
 
 
 def finetune_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    headers = ["start", "labels", "images", "steps", "lr", "top-1 (%)", "top-5 (%)", "wall time (s)"]
-    body = [[LABELS[r["init"]], f"{100 * r['fraction']:g}%", r["labels"], r["steps"], _lr_cell(r), r["top1"],
-             r["top5"], round(r["seconds"], 1)] for r in rows]
+    headers = ["start", "labels", "images", "seed", "steps", "lr", "top-1 (%)", "top-5 (%)", "wall time (s)"]
+    body = [[LABELS[r["init"]], f"{100 * r['fraction']:g}%", r["labels"], r.get("seed", 0), r["steps"], _lr_cell(r),
+             r["top1"], r["top5"], round(r["seconds"], 1)] for r in rows]
     return headers, body
 
 
@@ -225,3 +236,28 @@ def _lr_cell(row: dict[str, Any]) -> str:
         return f"{row['lr']:g}"
     scores = ", ".join(f"{float(lr):g}: {top1:.1f}" for lr, top1 in row["val_top1"].items())
     return f"{row['lr']:g} (val {scores})"
+
+
+def pretraining_gain(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per label fraction: MoCo and random-init top-1 averaged over the seeds both ran, the gap,
+    and its spread over seeds (sample sd; 0 with one seed). The number the few-label claim rests on."""
+    by_key = {(r["init"], r["fraction"], r.get("seed", 0)): r["top1"] for r in rows}
+    gains = []
+    for fraction in sorted({r["fraction"] for r in rows if r["init"] == "moco"}):
+        seeds = sorted(s for (i, f, s) in by_key if i == "moco" and f == fraction and ("random", f, s) in by_key)
+        if not seeds:
+            continue
+        moco = torch.tensor([by_key["moco", fraction, s] for s in seeds], dtype=torch.float64)
+        random = torch.tensor([by_key["random", fraction, s] for s in seeds], dtype=torch.float64)
+        gap = moco - random
+        gains.append({"fraction": fraction, "seeds": seeds, "moco": moco.mean().item(), "random": random.mean().item(),
+                      "gain": gap.mean().item(), "gain_sd": gap.std().item() if len(seeds) > 1 else 0.0,
+                      "gain_min": gap.min().item()})
+    return gains
+
+
+def gain_table(gains: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    headers = ["labels", "seeds", "MoCo top-1 (%)", "random init top-1 (%)", "gain (points)", "sd over seeds",
+               "smallest gain"]
+    return headers, [[f"{100 * g['fraction']:g}%", len(g["seeds"]), g["moco"], g["random"], g["gain"], g["gain_sd"],
+                      g["gain_min"]] for g in gains]

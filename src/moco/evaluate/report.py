@@ -22,7 +22,8 @@ from torch import nn
 
 from moco.evaluate.common import (EvalContext, FeatureSet, describe, extract_feature_set, markdown_table,
                                   pixel_feature_set, write_results)
-from moco.evaluate.finetune import FRACTIONS, FinetuneOptions, finetune_table, run_finetune
+from moco.evaluate.finetune import (FRACTIONS, FinetuneOptions, finetune_table, gain_table, pretraining_gain,
+                                   run_finetune)
 from moco.evaluate.knn import PCAWhitening, head_outputs, knn_accuracies
 from moco.evaluate.linear import LinclsOptions, lincls_table, run_lincls
 
@@ -119,6 +120,7 @@ def run_report(ctx: EvalContext, options: ReportOptions) -> dict[str, Any]:
     lincls += run_lincls(ctx, random_backbone, ("cached",), options.lincls, random_feats, "random init", lrs)
     finetune = run_finetune(ctx, options.finetune, options.fractions) if options.finetune_rows else []
     results = {"provenance": describe(ctx), "knn": knn, "lincls": lincls, "finetune": finetune,
+               "finetune_gain": pretraining_gain(finetune),
                "options": {"knn": vars(options.knn) | {"ks": list(options.knn.ks)},
                            "lincls": options.lincls.to_dict(),
                            "lincls_lrs": list(options.lincls_lrs), "augmented_epochs": options.augmented_epochs,
@@ -165,4 +167,6 @@ def report_markdown(results: dict[str, Any]) -> str:
              markdown_table(*lincls_table(results["lincls"]))]
     if results["finetune"]:
         parts += ["\n## Fine-tuning\n", markdown_table(*finetune_table(results["finetune"]))]
+        if results.get("finetune_gain"):
+            parts += ["\nWhat pretraining adds (MoCo minus random init):\n", markdown_table(*gain_table(results["finetune_gain"]))]
     return "\n".join(parts)
