@@ -5,6 +5,8 @@
     python bench/step_throughput.py --device cuda --widths 64,128,256,512 --channels 3 --size 32 --batch 512
     python bench/step_throughput.py --device cuda --arch resnet50 --widths 64,128,256,512 --channels 3 \\
         --size 224 --imagenet-stem --batch 256 --K 65536 --m 0.999 --T 0.2
+    # multi-crop's cost: two extra 16x16 queries per image (aug.local_crops=2 aug.local_size=16)
+    python bench/step_throughput.py --batch 128 --widths 16,32,64,256 --local-crops 2 --local-size 16
 
 The defaults are the CPU-sized ResNet-18 on 28x28 gray images. Prints one line per setting;
 use it to pick ``train.precision`` / ``train.channels_last``.
@@ -35,11 +37,13 @@ def measure(args: argparse.Namespace, precision: str, channels_last: bool) -> fl
     shape = (args.batch, args.channels, args.size, args.size)
     x1 = torch.randn(shape, device=device).to(memory_format=fmt)
     x2 = torch.randn(shape, device=device).to(memory_format=fmt)
+    local_shape = (args.batch, args.channels, args.local_size, args.local_size)
+    local = [torch.randn(local_shape, device=device).to(memory_format=fmt) for _ in range(args.local_crops)]
     ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
 
     def step() -> None:
         with ctx():
-            out = model.contrastive_loss(x1, x2, symmetric=args.symmetric)
+            out = model.contrastive_loss(x1, x2, symmetric=args.symmetric, local_views=local)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
@@ -75,13 +79,16 @@ def main() -> None:
     parser.add_argument("--K", type=int, default=4096)
     parser.add_argument("--m", type=float, default=0.99)
     parser.add_argument("--T", type=float, default=0.1)
+    parser.add_argument("--local-crops", type=int, default=0, help="multi-crop: small query views per image")
+    parser.add_argument("--local-size", type=int, default=14, help="their side in pixels")
     parser.add_argument("--precisions", default="fp32,bf16")
     args = parser.parse_args()
     device = torch.device(args.device)
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"threads {torch.get_num_threads()}, cpu capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"torch {torch.__version__}, {where}; {args.arch} widths {args.widths}, "
-          f"{args.channels}x{args.size}x{args.size}, batch {args.batch}, bn_splits {args.bn_splits}")
+          f"{args.channels}x{args.size}x{args.size}, batch {args.batch}, bn_splits {args.bn_splits}"
+          + (f", {args.local_crops} local crops of {args.local_size}x{args.local_size}" if args.local_crops else ""))
     for precision in args.precisions.split(","):
         for channels_last in (False, True):
             ips = measure(args, precision, channels_last)

@@ -67,15 +67,22 @@ def reference_style_ddp() -> dict[str, Any]:
     return {"losses": losses, "state": final_state(model)}
 
 
-def training_loop_step_symmetric() -> dict[str, Any]:
-    """The training loop's path: ``training_step`` (DDP, no per-step buffer broadcast), symmetric loss."""
+def local_views(step: int) -> list[torch.Tensor]:
+    """Two extra query views of the global batch (multi-crop's path; same size for the linear encoder)."""
+    g = torch.Generator().manual_seed(200 + step)
+    return [torch.randn(GLOBAL_BATCH, 1, 8, 8, generator=g) for _ in range(2)]
+
+
+def training_loop_step(symmetric: bool, with_local_views: bool = False) -> dict[str, Any]:
+    """The training loop's path: ``training_step`` (DDP, no per-step buffer broadcast)."""
     model = linear_moco()
-    step_fn = du.training_step(model, symmetric=True, device=torch.device("cpu"))
+    step_fn = du.training_step(model, symmetric=symmetric, device=torch.device("cpu"))
     optimizer = sgd(model.encoder_q.parameters())
     losses = []
     for step in range(STEPS):
         x1, x2 = equivalence_inputs(step)
-        out = step_fn(my_slice(x1), my_slice(x2))
+        local = [my_slice(v) for v in local_views(step)] if with_local_views else []
+        out = step_fn(my_slice(x1), my_slice(x2), None, *local)
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
@@ -194,7 +201,8 @@ def main(out_dir: str) -> None:
         assert du.world_size() == 2, "run with WORLD_SIZE=2"
         results = {
             "reference_ddp": reference_style_ddp(),
-            "training_step_symmetric": training_loop_step_symmetric(),
+            "training_step_symmetric": training_loop_step(symmetric=True),
+            "training_step_local_views": training_loop_step(symmetric=False, with_local_views=True),
             "shuffle": shuffle_scenario(),
             "queue_sync": queue_sync_scenario(),
             "knn": knn_scenario(),

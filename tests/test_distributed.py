@@ -66,14 +66,15 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 
 # --- one process with the global batch == two processes with half of it each ---------------------
-def _single_process_run(symmetric: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _single_process_run(symmetric: bool, with_local_views: bool = False) -> tuple[list[float], dict[str, torch.Tensor]]:
     model = dist_worker.linear_moco()
     optimizer = dist_worker.sgd(model.encoder_q.parameters())
     losses = []
     for step in range(dist_worker.STEPS):
         x1, x2 = dist_worker.equivalence_inputs(step)
-        if symmetric:
-            loss = model.contrastive_loss(x1, x2, symmetric=True).loss
+        if symmetric or with_local_views:
+            local = dist_worker.local_views(step) if with_local_views else []
+            loss = model.contrastive_loss(x1, x2, symmetric=symmetric, local_views=local).loss
         else:
             logits, labels = model(x1, x2)
             loss = F.cross_entropy(logits, labels)
@@ -84,10 +85,12 @@ def _single_process_run(symmetric: bool) -> tuple[list[float], dict[str, torch.T
     return losses, dist_worker.final_state(model)
 
 
-@pytest.mark.parametrize("scenario, symmetric", [("reference_ddp", False), ("training_step_symmetric", True)])
+@pytest.mark.parametrize("scenario, symmetric, local", [("reference_ddp", False, False),
+                                                      ("training_step_symmetric", True, False),
+                                                      ("training_step_local_views", False, True)])
 def test_two_processes_with_half_batches_match_one_process_with_the_global_batch(
-        ranks: list[dict[str, Any]], scenario: str, symmetric: bool) -> None:
-    losses, state = _single_process_run(symmetric)
+        ranks: list[dict[str, Any]], scenario: str, symmetric: bool, local: bool) -> None:
+    losses, state = _single_process_run(symmetric, local)
     assert len(set(losses)) == len(losses) and losses[0] != pytest.approx(losses[-1], abs=1e-3)  # it trains
     for result in ranks:
         got = result[scenario]

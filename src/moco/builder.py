@@ -14,7 +14,7 @@ The forward pass mirrors Algorithm 1 of the paper::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -126,20 +126,35 @@ class MoCo(nn.Module):
         return logits, positive_first_labels(logits)
 
     def contrastive_loss(self, x1: torch.Tensor, x2: torch.Tensor, symmetric: bool = False,
-                         indices: torch.Tensor | None = None) -> MoCoOutput:
+                         indices: torch.Tensor | None = None,
+                         local_views: Sequence[torch.Tensor] = ()) -> MoCoOutput:
         """One MoCo step's loss. With ``symmetric`` both views serve as query and key and the
         two InfoNCE terms are summed (2N keys are enqueued). ``indices`` (the images' dataset
-        indices) is accepted for the common interface of :mod:`moco.contrast`; the queue needs none."""
-        if not symmetric:
+        indices) is accepted for the common interface of :mod:`moco.contrast`; the queue needs none.
+
+        ``local_views`` (multi-crop, Caron et al., 2020): extra small, low-resolution crops of the
+        same images, encoded as further *queries* against the global views' keys; keys still come
+        from the global views only. Each key's term is the mean over its queries, so with no
+        local views the loss is exactly the two-view one.
+        """
+        if not symmetric and not local_views:
             logits, labels = self(x1, x2)
             return MoCoOutput(F.cross_entropy(logits, labels), logits, labels)
-        q1, q2 = self.encode_query(x1), self.encode_query(x2)
+        n = x1.shape[0]
+        q1 = self.encode_query(x1)
+        q2 = self.encode_query(x2) if symmetric else None
+        q_local = self.encode_query(torch.cat(list(local_views))).split(n) if local_views else ()
         with torch.no_grad():
             self.momentum_update()
-            k1, k2 = self.encode_key(x1), self.encode_key(x2)
-        logits = torch.cat([self.logits(q1, k2), self.logits(q2, k1)])
-        labels = positive_first_labels(logits)
-        n = q1.shape[0]
-        loss = F.cross_entropy(logits[:n], labels[:n]) + F.cross_entropy(logits[n:], labels[n:])
-        self.enqueue(k1, k2)
-        return MoCoOutput(loss, logits, labels)
+            k1 = self.encode_key(x1) if symmetric else None
+            k2 = self.encode_key(x2)
+        # (key, its queries): the other global view, then every local view.
+        terms = [(k2, [q1, *q_local])] + ([(k1, [q2, *q_local])] if symmetric else [])
+        loss, all_logits = x1.new_zeros((), dtype=torch.float32), []
+        for key, queries in terms:
+            logits = torch.cat([self.logits(q, key) for q in queries])
+            loss = loss + F.cross_entropy(logits, positive_first_labels(logits))
+            all_logits.append(logits)
+        self.enqueue(*([k1, k2] if symmetric else [k2]))
+        logits = torch.cat(all_logits)
+        return MoCoOutput(loss, logits, positive_first_labels(logits))

@@ -80,6 +80,11 @@ class AugConfig:
     erase_p: Optional[float] = None    # random erasing of one rectangle per view (0 in the presets)
     erase_scale: Optional[list[float]] = None
     erase_ratio: Optional[list[float]] = None
+    # Multi-crop (Caron et al., 2020; model.method=moco): small low-resolution crops of each image as
+    # extra queries against the global views' keys. They take the view settings above, except size and area.
+    local_crops: int = 0               # small views per image; 0 = the two global views only
+    local_size: int = 0                # their side in pixels; 0 = half of data.image_size
+    local_scale: list[float] = field(default_factory=lambda: [0.2, 0.5])  # their crop area, as crop_scale
 
 
 @dataclass
@@ -294,6 +299,8 @@ def validate(config: Config) -> None:
             f"({keys_per_step} = optim.batch_size{' x 2 (symmetric)' if m.symmetric else ''})"
         )
     _validate_augmentation(config.aug)
+    if config.aug.local_crops and m.method != "moco":
+        raise ConfigError(f"aug.local_crops: multi-crop is implemented for model.method=moco only, not {m.method}")
     if o.batch_size % m.bn_splits:
         raise ConfigError(f"model.bn_splits: {m.bn_splits} must divide optim.batch_size={o.batch_size}")
 
@@ -310,8 +317,12 @@ def _validate_augmentation(aug: AugConfig) -> None:
             raise ConfigError(f"aug.{name}: must be >= 0, got {value}")
     if aug.hue is not None and aug.hue > 0.5:
         raise ConfigError(f"aug.hue: must lie in [0, 0.5], got {aug.hue}")
+    if aug.local_crops < 0 or aug.local_size < 0:
+        raise ConfigError(f"aug.local_crops / aug.local_size: must be >= 0, got {aug.local_crops} / {aug.local_size}")
+    if 0 < aug.local_size < 8:
+        raise ConfigError(f"aug.local_size: {aug.local_size} px is too small for a ResNet; use >= 8 (0 = half the image)")
     ranges = {"crop_scale": (0.0, 4.0), "blur_sigma": (0.0, float("inf")), "erase_scale": (0.0, 1.0),
-              "erase_ratio": (0.0, float("inf"))}
+              "erase_ratio": (0.0, float("inf")), "local_scale": (0.0, 4.0)}
     for name, (low, high) in ranges.items():
         value = getattr(aug, name)
         if value is None:

@@ -1,7 +1,7 @@
 """The three dictionary mechanisms of the MoCo paper behind one interface (its Figure 2).
 
 Every mechanism is an ``nn.Module`` with an ``encoder_q`` (the encoder being learned, the one
-kNN and linear evaluation use) and ``contrastive_loss(x1, x2, symmetric, indices) -> MoCoOutput``,
+kNN and linear evaluation use) and ``contrastive_loss(x1, x2, symmetric, indices, local_views) -> MoCoOutput``,
 so the one training loop in :mod:`moco.train` and the one InfoNCE loss in :mod:`moco.loss`
 serve all of them. They differ only in where the keys come from:
 
@@ -15,7 +15,7 @@ serve all of them. They differ only in where the keys come from:
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Union
+from typing import Callable, Protocol, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,8 @@ class Contrast(Protocol):
     encoder_q: nn.Module
 
     def contrastive_loss(self, x1: torch.Tensor, x2: torch.Tensor, symmetric: bool = False,
-                         indices: torch.Tensor | None = None) -> MoCoOutput: ...
+                         indices: torch.Tensor | None = None,
+                         local_views: Sequence[torch.Tensor] = ()) -> MoCoOutput: ...
 
     def check_batch_size(self, batch_size: int, symmetric: bool = False) -> None: ...
 
@@ -46,6 +47,12 @@ def _make_encoder(base_encoder: Union[EncoderFactory, nn.Module], dim: int, mlp:
     if mlp:
         add_mlp_head(encoder)
     return encoder
+
+
+def _no_local_views(method: str, local_views: Sequence[torch.Tensor]) -> None:
+    """Multi-crop's small views are extra queries against momentum keys: MoCo's queue only."""
+    if local_views:
+        raise ValueError(f"local views (multi-crop) are implemented for method=moco only, not {method}")
 
 
 def _check_temperature(T: float) -> None:
@@ -93,7 +100,9 @@ class EndToEnd(nn.Module):
             raise ValueError(f"end_to_end needs a batch of at least 2 (K = batch - 1), got {batch_size}")
 
     def contrastive_loss(self, x1: torch.Tensor, x2: torch.Tensor, symmetric: bool = False,
-                         indices: torch.Tensor | None = None) -> MoCoOutput:
+                         indices: torch.Tensor | None = None,
+                         local_views: Sequence[torch.Tensor] = ()) -> MoCoOutput:
+        _no_local_views("end_to_end", local_views)
         q, k = self.encode_query(x1), self.encode_key(x2)
         logits = in_batch_logits(q, k, self.T)
         if symmetric:  # the key view as query against the query view as keys: the same two passes
@@ -139,7 +148,9 @@ class MemoryBankContrast(nn.Module):
             raise ValueError("memory_bank has no symmetric form: its keys are stored features, not a second view")
 
     def contrastive_loss(self, x1: torch.Tensor, x2: torch.Tensor, symmetric: bool = False,
-                         indices: torch.Tensor | None = None) -> MoCoOutput:
+                         indices: torch.Tensor | None = None,
+                         local_views: Sequence[torch.Tensor] = ()) -> MoCoOutput:
+        _no_local_views("memory_bank", local_views)
         if indices is None:
             raise ValueError("memory_bank needs each image's dataset index (the loader's third output)")
         self.check_batch_size(x1.shape[0], symmetric)

@@ -288,22 +288,24 @@ class _ContrastiveStep(nn.Module):
         super().__init__()
         self.moco, self.symmetric = moco, symmetric
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor,
-                indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = self.moco.contrastive_loss(x1, x2, symmetric=self.symmetric, indices=indices)
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, indices: torch.Tensor | None = None,
+                *local_views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.moco.contrastive_loss(x1, x2, symmetric=self.symmetric, indices=indices, local_views=local_views)
         return out.loss, out.logits, out.labels
 
 
 def training_step(moco: nn.Module, symmetric: bool, device: torch.device) -> Callable[..., Any]:
-    """``(x1, x2, indices=None) -> MoCoOutput`` for this rank's slice (``indices``: the images'
-    dataset indices, which the memory bank needs); under several processes the query
+    """``(x1, x2, indices=None, *local_views) -> MoCoOutput`` for this rank's slice (``indices``: the
+    images' dataset indices, which the memory bank needs; ``local_views``: multi-crop's small
+    crops, see ``MoCo.contrastive_loss``); under several processes the query
     encoder's gradients are averaged across ranks by DistributedDataParallel.
 
     Buffers are not broadcast each step: the queue is kept identical by enqueueing every rank's
     keys, and BN running statistics are synchronised before evaluation (:func:`broadcast_buffers`).
     """
     if world_size() == 1:
-        return lambda x1, x2, indices=None: moco.contrastive_loss(x1, x2, symmetric=symmetric, indices=indices)
+        return lambda x1, x2, indices=None, *local: moco.contrastive_loss(x1, x2, symmetric=symmetric, indices=indices,
+                                                                          local_views=local)
     from moco.builder import MoCoOutput  # builder imports this module
 
     ddp_class = nn.parallel.DistributedDataParallel
@@ -312,7 +314,7 @@ def training_step(moco: nn.Module, symmetric: bool, device: torch.device) -> Cal
                       else {"broadcast_buffers": False})
     ddp = ddp_class(_ContrastiveStep(moco, symmetric), device_ids=[device.index] if device.type == "cuda" else None,
                     **no_buffer_sync)
-    return lambda x1, x2, indices=None: MoCoOutput(*ddp(x1, x2, indices))
+    return lambda x1, x2, indices=None, *local: MoCoOutput(*ddp(x1, x2, indices, *local))
 
 
 # --- shuffle BN --------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -174,10 +174,24 @@ def build_data(config: Config) -> Data:
                 channels, num_classes, mean, std)
 
 
+LOCAL_CROP_FIELDS = ("local_crops", "local_size", "local_scale")
+
+
 def augment_spec(config: Config, data: Data) -> AugmentSpec:
+    """The global views' augmentation: the preset with the ``aug.*`` fields that are set."""
     overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(config.aug).items()
-                 if k != "preset" and v is not None}
+                 if k != "preset" and k not in LOCAL_CROP_FIELDS and v is not None}
     return preset(config.aug.preset, size=config.data.image_size, mean=data.mean, std=data.std, **overrides)
+
+
+def local_augment_spec(config: Config, data: Data) -> AugmentSpec | None:
+    """Multi-crop's small views: the global augmentation at ``aug.local_size`` px over
+    ``aug.local_scale`` of the area; None without ``aug.local_crops``."""
+    a = config.aug
+    if not a.local_crops:
+        return None
+    size = a.local_size or max(8, config.data.image_size // 2)
+    return replace(augment_spec(config, data), size=size, crop_scale=tuple(a.local_scale))
 
 
 # --- model ------------------------------------------------------------------------------------
@@ -283,11 +297,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _views(batch: torch.Tensor, augment: BatchAugment, device: torch.device,
-           memory_format: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor]:
+def _views(batch: torch.Tensor, augment: BatchAugment, device: torch.device, memory_format: torch.memory_format,
+           local_augment: BatchAugment | None = None, local_crops: int = 0) -> tuple[torch.Tensor, ...]:
+    """The two global views of every image, then ``local_crops`` small ones (multi-crop)."""
     batch = batch.to(device, non_blocking=True)
-    return (augment(batch).contiguous(memory_format=memory_format),
-            augment(batch).contiguous(memory_format=memory_format))
+    views = [augment(batch), augment(batch)]
+    views += [local_augment(batch) for _ in range(local_crops)] if local_augment is not None else []
+    return tuple(v.contiguous(memory_format=memory_format) for v in views)
 
 
 @dataclass
@@ -424,6 +440,8 @@ def _pretrain(config: Config, resume: str | None) -> RunResult:
     optimizer = build_optimizer(config, model.encoder_q.parameters())
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     augment = BatchAugment(augment_spec(config, data))
+    local_spec = local_augment_spec(config, data)
+    local_augment = BatchAugment(local_spec) if local_spec is not None else None
     loader = make_loader(data.pretrain, local_batch, shuffle=True, drop_last=True, seed=t.seed,
                          workers=config.data.workers, num_replicas=dist_utils.world_size(), rank=dist_utils.rank())
     steps_per_epoch = len(loader)
@@ -474,7 +492,7 @@ def _pretrain(config: Config, resume: str | None) -> RunResult:
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     tic = time.perf_counter()
-                    views = _views(images, augment, device, memory_format)
+                    views = _views(images, augment, device, memory_format, local_augment, config.aug.local_crops)
                     out, loss, finite = _train_step(train_step, optimizer, scaler, guard, views,
                                                     indices.to(device, non_blocking=True), autocast(device, precision),
                                                     f"epoch {epoch + 1} step {state.step + 1}",
@@ -571,14 +589,14 @@ def _test_knn_line(scores: KnnScores, feature: str, k: int, temperature: float) 
 
 
 def _train_step(train_step: Callable[..., MoCoOutput], optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler, guard: NonFiniteGuard, views: tuple[torch.Tensor, torch.Tensor],
+                scaler: torch.amp.GradScaler, guard: NonFiniteGuard, views: tuple[torch.Tensor, ...],
                 indices: torch.Tensor, precision_context: Any, where: str,
                 last_checkpoint: str) -> tuple[MoCoOutput, torch.Tensor, bool]:
     """Loss, backward and (unless the guard rejects a non-finite step) the optimiser step.
     Returns the output, the global batch's loss (mean over processes) and whether the step was taken."""
     guard.snapshot()
     with precision_context:
-        out = train_step(*views, indices)
+        out = train_step(views[0], views[1], indices, *views[2:])
     loss = dist_utils.mean_over_ranks(out.loss.detach())  # every rank judges the same number
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(out.loss).backward()
