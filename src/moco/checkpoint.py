@@ -11,6 +11,7 @@ import os
 import random
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -69,7 +70,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle (not torch.save) is judged below, not warned about
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # pickle.UnpicklingError for code, RuntimeError for a broken zip archive
         text = str(err)
         if "weights only load failed" in text.lower():
