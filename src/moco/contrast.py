@@ -31,7 +31,8 @@ METHODS = ("moco", "end_to_end", "memory_bank")
 
 
 class Contrast(Protocol):
-    """What the training loop needs from a dictionary mechanism."""
+    """What the training loop needs from a dictionary mechanism. The loop passes ``local_views``
+    only for runs with ``aug.local_crops``, so a mechanism without that argument still trains."""
 
     encoder_q: nn.Module
 

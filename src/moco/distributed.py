@@ -281,6 +281,14 @@ def convert_sync_bn(module: nn.Module, enabled: bool, device: torch.device) -> n
     return nn.SyncBatchNorm.convert_sync_batchnorm(module)
 
 
+def _contrastive_loss(moco: nn.Module, x1: torch.Tensor, x2: torch.Tensor, symmetric: bool,
+                      indices: torch.Tensor | None, local_views: tuple[torch.Tensor, ...]) -> Any:
+    """``moco.contrastive_loss``; ``local_views`` is passed only when there are some, so a
+    mechanism written before multi-crop (without that argument) still trains."""
+    extra = {"local_views": local_views} if local_views else {}
+    return moco.contrastive_loss(x1, x2, symmetric=symmetric, indices=indices, **extra)
+
+
 class _ContrastiveStep(nn.Module):
     """``contrastive_loss`` of any mechanism (moco.contrast) as a ``forward``, so DistributedDataParallel can hook it."""
 
@@ -290,7 +298,7 @@ class _ContrastiveStep(nn.Module):
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, indices: torch.Tensor | None = None,
                 *local_views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = self.moco.contrastive_loss(x1, x2, symmetric=self.symmetric, indices=indices, local_views=local_views)
+        out = _contrastive_loss(self.moco, x1, x2, self.symmetric, indices, local_views)
         return out.loss, out.logits, out.labels
 
 
@@ -304,8 +312,7 @@ def training_step(moco: nn.Module, symmetric: bool, device: torch.device) -> Cal
     keys, and BN running statistics are synchronised before evaluation (:func:`broadcast_buffers`).
     """
     if world_size() == 1:
-        return lambda x1, x2, indices=None, *local: moco.contrastive_loss(x1, x2, symmetric=symmetric, indices=indices,
-                                                                          local_views=local)
+        return lambda x1, x2, indices=None, *local: _contrastive_loss(moco, x1, x2, symmetric, indices, local)
     from moco.builder import MoCoOutput  # builder imports this module
 
     ddp_class = nn.parallel.DistributedDataParallel
