@@ -50,7 +50,9 @@ PROBE_RECIPE = Recipe(steps=1000, batch_size=256, lr=1.0, weight_decay=5e-4)
 class FinetuneOptions:
     steps: int = 500                            # optimiser steps per row: the same budget for every row
     batch_size: int = 128
-    lrs: tuple[float, ...] = (0.05, 0.1)        # moco and random rows; several: each row picks on validation
+    # moco and random rows; several: each row picks on validation. The grid spans both starts'
+    # optima: pretrained weights need to move less (0.01-0.02), random ones more (0.05-0.1).
+    lrs: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1)
     scratch_lr: float = 0.1                     # supervised-from-scratch recipe
     momentum: float = 0.9
     weight_decay: float = 5e-4
