@@ -51,8 +51,8 @@ class FinetuneOptions:
     steps: int = 500                            # optimiser steps per row: the same budget for every row
     batch_size: int = 128
     # moco and random rows; several: each row picks on validation. The grid spans both starts'
-    # optima: pretrained weights need to move less (0.005-0.01 at 1% of the labels; 0.002 scored
-    # lower on validation than 0.005 on four of five draws), random ones more (0.05-0.1).
+    # optima: pretrained weights need to move less (0.005-0.01 at 1% of the labels; where a low lr
+    # won, 0.002 scored below 0.005 on validation), random ones more (0.05-0.1).
     lrs: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1)
     scratch_lr: float = 0.1                     # supervised-from-scratch recipe
     momentum: float = 0.9
