@@ -21,6 +21,7 @@ import torch
 from moco import cli
 from moco.checkpoint import load_checkpoint
 from moco.config import load_config
+from moco.reliability import StopSignals
 from moco.data.datasets import ImageFolderDataset, InMemoryLoader, TensorImageDataset, make_loader
 from moco.train import knn_eval, pretrain, read_metrics
 from tests.tiny import (EPOCHS, FAULT_INJECTION, STEPS_PER_EPOCH, assert_identical_runs, env, moco_command, run_moco,
@@ -233,3 +234,20 @@ def test_deterministic_option_turns_on_deterministic_kernels() -> None:
     finally:
         torch.use_deterministic_algorithms(before[0])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[1], False
+
+
+def _failing_loader(error: Exception):
+    yield "first batch"
+    raise error
+
+
+@pytest.mark.parametrize("error", [RuntimeError("DataLoader worker exited unexpectedly"),
+                                   ConnectionResetError(104, "Connection reset by peer"), EOFError()])
+def test_a_loader_killed_with_the_run_ends_the_epoch_instead_of_crashing(error: Exception) -> None:
+    """scancel signals the workers too: however their death surfaces, after a stop signal the
+    batches just end (so the loop saves); without one the error is the user's to see."""
+    stop = StopSignals()
+    stop.received = signal.SIGTERM
+    assert list(stop.batches(_failing_loader(error))) == ["first batch"]
+    with pytest.raises(type(error)):
+        list(StopSignals().batches(_failing_loader(error)))

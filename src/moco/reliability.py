@@ -14,6 +14,7 @@ import os
 import signal
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -272,11 +273,21 @@ class StopSignals:
                 batch = next(iterator)
             except StopIteration:
                 return
-            except RuntimeError:
-                if self.received is None:
+            except (RuntimeError, OSError, EOFError):
+                # Dying workers surface in several ways (a RuntimeError from the DataLoader, a reset
+                # connection while a batch is handed over); the signal may land a moment after.
+                if not self._signal_arrives():
                     raise
                 return
             yield batch
+
+    def _signal_arrives(self, within_s: float = 1.0) -> bool:
+        """Whether a stop signal has been, or within ``within_s`` is, received (handlers only run
+        between bytecodes of the main thread, so a short sleep lets a pending one through)."""
+        deadline = time.monotonic() + within_s
+        while self.received is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.received is not None
 
     def _handle(self, signum: int, _frame: Any) -> None:
         if self.received is not None:
