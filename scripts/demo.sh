@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-if [ $# -eq 0 ]; then set -- fmnist_v2; fi
+# No config named (nothing, or only key=value overrides): the demo preset.
+if [ $# -eq 0 ] || [[ "$1" == *=* ]]; then set -- fmnist_v2 "$@"; fi
 exec .venv/bin/moco pretrain "$@"
