@@ -3,15 +3,17 @@
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from moco.ablate import diagnose, load_preset, plan, plot_results, resolve_preset, results_markdown, sweep
+from moco.ablate import (Point, diagnose, load_preset, plan, plot_results, resolve_preset, results_markdown, run_point,
+                         sweep)
 from moco.checkpoint import load_checkpoint
 from moco.cli import main
-from moco.config import ConfigError
+from moco.config import ConfigError, load_config
 from tests.conftest import needs_fashion_mnist
 
 # One tiny point per mechanism: 4-8-8-8 ResNet, 300 pretraining images (400 - 100 held out), batch 16, one epoch.
@@ -85,6 +87,21 @@ def test_diverging_points_are_reported_and_the_parallel_sweep_goes_on(tmp_path: 
     assert "loss is nan" in points[0]["reason"] or "loss is inf" in points[0]["reason"]
     assert "| kNN top-1 | **diverged** | **diverged** |" in (out / "results.md").read_text()
     assert (out / "momentum.png").is_file()
+
+
+def test_a_point_that_cannot_resume_replaces_the_older_run_in_its_directory(tiny_reference: tuple[Path, Path],
+                                                                            tmp_path: Path) -> None:
+    """Its config changed (3 epochs then, 1 now), so the point starts afresh over the old run."""
+    config_path, reference_run = tiny_reference
+    directory = tmp_path / "point"
+    shutil.copytree(reference_run, directory)
+    config = load_config(config_path, ["optim.epochs=1"]).to_dict()
+    result = run_point(Point("p", config, {}, negatives=64), str(directory))
+    assert result["status"] != "error", result["reason"]
+    assert [e["epoch"] for e in result["epochs"]] == [1]
+    assert "--- p: starting" in (directory / "log.txt").read_text()
+    assert sorted(p.name for p in directory.glob("checkpoint_*.pth")) == ["checkpoint_epoch0001.pth",
+                                                                         "checkpoint_last.pth"]
 
 
 def _fake(name: str, status: str, knn: float, **labels) -> dict:

@@ -28,14 +28,25 @@ def test_flip_always_mirrors() -> None:
 
 
 def test_crop_zooms_in_to_the_requested_area() -> None:
-    # An image that is 1 inside the central quarter-area square and 0 elsewhere: a crop of
-    # exactly a quarter of the area centred anywhere sees at most the whole bright region.
-    x = torch.zeros(256, 1, 32, 32)
-    x[:, :, 8:24, 8:24] = 1
-    spec = AugmentSpec(size=32, crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0), flip_p=0.0)
+    # Channel 0 holds each pixel's x coordinate, channel 1 its y (normalised, at pixel centres):
+    # bilinear sampling of a ramp is exact, so a view's first and last columns/rows tell which
+    # part of the source it shows. The 128 px source keeps every sample inside the pixel centres.
+    n, source, size = 512, 128, 32
+    ramp = (torch.arange(source) * 2 + 1) / source - 1
+    x = torch.stack([ramp.expand(source, source), ramp[:, None].expand(source, source)]).expand(n, 2, source, source)
+    spec = AugmentSpec(size=size, crop_scale=(0.2, 0.6), crop_ratio=(3 / 4, 4 / 3), flip_p=0.0)
     out = random_resized_crop_flip(x, spec)
-    assert out.shape == (256, 1, 32, 32)
-    assert out.mean() > x.mean()  # crops inside the image magnify the centre on average
+    span = 2 * (size - 1) / size  # between the centres of the view's first and last pixels, in [-1, 1] units
+    width = (out[:, 0, :, -1] - out[:, 0, :, 0]).mean(1) / span  # fractions of the source side
+    height = (out[:, 1, -1, :] - out[:, 1, 0, :]).mean(1) / span
+    area, ratio = width * height, width / height
+    assert area.min() >= 0.2 - 1e-4 and area.max() <= 0.6 + 1e-4  # the requested area, never more or less
+    assert area.min() < 0.22 and area.max() > 0.58  # drawn across the whole range
+    assert ratio.min() >= 3 / 4 - 1e-4 and ratio.max() <= 4 / 3 + 1e-4
+    # The measure itself: the whole image measures a width of exactly 1.
+    full = random_resized_crop_flip(x[:4], AugmentSpec(size=size, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0),
+                                                       flip_p=0.0))
+    torch.testing.assert_close((full[:, 0, :, -1] - full[:, 0, :, 0]) / span, torch.ones(4, size), atol=1e-5, rtol=0)
 
 
 def test_grayscale_input_gets_no_colour_ops_and_stays_in_range() -> None:
@@ -68,10 +79,15 @@ def test_blur_preserves_mean_and_reduces_variance() -> None:
 
 
 def test_eval_transform_normalises_without_randomness() -> None:
-    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    images = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
     t = EvalTransform(28, (0.5,), (0.5,))
-    torch.testing.assert_close(t(images), t(images))
-    torch.testing.assert_close(t(images), images.float() / 255 * 2 - 1)
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    first = t(images)
+    assert torch.equal(torch.get_rng_state(), state)  # it draws no random number...
+    torch.manual_seed(2)
+    assert torch.equal(t(images), first)  # ...so another seed gives the same views: the centre crop
+    torch.testing.assert_close(first, images[..., 2:30, 2:30].float() / 255 * 2 - 1)
 
 
 def test_rotation_turns_views_within_the_requested_angle() -> None:

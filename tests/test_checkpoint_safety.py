@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import builtins
 import errno
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +18,8 @@ import torch
 from moco import cli
 from moco.builder import MoCo
 from moco.checkpoint import CheckpointError, load_checkpoint, save_atomic
-from moco.config import load_config
-from moco.reliability import Checkpointer, CheckpointWarning, NonFiniteGuard
+from moco.config import ConfigError, load_config
+from moco.reliability import Checkpointer, CheckpointWarning, NonFiniteGuard, check_paths
 from moco.train import pretrain, read_metrics
 from tests.conftest import LinearEncoder
 from tests.tiny import EPOCHS, STEPS_PER_EPOCH, assert_identical_runs, tiny_config
@@ -96,6 +98,77 @@ def test_keep_checkpoints_keeps_the_newest_epoch_copies(tmp_path: Path) -> None:
         "checkpoint_epoch0003.pth", "checkpoint_epoch0004.pth", "checkpoint_last.pth"]
     assert load_checkpoint(tmp_path / "checkpoint_epoch0003.pth")["epoch"] == 3
     assert load_checkpoint(tmp_path / "checkpoint_last.pth")["epoch"] == 4
+
+
+def test_epoch_copies_numbered_above_the_epoch_just_written_are_not_pruned(tmp_path: Path) -> None:
+    """An older, longer run's copies sort last; pruning must not keep them and delete this run's."""
+    for old in ("checkpoint_epoch0010.pth", "checkpoint_epoch0011.pth"):
+        save_atomic({"epoch": int(old[16:20])}, tmp_path / old)
+    saver = Checkpointer(tmp_path, keep=1)
+    for epoch in (1, 2):
+        saver.save({"model": {"w": torch.full((2,), float(epoch))}, "step": epoch, "epoch": epoch}, epoch_end=True)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_epoch*.pth")) == [
+        "checkpoint_epoch0002.pth", "checkpoint_epoch0010.pth", "checkpoint_epoch0011.pth"]
+    assert load_checkpoint(tmp_path / "checkpoint_epoch0002.pth")["epoch"] == 2
+
+
+RUN_MARKERS = {"checkpoint_last.pth": b"x", "checkpoint_epoch0007.pth": b"x", "metrics.jsonl": b'{"step": 1}\n',
+               "summary.json": b"{}"}
+
+
+@pytest.mark.parametrize("marker", sorted(RUN_MARKERS))
+def test_a_fresh_run_into_a_directory_holding_a_run_is_refused_untouched(tmp_path: Path, marker: str,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    config_path = tiny_config(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / marker).write_bytes(RUN_MARKERS[marker])
+    (run / "metrics.jsonl").touch()
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.iterdir()}
+    assert cli.main(["pretrain", str(config_path), f"train.output_dir={run}"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"moco: error: train.output_dir: {run} already holds a run; continue it with --resume, "
+                   "or replace it with --overwrite (its metrics and checkpoints are deleted)\n")
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.iterdir()} == before
+
+
+def test_only_results_make_a_run_and_resume_or_overwrite_let_one_through(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    config = load_config(None, [f"train.output_dir={run}"])
+    check_paths(config)  # the directory does not exist yet
+    for name in ("metrics.jsonl", "config.yaml", "resolved.json", "log.txt", "curves.png"):
+        (run / name).touch()  # an empty metrics file and the set-up files of a run that never trained
+    check_paths(config)
+    (run / "checkpoint_last.pth").touch()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        check_paths(config)
+    check_paths(config, resume="auto")
+    check_paths(config, overwrite=True)
+    with pytest.raises(ConfigError, match="--resume and --overwrite: choose one"):
+        check_paths(config, resume="auto", overwrite=True)
+    with pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args(["pretrain", "fmnist_v2", "--resume", "--overwrite"])
+    assert exit_.value.code == 2
+
+
+def test_overwrite_removes_the_previous_runs_results_and_nothing_else(tiny_reference: tuple[Path, Path],
+                                                                      tmp_path: Path) -> None:
+    config_path, reference_run = tiny_reference
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)  # 3 epochs; plus what an even older, longer run left behind:
+    save_atomic({"epoch": 9}, run / "checkpoint_epoch0009.pth")
+    (run / "tensorboard").mkdir()
+    (run / "tensorboard" / "events.out.tfevents.old").write_text("old")
+    (run / "notes.txt").write_text("mine")
+    assert cli.main(["pretrain", str(config_path), f"train.output_dir={run}", "optim.epochs=1", "--overwrite"]) == 0
+    assert sorted(p.name for p in run.glob("checkpoint_*.pth")) == ["checkpoint_epoch0001.pth", "checkpoint_last.pth"]
+    assert load_checkpoint(run / "checkpoint_last.pth")["step"] == STEPS_PER_EPOCH
+    rows = read_metrics(run)
+    assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, STEPS_PER_EPOCH + 1))
+    assert list(json.loads((run / "summary.json").read_text())["val_knn_top1"]) == ["1"]
+    assert not (run / "tensorboard").exists()  # the tiny config writes none, so the old events are gone
+    assert (run / "notes.txt").read_text() == "mine"
 
 
 def test_step_checkpoints_only_between_epoch_ends() -> None:

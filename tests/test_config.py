@@ -39,6 +39,29 @@ def test_bad_values_name_the_option(override: str, message: str) -> None:
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize(("dataset", "split", "message"), [
+    ("cifar10", "test", "data.train_split: 'test' is not one of train for data.dataset=cifar10"),
+    ("cifar100", "unlabeled", "data.train_split: 'unlabeled' is not one of train for data.dataset=cifar100"),
+    ("fashion_mnist", "tran", "data.train_split: 'tran' is not one of train for data.dataset=fashion_mnist"),
+    ("stl10", "test", "data.train_split: 'test' is not one of train, unlabeled, train+unlabeled for "
+                      "data.dataset=stl10"),
+    ("stl10", "unlabelled", "data.train_split: 'unlabelled' is not one of train, unlabeled, train+unlabeled for "
+                            "data.dataset=stl10"),
+    ("folder", "test", "data.train_split: 'test' is the test split of data.dataset=folder; name another sub-folder"),
+])
+def test_a_train_split_the_dataset_lacks_or_its_test_split_is_refused(dataset: str, split: str, message: str) -> None:
+    """torchvision's CIFAR reads any split name but 'train' as its test split: never pretrain on it."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"data.dataset={dataset}", f"data.train_split={split}"])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("dataset", "split"), [("cifar10", "train"), ("stl10", "unlabeled"),
+                                                ("stl10", "train+unlabeled"), ("folder", "unlabeled"), ("folder", "train")])
+def test_the_train_splits_each_dataset_has_are_accepted(dataset: str, split: str) -> None:
+    assert load_config(None, [f"data.dataset={dataset}", f"data.train_split={split}"]).data.train_split == split
+
+
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

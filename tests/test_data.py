@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from moco.data.datasets import (DatasetNotFoundError, InMemoryLoader, TensorImageDataset, fashion_mnist,
-                                load_dataset, split_holdout)
+from moco.data.datasets import (DatasetNotFoundError, InMemoryLoader, TensorImageDataset, _torchvision_in_memory,
+                                fashion_mnist, load_dataset, split_holdout)
 from tests.conftest import needs_fashion_mnist
 
 
@@ -86,3 +86,58 @@ def test_in_memory_loader_order_depends_only_on_seed_and_epoch() -> None:
     loader.set_epoch(2)
     assert [idx.tolist() for _, _, idx in loader] == first and first != other
     assert all(len(b) == 3 for b in first)
+
+
+@pytest.mark.parametrize(("name", "split"), [("cifar10", "tset"), ("cifar100", "unlabeled"), ("stl10", "validation")])
+def test_torchvision_datasets_refuse_a_split_they_do_not_have(tmp_path: Path, name: str, split: str) -> None:
+    """Without this, torchvision's CIFAR reads any name but 'train' as the test split."""
+    with pytest.raises(ValueError, match=f"{name} has no split '{split}'; choose one of train, test"):
+        _torchvision_in_memory(name, str(tmp_path), split, download=False)
+
+
+def test_in_memory_images_convert_between_gray_and_rgb() -> None:
+    gray = TensorImageDataset(torch.tensor([[[[0, 255], [100, 7]]]], dtype=torch.uint8), torch.tensor([3]), ("a",))
+    rgb = gray.with_channels(3)
+    assert rgb.images.shape == (1, 3, 2, 2) and all(torch.equal(rgb.images[:, c], gray.images[:, 0]) for c in range(3))
+    assert rgb.labels.tolist() == [3] and rgb.classes == ("a",) and gray.with_channels(1) is gray
+    colour = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255], [10, 20, 30]], dtype=torch.uint8)
+    photo = TensorImageDataset(colour.T.reshape(1, 3, 2, 2), torch.tensor([0]))
+    # ITU-R 601 luminance, rounded: 0.299 * 255 = 76.2, 0.587 * 255 = 149.7, 0.114 * 255 = 29.1, 2.99 + 11.74 + 3.42
+    assert photo.with_channels(1).images.flatten().tolist() == [76, 150, 29, 18]
+
+
+def test_default_statistics_follow_the_channel_conversion() -> None:
+    from moco.train import default_stats
+
+    assert default_stats("fashion_mnist", 1) == ((0.2860,), (0.3530,))
+    assert default_stats("fashion_mnist", 3) == ((0.2860,) * 3, (0.3530,) * 3)
+    (mean,), (std,) = default_stats("cifar10", 1)
+    assert mean == pytest.approx(0.299 * 0.4914 + 0.587 * 0.4822 + 0.114 * 0.4465)
+    assert std == pytest.approx(0.299 * 0.2470 + 0.587 * 0.2435 + 0.114 * 0.2616)
+    assert default_stats("folder", 1) == ((0.5,), (0.5,)) and len(default_stats("folder", 3)[0]) == 3
+
+
+def test_gray_images_pretrain_and_extract_as_rgb_with_channels_3(tmp_path: Path) -> None:
+    """data.channels=3 on Fashion-MNIST-format data: the gray channel repeated, an RGB encoder."""
+    from moco.checkpoint import load_checkpoint
+    from moco.config import load_config
+    from moco.evaluate.common import extract_feature_set, make_context
+    from moco.train import build_data, pretrain
+    from tests.tiny import tiny_config
+
+    config = load_config(tiny_config(tmp_path, data__channels=3, data__mean=None, data__std=None, optim__epochs=1))
+    data = build_data(config)
+    assert data.channels == 3 and data.mean == (0.2860,) * 3 and data.std == (0.3530,) * 3
+    for split, got in (("train", data.full_train), ("test", data.test)):
+        gray = fashion_mnist(tmp_path / "data", split).images
+        assert got.images.shape == (len(gray), 3, 12, 12)
+        assert all(torch.equal(got.images[:, c], gray[:, 0]) for c in range(3))
+    assert data.pretrain.images.shape[1] == 3
+    result = pretrain(config)
+    assert result.test_knn is not None
+    checkpoint = tmp_path / "run" / "checkpoint_last.pth"
+    assert load_checkpoint(checkpoint)["model"]["encoder_q.conv1.weight"].shape[1] == 3
+    ctx = make_context(checkpoint, device="cpu")
+    features = extract_feature_set(ctx.pretrained.backbone(), ctx)
+    assert features.train.shape == (192, 8) and features.test.shape == (64, 8)
+    assert torch.isfinite(features.train).all() and torch.isfinite(features.test).all()

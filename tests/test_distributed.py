@@ -189,7 +189,10 @@ def test_sync_bn_converts_for_gpu_ranks_and_is_refused_on_cpu(ranks: list[dict[s
     got = ranks[0]["bn_options"]
     assert got["cpu_error"].startswith("model.sync_bn: PyTorch's SyncBatchNorm needs GPUs")
     assert got["sync_layers"] == 20 and got["untouched"] == 0  # every BN of the ResNet-18
-    assert du.convert_sync_bn(dist_worker.tiny_resnet(), True, torch.device("cpu")) is not None  # 1 process: no-op
+    model = dist_worker.tiny_resnet()  # 1 process: the very same module back, its BN layers untouched
+    kinds = [type(m) for m in model.modules()]
+    assert du.convert_sync_bn(model, True, torch.device("cpu")) is model
+    assert [type(m) for m in model.modules()] == kinds and torch.nn.SyncBatchNorm not in kinds
     with pytest.raises(ConfigError, match="model.sync_bn: SyncBatchNorm replaces split BN"):
         load_config(None, ["model.sync_bn=true"])
     with pytest.raises(ConfigError, match="train.dist_timeout_s"):

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -113,3 +114,30 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         main(["finetune", str(tmp_path / "missing.pth"), "--fractions", "2"])
     assert "label fractions lie in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["report", "lincls"])
+def test_a_probe_that_moved_its_frozen_backbone_is_one_error_line(command: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """Not a traceback, whichever command ran the probe: `moco: error: ...` and exit code 1."""
+    import torch
+
+    from moco import cli_eval
+    from moco.evaluate import linear, report
+
+    bn = torch.nn.BatchNorm1d(2)
+    before = linear.snapshot(bn)
+    bn.running_mean += 1
+
+    def moved(*_: object, **__: object) -> None:
+        linear.check_unchanged(bn, before)
+
+    ctx = SimpleNamespace(pretrained=SimpleNamespace(backbone=lambda: bn))
+    monkeypatch.setattr(cli_eval, "_context", lambda _: ctx)
+    monkeypatch.setattr(report, "run_report", moved)
+    monkeypatch.setattr(linear, "run_lincls", moved)
+    assert main([command, str(tmp_path / "ckpt.pth")]) == 1
+    assert capsys.readouterr().err == ("moco: error: the frozen backbone changed during linear-probe training "
+                                       "(1 tensors, e.g. running_mean); the probe's accuracy would not measure the "
+                                       "pretrained weights\n")

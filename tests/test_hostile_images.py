@@ -61,6 +61,8 @@ def test_odd_modes_decode_to_the_requested_channels(tmp_path: Path) -> None:
     images = {
         "gray.png": Image.new("L", (8, 8), 77),
         "rgba.png": Image.new("RGBA", (8, 8), (10, 20, 30, 0)),
+        "opaque_rgba.png": Image.new("RGBA", (8, 8), (10, 20, 30, 255)),
+        "gray_alpha.png": Image.new("LA", (8, 8), (40, 0)),
         "palette.png": Image.new("RGB", (8, 8), (255, 0, 0)).convert("P"),  # web palette
         "sixteen.png": Image.fromarray(wide),
         "bilevel.png": Image.new("1", (8, 8), 1),
@@ -80,7 +82,10 @@ def test_odd_modes_decode_to_the_requested_channels(tmp_path: Path) -> None:
             assert tensor.shape == (channels, 8, 8) and tensor.dtype == torch.uint8, name
     sixteen = decode(tmp_path / "sixteen.png", 1)
     assert sixteen[0, 0, 0] == 255 and sixteen[0, 1, 1] == 100  # 16-bit scaled, not clipped
-    assert decode(tmp_path / "rgba.png", 3)[:, 0, 0].tolist() == [10, 20, 30]
+    # Transparent pixels show the white they would be drawn on, not the colour stored under them.
+    assert decode(tmp_path / "rgba.png", 3)[:, 0, 0].tolist() == [255, 255, 255]
+    assert decode(tmp_path / "gray_alpha.png", 1)[:, 0, 0].tolist() == [255]
+    assert decode(tmp_path / "opaque_rgba.png", 3)[:, 0, 0].tolist() == [10, 20, 30]
     assert decode(tmp_path / "palette.png", 3)[:, 0, 0].tolist() == [255, 0, 0]
 
 
@@ -216,7 +221,7 @@ def test_pretraining_on_a_hostile_folder_warns_and_finishes(tmp_path: Path, smal
     with pytest.warns(BadImageWarning):
         assert cli.main(args) == 0
     assert "Traceback" not in capsys.readouterr().err
-    assert cli.main(args + ["data.on_bad_image=fail"]) == 2
+    assert cli.main(args + ["data.on_bad_image=fail", "--overwrite"]) == 2  # the same run directory again
     err = capsys.readouterr().err
     assert err.startswith("moco: error: ") and len(err.strip().splitlines()) == 1
     assert str(bad["zero_bytes"]) in err or str(bad["text"]) in err

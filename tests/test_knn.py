@@ -41,13 +41,27 @@ def test_votes_are_weighted_by_exp_similarity() -> None:
 
 def test_several_k_from_one_search_equal_separate_searches() -> None:
     train = F.normalize(torch.randn(300, 12), dim=1)
-    train_y = torch.randint(0, 5, (300,))
+    train_y = torch.randint(0, 8, (300,))
     test = F.normalize(torch.randn(70, 12), dim=1)
-    many = knn_predict_many(train, train_y, test, 5, ks=(1, 10, 20, 200), temperature=0.1, chunk_size=16)
+    test_y = torch.randint(0, 8, (70,))
+    many = knn_predict_many(train, train_y, test, 8, ks=(1, 10, 20, 200), temperature=0.1, chunk_size=16)
     for k, scores in many.items():
-        torch.testing.assert_close(scores, knn_predict(train, train_y, test, 5, k=k, temperature=0.1))
-    accs = knn_accuracies(train, train_y, test, torch.randint(0, 5, (70,)), ks=(1, 200), num_classes=5)
-    assert set(accs) == {1, 200} and accs[200]["top5"] == 100.0
+        torch.testing.assert_close(scores, knn_predict(train, train_y, test, 8, k=k, temperature=0.1))
+    accs = knn_accuracies(train, train_y, test, test_y, ks=(10, 200), num_classes=8, chunk_size=16)
+    for k in (10, 200):  # 8 classes: top-5 is not 100% by construction
+        separate = topk_accuracy(knn_predict(train, train_y, test, 8, k=k, temperature=0.1), test_y)
+        assert accs[k] == {"top1": separate[1], "top5": separate[5]}
+
+
+def test_top5_counts_a_label_ranked_sixth_as_a_miss() -> None:
+    """Eight classes at 0, 20, ..., 140 degrees from the query: the votes rank them in that order."""
+    angles = torch.deg2rad(torch.arange(8) * 20.0)
+    train = torch.stack([angles.cos(), angles.sin()], dim=1)
+    query = torch.tensor([[1.0, 0.0]]).repeat(3, 1)
+    labels = torch.tensor([0, 3, 6])  # ranked 1st, 4th and 7th
+    for k in (5, 8):  # k=5: classes 5-7 get no vote and rank below every voted class
+        accs = knn_accuracies(train, torch.arange(8), query, labels, ks=(k,), temperature=0.5, num_classes=8)[k]
+        assert accs["top1"] == pytest.approx(100 / 3) and accs["top5"] == pytest.approx(200 / 3)
 
 
 def test_one_hot_labels_give_perfect_accuracy_for_every_k() -> None:

@@ -57,12 +57,20 @@ def test_symmetric_with_local_views_sums_one_term_per_global_key() -> None:
 
 
 def test_without_local_views_the_loss_is_the_two_view_one() -> None:
+    """No local views: InfoNCE of each global query against the other view's key, recomputed by
+    hand; the symmetric form (which goes through the multi-query path) sums the two terms."""
     model = _deterministic_moco()
     twin = _deterministic_moco()
     twin.load_state_dict(model.state_dict())
+    queue = model.queue.clone()
     x1, x2 = torch.randn(4, 1, 12, 12), torch.randn(4, 1, 12, 12)
-    torch.testing.assert_close(model.contrastive_loss(x1, x2, local_views=()).loss,
-                               twin.contrastive_loss(x1, x2).loss)
+    q1, q2 = model.encode_query(x1), model.encode_query(x2)
+    k1, k2 = model.encode_key(x1), model.encode_key(x2)  # m=0.99 of identical encoders: no change
+    two_view = info_nce_loss(q1, k2, queue, 0.2)
+    torch.testing.assert_close(model.contrastive_loss(x1, x2, local_views=()).loss, two_view, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(twin.contrastive_loss(x1, x2, symmetric=True, local_views=()).loss,
+                               two_view + info_nce_loss(q2, k1, queue, 0.2), rtol=1e-4, atol=1e-4)
+    assert int(model.queue_ptr) == 4 and int(twin.queue_ptr) == 8
 
 
 def test_local_views_send_gradients_to_the_query_encoder_only() -> None:

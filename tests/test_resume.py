@@ -9,6 +9,7 @@ it happens to be. Resumes run in-process through the CLI's ``main`` to save inte
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -188,6 +189,34 @@ def test_interrupt_mid_step_saves_that_step_in_process(tiny_reference: tuple[Pat
     monkeypatch.undo()
     _resume(config_path, run)
     assert_identical_runs(reference_run, run)
+
+
+def test_a_resumed_runs_summary_equals_an_uninterrupted_ones(tiny_reference: tuple[Path, Path], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped in epoch 2 (after epoch 1's kNN row), resumed: summary.json still lists every epoch's
+    val kNN, as the uninterrupted run's does; only the wall-clock fields differ."""
+    config_path, reference_run = tiny_reference
+    run = tmp_path / "run"
+    original_step, calls = torch.optim.SGD.step, [0]
+
+    def step(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        calls[0] += 1
+        if calls[0] == STEPS_PER_EPOCH + 1:
+            signal.raise_signal(signal.SIGTERM)
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    assert cli.main(["pretrain", str(config_path), f"train.output_dir={run}"]) == 143
+    assert [r["epoch"] for r in read_metrics(run) if r["kind"] == "epoch"] == [1]
+    monkeypatch.undo()
+    _resume(config_path, run)
+
+    def summary(run_dir: Path) -> dict:
+        values = json.loads((run_dir / "summary.json").read_text())
+        return {k: v for k, v in values.items() if not k.endswith("seconds")}
+
+    assert list(summary(run)["val_knn_top1"]) == [str(e) for e in range(1, EPOCHS + 1)]
+    assert summary(run) == summary(reference_run)
 
 
 def test_knn_monitor_leaves_the_rng_untouched(tiny_reference: tuple[Path, Path]) -> None:

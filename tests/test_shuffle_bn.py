@@ -28,9 +28,16 @@ def test_shuffle_changes_split_bn_statistics_but_not_order() -> None:
     x = torch.randn(8, 2, 3, 3)
     x[::2] += 5.0  # even samples form sub-batch 0: very different statistics from sub-batch 1
     plain = bn(x)
+    torch.manual_seed(2)
+    perm = torch.randperm(8)  # the order shuffle_batch draws after the same seed
+    torch.manual_seed(2)
     shuffled = encode_with_shuffle_bn(bn, x)
-    assert plain.shape == shuffled.shape
-    assert not torch.allclose(plain, shuffled, atol=1e-3)
+    assert not torch.allclose(plain, shuffled, atol=1e-3)  # other sub-batches, other statistics...
+    # ...but row i is still sample i: normalised within the sub-batch the shuffle put it in.
+    torch.testing.assert_close(shuffled, bn(x[perm])[torch.argsort(perm)])
+    # With fixed statistics (eval mode) normalising is per sample, so the unshuffled rows are the plain ones.
+    bn.eval()
+    torch.testing.assert_close(encode_with_shuffle_bn(bn, x), bn(x), rtol=0, atol=0)
 
 
 def test_split_bn_with_one_split_equals_plain_bn() -> None:

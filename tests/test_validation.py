@@ -47,6 +47,7 @@ def _assert_one_line_error(code: int, err: str, starts: str) -> None:
     ("train.checkpoint_every_steps=-1", "train.checkpoint_every_steps: must be >= 0, got -1"),
     ("train.max_consecutive_skips=0", "train.max_consecutive_skips: must be >= 1, got 0"),
     ("train.keep_checkpoints=-2", "train.keep_checkpoints: must be >= 0, got -2"),
+    ("data.train_split=test", "data.train_split: 'test' is not one of train for data.dataset=fashion_mnist"),
 ])
 def test_bad_values_are_one_line_naming_the_option(tiny_reference: tuple[Path, Path], tmp_path: Path,
                                                    capsys: pytest.CaptureFixture, override: str, message: str) -> None:

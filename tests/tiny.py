@@ -71,7 +71,7 @@ def tiny_config(tmp: Path, folder_workers: int = 0, **overrides: object) -> Path
         "model": {"arch": "resnet18", "widths": [4, 8, 8, 8], "dim": 16, "K": 64, "bn_splits": 2, "T": 0.2},
         "data": {"dataset": "folder" if folder_workers else "fashion_mnist", "root": str(data_root), "image_size": 8,
                  "load_size": 8, "val_size": 32, "mean": [0.3], "std": [0.3], "workers": folder_workers,
-                 "channels": 1},
+                 "channels": 1, "in_memory_mb": 0},  # folders decoded file by file, by the DataLoader's workers
         "aug": {"preset": "v2", "crop_scale": [0.5, 1.0]},
         "optim": {"epochs": EPOCHS, "batch_size": 16, "lr": 0.05, "base_batch_size": 16},
         "train": {"seed": 3, "device": "cpu", "precision": "fp32", "threads": 1, "channels_last": False,

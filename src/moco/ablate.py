@@ -291,7 +291,8 @@ def run_point(point: Point, run_dir: str) -> dict[str, Any]:
     with open(directory / "log.txt", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         print(f"--- {point.name}: {'resuming' if resume else 'starting'}", flush=True)
         try:
-            result = pretrain(config_from_dict(copy.deepcopy(config)), resume=resume)
+            # Not resumable (no checkpoint, or another config's): an older run there is replaced.
+            result = pretrain(config_from_dict(copy.deepcopy(config)), resume=resume, overwrite=resume is None)
             seconds = result.seconds
         except FloatingPointError as err:
             status, reason = "diverged", str(err)

@@ -31,11 +31,14 @@ EncoderFactory = Callable[..., nn.Module]
 
 @dataclass
 class MoCoOutput:
-    """What one training step needs: the loss plus the logits behind it (for pretext accuracy)."""
+    """What one training step needs: the loss plus the logits behind it (for pretext accuracy), and
+    the step's detached, L2-normalised queries (of the first view) for the collapse statistics of
+    :mod:`moco.diagnostics`; None from a mechanism that does not provide them."""
 
     loss: torch.Tensor
     logits: torch.Tensor
     labels: torch.Tensor
+    queries: torch.Tensor | None = None
 
 
 class MoCo(nn.Module):
@@ -117,13 +120,18 @@ class MoCo(nn.Module):
     # --- the reference call and a loss-returning one ------------------------------------
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference-compatible: returns ``(logits, labels)``; ``cross_entropy`` of them is the loss."""
+        _, logits = self._query_step(im_q, im_k)
+        return logits, positive_first_labels(logits)
+
+    def _query_step(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Algorithm 1's step; returns the queries too (``forward`` keeps the reference's outputs)."""
         q = self.encode_query(im_q)
         with torch.no_grad():
             self.momentum_update()
             k = self.encode_key(im_k)
         logits = self.logits(q, k)
         self.enqueue(k)
-        return logits, positive_first_labels(logits)
+        return q, logits
 
     def contrastive_loss(self, x1: torch.Tensor, x2: torch.Tensor, symmetric: bool = False,
                          indices: torch.Tensor | None = None,
@@ -138,8 +146,9 @@ class MoCo(nn.Module):
         local views the loss is exactly the two-view one.
         """
         if not symmetric and not local_views:
-            logits, labels = self(x1, x2)
-            return MoCoOutput(F.cross_entropy(logits, labels), logits, labels)
+            q, logits = self._query_step(x1, x2)
+            labels = positive_first_labels(logits)
+            return MoCoOutput(F.cross_entropy(logits, labels), logits, labels, q.detach())
         n = x1.shape[0]
         q1 = self.encode_query(x1)
         q2 = self.encode_query(x2) if symmetric else None
@@ -157,4 +166,4 @@ class MoCo(nn.Module):
             all_logits.append(logits)
         self.enqueue(*([k1, k2] if symmetric else [k2]))
         logits = torch.cat(all_logits)
-        return MoCoOutput(loss, logits, positive_first_labels(logits))
+        return MoCoOutput(loss, logits, positive_first_labels(logits), q1.detach())

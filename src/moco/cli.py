@@ -1,5 +1,6 @@
-"""``moco`` command line: ``moco pretrain CONFIG [key=value ...] [--resume [PATH]]``, ``moco ablate``; the
-commands that use a checkpoint (lincls, knn, finetune, report, export) are defined in :mod:`moco.cli_eval`."""
+"""``moco`` command line: ``moco pretrain CONFIG [key=value ...] [--resume [PATH] | --overwrite]``,
+``moco ablate``; the commands that use a checkpoint (lincls, knn, finetune, report, export) are
+defined in :mod:`moco.cli_eval`."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from moco.train import pretrain
 
     config = load_config(resolve_config_path(args.config) if args.config else None, args.overrides)
-    result = pretrain(config, resume=args.resume)
+    result = pretrain(config, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         print(f"run directory: {result.run_dir} ({result.seconds:.0f} s)")
     if result.checkpoint_error:  # training finished, but its final state is not on disk
@@ -69,8 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="self-supervised pretraining, then kNN on the test split")
     p.add_argument("config", nargs="?", help="YAML file or shipped config name (see `moco configs`)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.epochs=2")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from a checkpoint (default: <output_dir>/checkpoint_last.pth)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", nargs="?", const="auto", default=None,
+                       help="resume from a checkpoint (default: <output_dir>/checkpoint_last.pth)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="train.output_dir holds a run: delete its metrics, summary, checkpoints and TensorBoard "
+                            "events, then start afresh (without it, or --resume, such a directory is refused)")
     p.set_defaults(func=_pretrain)
     _add_ablate_parser(sub)
     c = sub.add_parser("configs", help="list the shipped configs")
@@ -94,6 +99,7 @@ _default_format_warning = warnings.formatwarning
 def main(argv: list[str] | None = None) -> int:
     from moco.checkpoint import CheckpointError
     from moco.data.images import BadImageError
+    from moco.evaluate.linear import BackboneChangedError
     from moco.reliability import TrainingInterrupted
 
     parser = build_parser()
@@ -106,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except FloatingPointError as err:  # non-finite loss: the message names the step and last checkpoint
         print(f"moco: training stopped: {err}", file=sys.stderr)
+        return 1
+    except BackboneChangedError as err:  # a linear probe moved its frozen backbone (lincls, report): no result
+        print(f"moco: error: {err}", file=sys.stderr)
         return 1
     except TrainingInterrupted as err:  # SIGINT/SIGTERM: a resumable checkpoint was saved first
         if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 wrote the checkpoint and reports

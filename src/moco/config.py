@@ -6,6 +6,7 @@ impossible values are one-line errors that name the option.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -20,6 +21,17 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type, or impossible."""
+
+
+AUTO = "auto"
+# Options that may be ``auto``: derived from the data when a run starts (moco.derive), printed,
+# and stored resolved in the run's config.yaml. Any of them set to a value is used as given.
+AUTO_OPTIONS = ("data.image_size", "data.channels", "data.val_size", "model.stem_stride", "model.small_images",
+                "model.K", "model.bn_splits", "optim.batch_size", "optim.epochs")
+
+
+def is_auto(value: Any) -> bool:
+    return value == AUTO
 
 
 @dataclass
@@ -49,7 +61,7 @@ class DataConfig:
     dataset: str = "fashion_mnist"     # fashion_mnist | cifar10 | cifar100 | stl10 | folder
     root: Optional[str] = None         # None: the dataset's default place
     download: bool = False             # let torchvision download when files are missing
-    train_split: str = "train"         # STL-10: 'unlabeled' or 'train+unlabeled' for pretraining
+    train_split: str = "train"         # STL-10: also 'unlabeled' or 'train+unlabeled'; folder: a sub-folder, not test
     image_size: int = 28               # side of the augmented views (and eval images)
     load_size: int = 0                 # image folders: decode + resize to this before cropping; 0 = image_size
     channels: int = 0                  # 0: whatever the dataset has
@@ -57,6 +69,7 @@ class DataConfig:
     train_subset: int = 0              # use a seeded random subset of the training split; 0 = all
     test_subset: int = 0               # likewise for the test split
     workers: int = 2                   # DataLoader workers (image folders only)
+    in_memory_mb: int = 2048           # image folders that take at most this much decoded are decoded once, into memory; 0 = never
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
     on_bad_image: str = "skip"         # skip | fail: corrupt/unreadable files in image folders (docs/reliability.md)
@@ -128,6 +141,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0    # also refresh checkpoint_last.pth every N steps (mid-epoch resume); 0 = epoch ends
     on_nonfinite: str = "stop"         # stop | skip: what a NaN/inf loss does
     max_consecutive_skips: int = 10    # on_nonfinite=skip: stop after this many non-finite steps in a row
+    on_collapse: str = "warn"          # warn | stop: what collapsed features or a loss back at chance do (moco.diagnostics)
     deterministic: bool = False        # torch.use_deterministic_algorithms + no cuDNN autotuning (for CUDA; CPU already is)
 
 
@@ -153,6 +167,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "data.on_bad_image": ("skip", "fail"),
     "train.on_nonfinite": ("stop", "skip"),
+    "train.on_collapse": ("warn", "stop"),
     "train.knn_feature": ("backbone", "encoder"),
 }
 
@@ -200,6 +215,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
             if not isinstance(value, dict):
                 raise ConfigError(f"{full}: expected a mapping of options, got {value!r}")
             kwargs[key] = _build(hints[key], value, f"{full}.")
+        elif value == AUTO and full in AUTO_OPTIONS:
+            kwargs[key] = AUTO
         else:
             kwargs[key] = _check_type(full, value, hints[key])
     return cls(**kwargs)
@@ -248,12 +265,23 @@ def apply_overrides(values: dict[str, Any], overrides: list[str] = ()) -> dict[s
     return values
 
 
+def auto_options(config: Config) -> list[str]:
+    """The options still set to ``auto`` (resolved from the data when a run starts)."""
+    flat = {f"{section}.{k}": v for section, d in config.to_dict().items() for k, v in d.items()}
+    return [key for key in AUTO_OPTIONS if is_auto(flat[key])]
+
+
 def validate(config: Config) -> None:
-    """Value checks that types alone cannot express."""
+    """Value checks that types alone cannot express. Checks that involve an ``auto`` option are
+    made once the data has resolved it (``moco.derive``)."""
     flat = {f"{section}.{k}": v for section, d in config.to_dict().items() for k, v in d.items()}
     for key, options in CHOICES.items():
         if flat[key] not in options:
             raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(options)}")
+    pending = set(auto_options(config))
+    if pending:
+        _validate_resolvable(config, pending)
+        return
     m, o, d, t = config.model, config.optim, config.data, config.train
     checks = [
         (0.0 <= m.m <= 1.0, "model.m", f"momentum must lie in [0, 1], got {m.m}"),
@@ -272,6 +300,7 @@ def validate(config: Config) -> None:
         (d.load_size == 0 or d.load_size >= d.image_size, "data.load_size", "must be 0 or >= data.image_size"),
         (d.channels in (0, 1, 3), "data.channels", f"must be 0 (from data), 1 or 3, got {d.channels}"),
         (d.val_size >= 0, "data.val_size", f"must be >= 0, got {d.val_size}"),
+        (d.in_memory_mb >= 0, "data.in_memory_mb", f"must be >= 0, got {d.in_memory_mb}"),
         (d.train_subset >= 0 and d.test_subset >= 0, "data.train_subset", "subset sizes must be >= 0"),
         (t.knn_k >= 1, "train.knn_k", f"must be >= 1, got {t.knn_k}"),
         (t.knn_t > 0, "train.knn_t", f"must be > 0, got {t.knn_t}"),
@@ -298,11 +327,52 @@ def validate(config: Config) -> None:
             f"model.K: queue size {m.K} must be a multiple of the keys enqueued per step "
             f"({keys_per_step} = optim.batch_size{' x 2 (symmetric)' if m.symmetric else ''})"
         )
+    _validate_train_split(d)
     _validate_augmentation(config.aug)
     if config.aug.local_crops and m.method != "moco":
         raise ConfigError(f"aug.local_crops: multi-crop is implemented for model.method=moco only, not {m.method}")
     if o.batch_size % m.bn_splits:
         raise ConfigError(f"model.bn_splits: {m.bn_splits} must divide optim.batch_size={o.batch_size}")
+
+
+def _validate_resolvable(config: Config, pending: set[str]) -> None:
+    """Validate a config with ``auto`` options: every check on a copy in which each ``auto``
+    holds a value that passes on its own, so errors in the options that are set still show
+    before any data is read."""
+    probe = copy.deepcopy(config)
+    placeholders = {"data.image_size": 32, "data.channels": 0, "data.val_size": 0, "model.stem_stride": 1,
+                    "model.small_images": True, "optim.epochs": max(2, int(config.optim.warmup_epochs) + 1)}
+    for key, value in placeholders.items():
+        if key in pending:
+            section, name = key.split(".")
+            setattr(getattr(probe, section), name, value)
+    if "model.bn_splits" in pending:
+        probe.model.bn_splits = 1
+    if "optim.batch_size" in pending:
+        probe.optim.batch_size = 2 * probe.model.bn_splits
+    if {"model.K", "optim.batch_size"} & pending:  # K is checked against the batch once both are known
+        probe.model.K = probe.optim.batch_size * (2 if probe.model.symmetric else 1)
+    validate(probe)
+
+
+TRAIN_SPLITS: dict[str, tuple[str, ...]] = {  # what each dataset may pretrain on; never its test split
+    "fashion_mnist": ("train",), "cifar10": ("train",), "cifar100": ("train",),
+    "stl10": ("train", "unlabeled", "train+unlabeled"),
+}
+
+
+def _validate_train_split(d: DataConfig) -> None:
+    """A split the dataset has and that is not its test split (torchvision's CIFAR reads any
+    name but 'train' as the test split, so a typo would pretrain on the test images)."""
+    if d.dataset == "folder":
+        if d.train_split == "test":
+            raise ConfigError("data.train_split: 'test' is the test split of data.dataset=folder; "
+                              "name another sub-folder of data.root (e.g. train)")
+        return
+    allowed = TRAIN_SPLITS[d.dataset]
+    if d.train_split not in allowed:
+        raise ConfigError(f"data.train_split: {d.train_split!r} is not one of {', '.join(allowed)} "
+                          f"for data.dataset={d.dataset}")
 
 
 def _validate_augmentation(aug: AugConfig) -> None:

@@ -113,7 +113,7 @@ class EndToEnd(nn.Module):
         loss = F.cross_entropy(logits[:n], labels[:n])
         if symmetric:
             loss = loss + F.cross_entropy(logits[n:], labels[n:])
-        return MoCoOutput(loss, logits, labels)
+        return MoCoOutput(loss, logits, labels, q.detach())
 
 
 class MemoryBankContrast(nn.Module):
@@ -165,7 +165,7 @@ class MemoryBankContrast(nn.Module):
         if self.proximal:
             loss = loss + self.proximal * (q - positives).pow(2).sum(dim=1).mean()
         self.bank.update(concat_all_gather(indices), concat_all_gather(q.detach()))
-        return MoCoOutput(loss, logits, labels)
+        return MoCoOutput(loss, logits, labels, q.detach())
 
 
 def build_contrast(method: str, base_encoder: Union[EncoderFactory, nn.Module], *, dim: int, K: int, m: float,

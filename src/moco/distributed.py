@@ -297,9 +297,9 @@ class _ContrastiveStep(nn.Module):
         self.moco, self.symmetric = moco, symmetric
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, indices: torch.Tensor | None = None,
-                *local_views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                *local_views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         out = _contrastive_loss(self.moco, x1, x2, self.symmetric, indices, local_views)
-        return out.loss, out.logits, out.labels
+        return out.loss, out.logits, out.labels, getattr(out, "queries", None)
 
 
 def training_step(moco: nn.Module, symmetric: bool, device: torch.device) -> Callable[..., Any]:

@@ -7,7 +7,8 @@
 - ``detectron2``: a pickle ``{"model": {name: ndarray}, "__author__": "MOCO", "matching_heuristics": True}``
   with detectron2's ResNet names (``stem.conv1``, ``res2``-``res5``, ``convN.norm``, ``shortcut``),
   the key mapping of the reference converter. Configs that use it: ``detection/configs/``.
-- ``timm``: reserved for ViT backbones; adding a format is one function in ``EXPORTERS``.
+
+Only formats that can load our ResNets are offered; adding one is one function in ``EXPORTERS``.
 """
 
 from __future__ import annotations
@@ -88,15 +89,9 @@ def export_detectron2(pretrained: PretrainedEncoder, output: Path) -> Path:
     return output
 
 
-def export_timm(pretrained: PretrainedEncoder, output: Path) -> Path:
-    raise ExportError(f"--format timm is for ViT backbones, which moco does not have yet; {pretrained.path} holds "
-                      f"a {pretrained.spec.arch} (use --format torchvision for ResNets)")
-
-
 EXPORTERS: dict[str, Callable[[PretrainedEncoder, Path], Path]] = {
     "torchvision": export_torchvision,
     "detectron2": export_detectron2,
-    "timm": export_timm,
 }
 
 

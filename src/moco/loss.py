@@ -64,6 +64,19 @@ class InfoNCELoss(nn.Module):
         return info_nce_loss(q, k, negatives, self.temperature)
 
 
+def pretext_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Fraction of rows whose logit at the label is strictly above every other logit, as a 0-d tensor.
+
+    Ties count as wrong: with collapsed features every logit ties, and an arg-max would pick
+    index 0, the positive, so a collapsed encoder would score 100%.
+    """
+    logits = logits.detach().float()
+    index = labels.view(-1, 1)
+    target = logits.gather(1, index).squeeze(1)
+    others = logits.scatter(1, index, float("-inf")).amax(dim=1)
+    return (target > others).float().mean()
+
+
 def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of rows whose arg-max is the label (the pretext task's accuracy)."""
-    return (logits.argmax(dim=1) == labels).float().mean().item()
+    """Fraction of rows whose label strictly wins (the pretext task's accuracy; ties are wrong)."""
+    return pretext_accuracy(logits, labels).item()

@@ -1,7 +1,7 @@
 """What keeps a long run safe, in one place (docs/reliability.md has the table of faults):
 
-- :func:`check_paths` and :func:`check_resume`: bad paths or a mismatched checkpoint are a
-  one-line error before any work starts;
+- :func:`check_paths` and :func:`check_resume`: bad paths, a fresh run into a directory that
+  holds a run, or a mismatched checkpoint are a one-line error before any work starts;
 - :class:`Checkpointer`: when checkpoints are written, never with non-finite weights, and a
   failed write (a full disk) is a warning, not the end of the run;
 - :class:`NonFiniteGuard`: a NaN/inf loss stops the run or skips the step;
@@ -32,20 +32,47 @@ class CheckpointWarning(UserWarning):
 
 
 # --- before any work ------------------------------------------------------------------------
-def check_paths(config: Config) -> None:
-    """The data is where the config says, and the output directory is writable."""
+def check_paths(config: Config, resume: str | None = None, overwrite: bool = False) -> None:
+    """The data is where the config says, and the output directory is writable. A fresh run
+    (neither ``resume`` nor ``overwrite``) into a directory that holds a run is refused here,
+    before anything in it changes: it would empty that run's metrics and replace its checkpoints."""
     d = config.data
     if d.dataset == "folder" and not d.root:
         raise ConfigError("data.root: must name the image folder when data.dataset=folder")
     if d.root and not d.download and not Path(d.root).expanduser().exists():
         raise ConfigError(f"data.root: {d.root} does not exist")
     out = Path(config.train.output_dir)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite: choose one (continue the run in train.output_dir, or replace it)")
+    if not resume and not overwrite and holds_run(out):
+        raise ConfigError(f"train.output_dir: {out} already holds a run; continue it with --resume, "
+                          "or replace it with --overwrite (its metrics and checkpoints are deleted)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write_test"):
             pass
     except OSError as err:
         raise ConfigError(f"train.output_dir: cannot write to {out} ({err.strerror or err})") from None
+
+
+RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoint_last.pth")  # with checkpoint_epoch*.pth and tensorboard/
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run's results: a checkpoint, metrics rows or a summary."""
+    metrics = run_dir / "metrics.jsonl"
+    return ((run_dir / "checkpoint_last.pth").exists() or any(run_dir.glob("checkpoint_epoch*.pth"))
+            or (metrics.is_file() and metrics.stat().st_size > 0) or (run_dir / "summary.json").exists())
+
+
+def clear_run(run_dir: Path) -> None:
+    """``--overwrite``: remove the previous run's metrics, summary, checkpoints and TensorBoard
+    events, so none of them mixes with the new run's; nothing else in ``run_dir`` is touched."""
+    import shutil
+
+    for path in [*(run_dir / name for name in RUN_FILES), *run_dir.glob("checkpoint_epoch*.pth")]:
+        path.unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
 
 
 def check_resume(ckpt: dict[str, Any], identity: dict[str, Any], path: Path, steps_per_epoch: int) -> None:
@@ -146,8 +173,17 @@ class Checkpointer:
             warnings.warn(f"could not write {target} ({err.strerror or err}); {self.latest} is up to date",
                           CheckpointWarning, stacklevel=3)
             return
-        for stale in sorted(self.run_dir.glob("checkpoint_epoch*.pth"))[: -self.keep]:
+        # Only copies up to this epoch are candidates: higher numbers are not this run's to delete.
+        older = sorted((n, p) for p in self.run_dir.glob("checkpoint_epoch*.pth")
+                       if (n := _epoch_number(p)) is not None and n <= epoch)
+        for _, stale in older[: -self.keep]:
             stale.unlink(missing_ok=True)
+
+
+def _epoch_number(path: Path) -> int | None:
+    """NNNN of ``checkpoint_epochNNNN.pth``; None for any other name."""
+    digits = path.name.removeprefix("checkpoint_epoch").removesuffix(".pth")
+    return int(digits) if digits.isdigit() else None
 
 
 # --- numerical faults ------------------------------------------------------------------------

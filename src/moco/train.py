@@ -22,13 +22,19 @@ from moco.builder import MoCo, MoCoOutput
 from moco.checkpoint import (CheckpointError, load_checkpoint, preserved_rng, remove_stale_temp_files, rng_state,
                              set_rng_state)
 from moco.contrast import build_contrast
-from moco.config import Config, ConfigError, save_config
+from moco.config import Config, ConfigError, auto_options, is_auto, save_config
 from moco.data.augment import AugmentSpec, BatchAugment, EvalTransform, preset
-from moco.data.datasets import NoUsableImagesError, labels_of, load_dataset, make_loader, split_holdout
+from moco.data.datasets import (LUMA_601, NoUsableImagesError, TensorImageDataset, aspect_ratios_of, decoded_bytes,
+                                 into_memory, is_folder, labels_of, load_dataset, make_loader, set_folder_loading,
+                                 split_holdout, whole_images)
+from moco.derive import check_queue_fits, derive_data_options, derive_training_options, facts_of
+from moco.derive import finish as finish_derivation
+from moco.diagnostics import CollapseMonitor, StepStats, chance_loss, feature_spread
 from moco.evaluate.knn import PCAWhitening, extract_features, head_outputs, knn_accuracy
+from moco.loss import pretext_accuracy
 from moco.models.resnet import resnet
 from moco.reliability import (Checkpointer, NonFiniteGuard, StopSignals, TrainingInterrupted, check_paths, check_resume,
-                              make_deterministic)
+                              clear_run, make_deterministic)
 
 DEFAULT_STATS = {
     "fashion_mnist": ((0.2860,), (0.3530,)),
@@ -37,6 +43,21 @@ DEFAULT_STATS = {
     "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
 }
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def default_stats(dataset: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of ``dataset`` as ``channels``-channel images (converted as build_data does)."""
+    mean, std = DEFAULT_STATS.get(dataset, IMAGENET_STATS if channels == 3 else ((0.5,), (0.5,)))
+    if len(mean) == 1 and channels == 3:  # gray repeated into R, G, B: each channel has the gray statistics
+        return mean * 3, std * 3
+    if len(mean) == 3 and channels == 1:
+        # RGB -> ITU-R 601 luminance: the weighted mean is exact; the weighted std is exact for fully
+        # correlated channels and an upper bound otherwise (close: R, G, B of photos correlate strongly).
+        def luma(values: tuple[float, ...]) -> tuple[float]:
+            return (sum(w * v for w, v in zip(LUMA_601, values)),)
+
+        return luma(mean), luma(std)
+    return mean, std
 
 
 # --- devices and precision -------------------------------------------------------------------
@@ -121,11 +142,17 @@ class Data:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    derived: list[str] = field(default_factory=list)  # "option=value (why)" for each ``auto`` resolved
 
 
 def _channels_of(dataset: Any) -> int:
     inner = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
     return inner.channels
+
+
+def _in_channels(dataset: Any, channels: int) -> Any:
+    """In-memory images converted to ``channels``; image folders are decoded to them already."""
+    return dataset.with_channels(channels) if isinstance(dataset, TensorImageDataset) else dataset
 
 
 def _take_subset(dataset: Any, size: int, seed: int) -> Any:
@@ -134,22 +161,48 @@ def _take_subset(dataset: Any, size: int, seed: int) -> Any:
     return dataset.subset(torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 2))[:size])
 
 
-def build_data(config: Config) -> Data:
+def decode_once(dataset: Any, d: Any, channels: int) -> bool:
+    """Whether an image folder is small enough (``data.in_memory_mb``) to be decoded once into memory:
+    its training split twice (centre-cropped and whole), and a test split of up to the same size."""
+    if not is_folder(dataset) or not d.in_memory_mb:
+        return False
+    return 3 * decoded_bytes(dataset, d.load_size or d.image_size, channels) <= d.in_memory_mb * 2**20
+
+
+def build_data(config: Config, device: torch.device | None = None, pretraining: bool = True) -> Data:
+    """The splits a run uses. ``auto`` options in ``config`` are resolved here, from the data
+    (``moco.derive``), and what was derived is listed in ``Data.derived``. Evaluation passes
+    ``pretraining=False``: the pretraining split is then not decoded into memory."""
     d, seed = config.data, config.train.seed
-    channels_request = d.channels or 3
-    load_size = d.load_size or d.image_size
+    derive = bool(auto_options(config))
+    channels_request = 3 if is_auto(d.channels) or not d.channels else d.channels
+    load_size = 0 if is_auto(d.image_size) else d.load_size or d.image_size  # 0: set once derived
     labeled = load_dataset(d.dataset, "train", d.root, d.download, load_size, channels_request, d.on_bad_image)
     labeled = _take_subset(labeled, d.train_subset, seed)
+    derived = derive_data_options(config, facts_of(labeled), device or torch.device("cpu")) if derive else []
+    channels_request, load_size = d.channels or channels_request, d.load_size or d.image_size
+    set_folder_loading(labeled, load_size, channels_request)
     channels = d.channels or _channels_of(labeled)
+    labeled = _in_channels(labeled, channels)
     has_labels = bool((labels_of(labeled) >= 0).any())
+    whole = whole_images(labeled)  # what pretraining crops from: whole files, for an image folder
+    in_memory = decode_once(labeled, d, channels)
+    if in_memory:
+        labeled = into_memory(labeled, d.workers)
+        whole = into_memory(whole, d.workers) if pretraining and whole is not labeled else labeled
     if d.val_size and has_labels:
         if d.val_size >= len(labeled):
             raise ConfigError(f"data.val_size: {d.val_size} would hold out all {len(labeled)} training images")
         rest, val = split_holdout(labeled, d.val_size, seed)
+        pretrain = rest if whole is labeled else split_holdout(whole, d.val_size, seed)[0]  # the same images
     else:
-        rest, val = labeled, None
-    pretrain = rest if d.train_split == "train" else load_dataset(d.dataset, d.train_split, d.root, d.download,
-                                                                   load_size, channels, d.on_bad_image)
+        rest, val, pretrain = labeled, None, whole
+    if d.train_split != "train":
+        pretrain = whole_images(_in_channels(
+            load_dataset(d.dataset, d.train_split, d.root, d.download, load_size, channels, d.on_bad_image), channels))
+    if derive:
+        derived += derive_training_options(config, len(pretrain), device or torch.device("cpu"))
+        finish_derivation(config)
     bank = rest
     if config.train.knn_bank_size and config.train.knn_bank_size < len(rest):
         pick = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed + 1))[: config.train.knn_bank_size]
@@ -157,12 +210,13 @@ def build_data(config: Config) -> Data:
     try:
         test = (load_dataset(d.dataset, "test", d.root, d.download, load_size, channels, d.on_bad_image)
                 if has_labels else None)
-        test = _take_subset(test, d.test_subset, seed) if test is not None else None
+        test = _in_channels(_take_subset(test, d.test_subset, seed), channels) if test is not None else None
+        test = into_memory(test, d.workers) if test is not None and in_memory else test
     except NoUsableImagesError:
         raise
     except FileNotFoundError:  # no test split: no final kNN
         test = None
-    mean, std = DEFAULT_STATS.get(d.dataset, IMAGENET_STATS if channels == 3 else ((0.5,), (0.5,)))
+    mean, std = default_stats(d.dataset, channels)
     if d.mean is not None:
         mean = tuple(d.mean)
     if d.std is not None:
@@ -171,7 +225,7 @@ def build_data(config: Config) -> Data:
         raise ConfigError(f"data.mean/data.std need {channels} values for {channels}-channel images")
     num_classes = int(labels_of(labeled).max()) + 1 if has_labels else 0
     return Data(pretrain, bank if has_labels else None, val, labeled if has_labels else None, test,
-                channels, num_classes, mean, std)
+                channels, num_classes, mean, std, derived)
 
 
 LOCAL_CROP_FIELDS = ("local_crops", "local_size", "local_scale")
@@ -298,11 +352,13 @@ def seed_everything(seed: int) -> None:
 
 
 def _views(batch: torch.Tensor, augment: BatchAugment, device: torch.device, memory_format: torch.memory_format,
-           local_augment: BatchAugment | None = None, local_crops: int = 0) -> tuple[torch.Tensor, ...]:
-    """The two global views of every image, then ``local_crops`` small ones (multi-crop)."""
+           local_augment: BatchAugment | None = None, local_crops: int = 0,
+           aspect: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """The two global views of every image, then ``local_crops`` small ones (multi-crop).
+    ``aspect``: the original width / height of images that were squeezed into squares."""
     batch = batch.to(device, non_blocking=True)
-    views = [augment(batch), augment(batch)]
-    views += [local_augment(batch) for _ in range(local_crops)] if local_augment is not None else []
+    views = [augment(batch, aspect), augment(batch, aspect)]
+    views += [local_augment(batch, aspect) for _ in range(local_crops)] if local_augment is not None else []
     return tuple(v.contiguous(memory_format=memory_format) for v in views)
 
 
@@ -390,6 +446,11 @@ class LoopState:
     epoch_accs: list[float] = field(default_factory=list)
     metrics_rows: int | None = None  # rows in metrics.jsonl when the checkpoint was written
     elapsed_s: float = 0.0        # training time before this process started
+    epoch_feature_stds: list[float] = field(default_factory=list)  # the epoch's spread statistics (moco.diagnostics)
+    epoch_cosines: list[float] = field(default_factory=list)
+    chance_loss: float = float("nan")                 # the loss when every logit ties
+    collapse_lowest_ratio: float = float("inf")       # CollapseMonitor: lowest loss / chance_loss seen
+    collapse_warned: list[str] = field(default_factory=list)  # CollapseMonitor: problems already reported
 
 
 def run_identity(config: Config, channels: int) -> dict[str, Any]:
@@ -400,21 +461,24 @@ def run_identity(config: Config, channels: int) -> dict[str, Any]:
             "model.mlp": m.mlp, "model.K": m.K, "data.channels": channels}
 
 
-def pretrain(config: Config, resume: str | None = None) -> RunResult:
+def pretrain(config: Config, resume: str | None = None, overwrite: bool = False) -> RunResult:
     """Pretrain MoCo as ``config`` says, writing everything into ``config.train.output_dir``.
+
+    A directory that already holds a run needs ``resume`` (continue it) or ``overwrite`` (its
+    metrics, summary, checkpoints and TensorBoard events are removed before training starts).
 
     Under ``torchrun`` with several processes this joins (and finally leaves) the process group
     from torchrun's environment; see docs/distributed.md.
     """
     with dist_utils.process_group(resolve_device(config.train.device), config.train.dist_timeout_s):
-        return _pretrain(config, resume)
+        return _pretrain(config, resume, overwrite)
 
 
-def _pretrain(config: Config, resume: str | None) -> RunResult:
+def _pretrain(config: Config, resume: str | None, overwrite: bool = False) -> RunResult:
     start_time = time.time()
     t = config.train
     run_dir = Path(t.output_dir)
-    check_paths(config)
+    check_paths(config, resume, overwrite)
     if t.threads:
         torch.set_num_threads(t.threads)
     if t.deterministic:
@@ -424,10 +488,13 @@ def _pretrain(config: Config, resume: str | None) -> RunResult:
     memory_format = resolve_memory_format(config, device)
     seed_everything(t.seed)
 
-    data = build_data(config)
+    data = build_data(config, device)
+    if data.derived:
+        _print("derived from the data (set any of them to override):\n  " + "\n  ".join(data.derived))
     if len(data.pretrain) < config.optim.batch_size:
         raise ConfigError(f"optim.batch_size: {config.optim.batch_size} is larger than the "
                           f"{len(data.pretrain)} pretraining images")
+    check_queue_fits(config, len(data.pretrain))
     model = build_model(config, data.channels, device, bank_size=index_range(data.pretrain))
     model = model.to(device).to(memory_format=memory_format)
     local_batch = dist_utils.local_batch_size(config.optim.batch_size)  # optim.batch_size is global
@@ -449,6 +516,8 @@ def _pretrain(config: Config, resume: str | None) -> RunResult:
     checkpointer = Checkpointer(run_dir, t.checkpoint_every_steps, t.keep_checkpoints,
                                 enabled=dist_utils.is_main_process())
     if dist_utils.is_main_process():
+        if overwrite:  # every check has passed: only now is the previous run deleted
+            clear_run(run_dir)
         remove_stale_temp_files(run_dir)
 
     state = LoopState(steps_per_epoch=steps_per_epoch)
@@ -459,6 +528,10 @@ def _pretrain(config: Config, resume: str | None) -> RunResult:
     train_step = dist_utils.training_step(model, config.model.symmetric, device)
     guard = NonFiniteGuard(model, t.on_nonfinite, t.max_consecutive_skips, check_gradients=not scaler.is_enabled())
     guard.skipped, guard.consecutive = state.skipped_steps, state.consecutive_skips
+    monitor = CollapseMonitor(t.on_collapse, warmup_steps=_dictionary_warmup(config, steps_per_epoch),
+                              patience_steps=3 * steps_per_epoch,
+                              settings=_collapse_settings(config, len(data.pretrain)),
+                              lowest_ratio=state.collapse_lowest_ratio, warned=state.collapse_warned)
     if dist_utils.is_main_process():
         save_config(config, run_dir / "config.yaml")
         (run_dir / "resolved.json").write_text(json.dumps({"device": str(device), "precision": precision,
@@ -474,13 +547,16 @@ def _pretrain(config: Config, resume: str | None) -> RunResult:
 
     def checkpoint(epoch_end: bool) -> Path | None:  # on every rank: the RNG states are gathered
         state.metrics_rows, state.skipped_steps, state.consecutive_skips = log.rows, guard.skipped, guard.consecutive
+        state.collapse_lowest_ratio, state.collapse_warned = monitor.lowest_ratio, sorted(monitor.warned)
         rng_of_ranks = dist_utils.all_gather_objects(rng_state())  # each rank resumes its own RNG
         loop = dict(vars(state), epoch_losses=list(state.epoch_losses), epoch_accs=list(state.epoch_accs),
+                    epoch_feature_stds=list(state.epoch_feature_stds), epoch_cosines=list(state.epoch_cosines),
                     elapsed_s=elapsed())
         return checkpointer.save(training_state(model, optimizer, scaler, config, identity, loop, rng_of_ranks),
                                  epoch_end)
 
-    val_knn: dict[int, float] = {}
+    # A resumed run's summary lists the epochs before the resume too (rows kept by MetricsLog).
+    val_knn: dict[int, float] = _val_knn_so_far(run_dir) if resume and dist_utils.is_main_process() else {}
     try:
         with StopSignals() as stop:
             for epoch in range(state.epoch, config.optim.epochs):
@@ -492,7 +568,8 @@ def _pretrain(config: Config, resume: str | None) -> RunResult:
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     tic = time.perf_counter()
-                    views = _views(images, augment, device, memory_format, local_augment, config.aug.local_crops)
+                    views = _views(images, augment, device, memory_format, local_augment, config.aug.local_crops,
+                                   aspect_ratios_of(data.pretrain, indices))
                     out, loss, finite = _train_step(train_step, optimizer, scaler, guard, views,
                                                     indices.to(device, non_blocking=True), autocast(device, precision),
                                                     f"epoch {epoch + 1} step {state.step + 1}",
@@ -502,9 +579,12 @@ def _pretrain(config: Config, resume: str | None) -> RunResult:
                         dist_utils.assert_same_on_all_ranks({**replicated, **dict(model.named_parameters())})
                     state.step += 1
                     state.batch += 1
-                    acc = dist_utils.mean_over_ranks((out.logits.argmax(1) == out.labels).float().mean()).item() * 100
+                    stats = _step_stats(out, config.model.symmetric)
                     img_s = images.shape[0] * dist_utils.world_size() / (time.perf_counter() - tic)
-                    _log_step(log, show_progress, state, epoch, loss, finite, acc, lr, img_s, t.log_every, guard.skipped)
+                    _log_step(log, show_progress, state, epoch, loss, finite, stats, lr, img_s, t.log_every,
+                              guard.skipped)
+                    if finite and monitor.due(state.batch):  # so a long first epoch is covered too
+                        _check_collapse(monitor, log, state, epoch, checkpointer.describe_last())
                     stopping = stop.agreed()
                     if stopping or checkpointer.due(state.step, state.batch, steps_per_epoch):
                         saved = checkpoint(epoch_end=False)
@@ -516,6 +596,7 @@ def _pretrain(config: Config, resume: str | None) -> RunResult:
                 row: dict[str, Any] = {"kind": "epoch", "step": state.step, "epoch": epoch + 1,
                                        "loss": float(np.mean(state.epoch_losses)) if state.epoch_losses else None,
                                        "pretext_acc": float(np.mean(state.epoch_accs)) if state.epoch_accs else None,
+                                       **_epoch_spread(state),
                                        "elapsed_s": elapsed()}
                 if guard.skipped:
                     row["skipped_steps"] = guard.skipped
@@ -531,7 +612,9 @@ def _pretrain(config: Config, resume: str | None) -> RunResult:
                        + (_val_knn_text(row, t.knn_feature) if "val_knn_top1" in row else "")
                        + (f", {guard.skipped} non-finite steps skipped so far" if guard.skipped else "")
                        + f" ({row['elapsed_s']:.0f} s)")
+                _check_collapse(monitor, log, state, epoch, checkpointer.describe_last())
                 state.epoch, state.batch, state.epoch_losses, state.epoch_accs = epoch + 1, 0, [], []
+                state.epoch_feature_stds, state.epoch_cosines = [], []
                 saved = checkpoint(epoch_end=True)
                 if stop.agreed():
                     raise TrainingInterrupted(stop.received, saved, state.step)
@@ -562,9 +645,16 @@ def _pretrain(config: Config, resume: str | None) -> RunResult:
         plot_run(run_dir)
         summary = {"final_loss": state.last_loss, "val_knn_top1": val_knn, "test_knn_top1": test_knn,
                    **(_test_knn_fields(test_scores, t.knn_feature) if test_scores else {}), "seconds": seconds, "training_seconds": elapsed(), "skipped_steps": guard.skipped,
+                   "collapse_warnings": sorted(monitor.warned),
                    "precision": precision, "device": str(device), "processes": dist_utils.world_size()}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return result
+
+
+def _val_knn_so_far(run_dir: Path) -> dict[int, float]:
+    """The monitor's kNN per epoch from ``metrics.jsonl``'s epoch rows."""
+    return {row["epoch"]: row["val_knn_top1"] for row in read_metrics(run_dir)
+            if row.get("kind") == "epoch" and "val_knn_top1" in row}
 
 
 def _val_knn_text(row: dict[str, Any], feature: str) -> str:
@@ -607,18 +697,68 @@ def _train_step(train_step: Callable[..., MoCoOutput], optimizer: torch.optim.Op
     return out, loss, finite
 
 
+def _step_stats(out: MoCoOutput, symmetric: bool) -> StepStats:
+    """Pretext accuracy (ties wrong) and spread of the queries, averaged over processes in one
+    all-reduce and read in one host sync (the one the accuracy always cost)."""
+    spread = (feature_spread(out.queries).to(out.logits.device) if getattr(out, "queries", None) is not None
+              else torch.full((2,), float("nan"), device=out.logits.device))
+    stats = torch.cat([pretext_accuracy(out.logits, out.labels).view(1) * 100, spread])
+    acc, feature_std, mean_cosine = dist_utils.mean_over_ranks(stats).tolist()
+    return StepStats(acc, feature_std, mean_cosine, chance_loss(out.logits.shape[1], 2 if symmetric else 1))
+
+
+def _epoch_spread(state: LoopState) -> dict[str, float]:
+    """The epoch row's means of the spread statistics, and the chance loss they are judged against."""
+    row = {key: float(np.nanmean(values)) for key, values in (("feature_std", state.epoch_feature_stds),
+                                                               ("mean_cosine", state.epoch_cosines))
+           if values and not all(math.isnan(v) for v in values)}
+    return {**row, "chance_loss": state.chance_loss} if math.isfinite(state.chance_loss) else row
+
+
+def _check_collapse(monitor: CollapseMonitor, log: Any, state: LoopState, epoch: int, last_checkpoint: str) -> None:
+    """Run the collapse monitor on the epoch so far: a ``warning`` row per new problem, then warn or stop."""
+    findings = monitor.check(state.epoch_losses, state.chance_loss, state.epoch_feature_stds, state.epoch_cosines,
+                             state.step, f"epoch {epoch + 1} step {state.step}")
+    for finding in findings:
+        log.write({"kind": "warning", "step": state.step, "epoch": epoch + 1, "warning": finding.kind,
+                   **finding.numbers, "message": finding.message})
+    monitor.act(findings, last_checkpoint, announce=dist_utils.is_main_process())
+
+
+def _dictionary_warmup(config: Config, steps_per_epoch: int) -> int:
+    """Steps until every negative is a real key: the initial queue of random vectors is replaced
+    after K / keys per step, the memory bank's random entries after an epoch."""
+    m = config.model
+    if m.method == "moco":
+        return math.ceil(m.K / (config.optim.batch_size * (2 if m.symmetric else 1)))
+    return steps_per_epoch if m.method == "memory_bank" else 0
+
+
+def _collapse_settings(config: Config, images: int) -> str:
+    """This run's values of the options the collapse advice names."""
+    m, o = config.model, config.optim
+    text = (f"optim.lr={o.lr:g} at optim.batch_size={o.batch_size}, model.T={m.T:g}, model.bn_splits={m.bn_splits} "
+            f"({o.batch_size // m.bn_splits} images per BN group)")
+    if m.method != "end_to_end":
+        text += f", model.K={m.K} for {images} images"
+    return text + (f", model.m={m.m:g}" if m.method == "moco" else "")
+
+
 def _log_step(log: Any, show_progress: Callable[..., None], state: LoopState, epoch: int, loss: torch.Tensor,
-              finite: bool, acc: float, lr: float, img_s: float, log_every: int, skipped: int) -> None:
+              finite: bool, stats: StepStats, lr: float, img_s: float, log_every: int, skipped: int) -> None:
     if not finite:
         log.write({"kind": "nonfinite", "step": state.step, "epoch": epoch + 1, "loss": str(loss.float().item()),
                    "skipped_steps": skipped})
         return
     state.last_loss = loss.item()
     state.epoch_losses.append(state.last_loss)
-    state.epoch_accs.append(acc)
+    state.epoch_accs.append(stats.acc)
+    state.epoch_feature_stds.append(stats.feature_std)
+    state.epoch_cosines.append(stats.mean_cosine)
+    state.chance_loss = stats.chance_loss
     if state.step % log_every == 0 or state.step == 1:
         log.write({"kind": "train", "step": state.step, "epoch": epoch + 1, "loss": state.last_loss,
-                   "pretext_acc": acc, "lr": lr, "img_s": img_s})
+                   "pretext_acc": stats.acc, **stats.fields(), "lr": lr, "img_s": img_s})
     show_progress(loss=f"{state.last_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{img_s:.0f}")
 
 

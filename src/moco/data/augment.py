@@ -83,13 +83,19 @@ def _per_image(values: torch.Tensor) -> torch.Tensor:
     return values.view(-1, 1, 1, 1)
 
 
-def random_resized_crop_flip(x: torch.Tensor, spec: AugmentSpec) -> torch.Tensor:
+def random_resized_crop_flip(x: torch.Tensor, spec: AugmentSpec, aspect: torch.Tensor | None = None) -> torch.Tensor:
     """Per-image random resized crop (area and aspect ratio as torchvision), horizontal flip and,
-    with ``spec.rotation``, a rotation about the crop's centre: one affine map, one resampling."""
+    with ``spec.rotation``, a rotation about the crop's centre: one affine map, one resampling.
+
+    ``aspect`` (width / height per image) says that each image was squeezed into its square from
+    that shape: crop ratios are then drawn in the original geometry, so the views look as
+    torchvision's RandomResizedCrop on the original file would make them."""
     n, device = x.shape[0], x.device
     area = _uniform(n, *spec.crop_scale, device)
     log_ratio = _uniform(n, math.log(spec.crop_ratio[0]), math.log(spec.crop_ratio[1]), device)
     ratio = torch.exp(log_ratio)
+    if aspect is not None:  # a crop of ratio r in the original is r / aspect in the squeezed square
+        ratio = ratio / aspect.to(device=device, dtype=ratio.dtype)
     # Crop width/height as fractions of the image side; clamped to fit, like torchvision's fallback.
     # An area above 1 zooms out: the window is larger than the image, and the image lies inside it.
     limit = max(1.0, math.sqrt(spec.crop_scale[1]))
@@ -217,10 +223,11 @@ class BatchAugment(nn.Module):
         super().__init__()
         self.spec = spec
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, aspect: torch.Tensor | None = None) -> torch.Tensor:
+        """``aspect``: the images' original width / height when they were squeezed into squares."""
         spec = self.spec
         x = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
-        x = random_resized_crop_flip(x, spec)
+        x = random_resized_crop_flip(x, spec, aspect)
         x = color_jitter(x, spec)
         x = random_grayscale(x, spec)
         x = random_gaussian_blur(x, spec)

@@ -7,6 +7,7 @@ decoded per image by DataLoader workers, resized to a fixed load size, then augm
 
 from __future__ import annotations
 
+import copy
 import gzip
 import os
 import signal
@@ -20,11 +21,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from moco.data.images import BadImageError, BadImageWarning, decode, describe, probe
+from moco.data.images import BadImageError, BadImageWarning, ImageInfo, decode, describe, inspect
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+LUMA_601 = (0.299, 0.587, 0.114)  # ITU-R BT.601 luminance weights of R, G, B (PIL's "L" conversion)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
@@ -43,12 +45,15 @@ class TensorImageDataset(Dataset):
     images: torch.Tensor
     labels: torch.Tensor
     classes: tuple[str, ...] = ()
+    aspect: torch.Tensor | None = None  # original width / height of images squeezed into squares (folders)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
             raise ValueError("images must be a uint8 tensor of shape N x C x H x W")
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+        if self.aspect is not None and len(self.aspect) != len(self.images):
+            raise ValueError(f"{len(self.images)} images but {len(self.aspect)} aspect ratios")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -57,11 +62,26 @@ class TensorImageDataset(Dataset):
         return self.images[index], int(self.labels[index]), index
 
     def subset(self, indices: torch.Tensor) -> "TensorImageDataset":
-        return TensorImageDataset(self.images[indices], self.labels[indices], self.classes)
+        return TensorImageDataset(self.images[indices], self.labels[indices], self.classes,
+                                  None if self.aspect is None else self.aspect[indices])
 
     @property
     def channels(self) -> int:
         return self.images.shape[1]
+
+    def with_channels(self, channels: int) -> "TensorImageDataset":
+        """The images as ``channels`` (1 or 3), so the encoder's first layer fits whatever the
+        dataset stores: gray is repeated into R, G and B; RGB becomes its ITU-R 601 luminance."""
+        if channels == self.channels:
+            return self
+        if (self.channels, channels) == (1, 3):
+            return TensorImageDataset(self.images.repeat(1, 3, 1, 1), self.labels, self.classes)
+        if (self.channels, channels) == (3, 1):
+            weights = torch.tensor(LUMA_601).view(1, 3, 1, 1)
+            gray = [(chunk.float() * weights).sum(1, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
+                    for chunk in self.images.split(4096)]  # in chunks: a float copy of all of CIFAR is 600 MB
+            return TensorImageDataset(torch.cat(gray), self.labels, self.classes)
+        raise ValueError(f"cannot turn {self.channels}-channel images into {channels} channels")
 
 
 # --- Fashion-MNIST ---------------------------------------------------------------------------
@@ -118,9 +138,15 @@ def fashion_mnist(root: str | os.PathLike | None = None, split: str = "train", d
 
 
 # --- torchvision datasets held in memory -----------------------------------------------------
+TORCHVISION_SPLITS = {"cifar10": ("train", "test"), "cifar100": ("train", "test"),
+                      "stl10": ("train", "test", "unlabeled", "train+unlabeled")}
+
+
 def _torchvision_in_memory(name: str, root: str | None, split: str, download: bool) -> TensorImageDataset:
     from torchvision import datasets as tvd
 
+    if split not in TORCHVISION_SPLITS.get(name, (split,)):  # CIFAR would read any other name as the test split
+        raise ValueError(f"{name} has no split {split!r}; choose one of {', '.join(TORCHVISION_SPLITS[name])}")
     if root is None:
         root = str(Path("~/.cache/moco/data").expanduser())
     try:
@@ -131,9 +157,7 @@ def _torchvision_in_memory(name: str, root: str | None, split: str, download: bo
             labels = torch.tensor(ds.targets, dtype=torch.long)
             return TensorImageDataset(images, labels, tuple(ds.classes))
         if name == "stl10":
-            stl_split = {"train": "train", "test": "test", "unlabeled": "unlabeled",
-                         "train+unlabeled": "train+unlabeled"}[split]
-            ds = tvd.STL10(root, split=stl_split, download=download)
+            ds = tvd.STL10(root, split=split, download=download)
             images = torch.from_numpy(np.ascontiguousarray(ds.data))
             labels = torch.from_numpy(ds.labels.astype(np.int64))
             return TensorImageDataset(images, labels, tuple(ds.classes))
@@ -149,21 +173,26 @@ def _torchvision_in_memory(name: str, root: str | None, split: str, download: bo
 SUBSTITUTE_TRIES = 16  # neighbours tried in place of an image that fails to decode
 
 
-def _probe_all(paths: list[Path]) -> list[str | None]:
-    """:func:`images.probe` for every file; threads, since opening headers waits on the disk."""
+def _inspect_all(paths: list[Path]) -> list[ImageInfo]:
+    """:func:`images.inspect` for every file; threads, since opening headers waits on the disk."""
     if len(paths) < 256:
-        return [probe(path) for path in paths]
+        return [inspect(path) for path in paths]
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(probe, paths, chunksize=64))
+        return list(pool.map(inspect, paths, chunksize=64))
 
 
 class ImageFolderDataset(Dataset):
     """Images under ``root``: class sub-folders give labels; a flat folder gives unlabeled images.
 
-    Each image is decoded, converted to ``channels`` (1 or 3) and resized (shorter side, then
-    centre crop) to ``load_size`` so batches stack; random crops happen later, in batches.
+    Each image is decoded, converted to ``channels`` (1 or 3) and resized to ``load_size`` x
+    ``load_size`` so batches stack. How depends on ``fit``: ``"crop"`` (evaluation) resizes the
+    shorter side and takes the centre square, as torchvision's Resize + CenterCrop; ``"whole"``
+    (pretraining) squeezes the whole image into the square, so that the random crops, which
+    happen later in batches, can come from anywhere in a wide photo. The augmentation undoes the
+    squeeze: it draws each crop's aspect ratio in the original image's geometry from
+    :meth:`aspect_ratios` (see :func:`moco.data.augment.random_resized_crop_flip`).
 
     Bad files are skipped and counted (``on_bad_image="skip"``) or stop the run (``"fail"``):
     empty, unreadable, non-image and oversized files are found at start-up from their headers;
@@ -171,8 +200,12 @@ class ImageFolderDataset(Dataset):
     reported by the loader (see :class:`FolderLoader`). A folder with nothing usable is an error.
     """
 
-    def __init__(self, root: str | os.PathLike, load_size: int, channels: int = 3, on_bad_image: str = "skip") -> None:
+    def __init__(self, root: str | os.PathLike, load_size: int, channels: int = 3, on_bad_image: str = "skip",
+                 fit: str = "crop") -> None:
         self.root = Path(root).expanduser()
+        if fit not in ("crop", "whole"):
+            raise ValueError(f"fit must be 'crop' or 'whole', got {fit!r}")
+        self.fit = fit
         if not self.root.is_dir():
             raise DatasetNotFoundError(f"image folder {self.root} does not exist")
         if on_bad_image not in ("skip", "fail"):
@@ -187,7 +220,8 @@ class ImageFolderDataset(Dataset):
         else:
             self.classes = ()
             candidates = [(p, -1) for p in sorted(self.root.iterdir()) if _is_image_name(p)]
-        reasons = _probe_all([path for path, _ in candidates])
+        infos = _inspect_all([path for path, _ in candidates])
+        reasons = [info.reason for info in infos]
         self.skipped = [(path, reason) for (path, _), reason in zip(candidates, reasons) if reason]
         if self.skipped and on_bad_image == "fail":
             path, reason = self.skipped[0]
@@ -199,6 +233,9 @@ class ImageFolderDataset(Dataset):
             raise NoUsableImagesError(f"no usable images in {self.root}: "
                                       f"{describe(self.skipped, len(candidates), self.root)}")
         self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.long)
+        usable = [info for info in infos if not info.reason]
+        self.sizes = torch.tensor([(info.width, info.height) for info in usable], dtype=torch.long)  # N x (w, h)
+        self.gray = torch.tensor([info.gray for info in usable], dtype=torch.bool)
         empty = [name for label, name in enumerate(self.classes) if not bool((self.labels == label).any())]
         notes = [describe(self.skipped, len(candidates), self.root)] if self.skipped else []
         if empty:
@@ -217,8 +254,23 @@ class ImageFolderDataset(Dataset):
         from torchvision.transforms.v2 import functional as TF
 
         tensor = decode(self.samples[index][0], self.channels, draft_size=self.load_size)
+        if self.fit == "whole":
+            return TF.resize(tensor, [self.load_size, self.load_size], antialias=True)
         tensor = TF.resize(tensor, self.load_size, antialias=True)
         return TF.center_crop(tensor, [self.load_size, self.load_size])
+
+    def aspect_ratios(self, indices: torch.Tensor) -> torch.Tensor:
+        """Width / height of the original files ``indices``: what :meth:`load` squeezed with ``fit="whole"``."""
+        sizes = self.sizes[indices].float()
+        return sizes[:, 0] / sizes[:, 1]
+
+    def with_fit(self, fit: str) -> "ImageFolderDataset":
+        """The same files loaded another way (a shallow copy: the file list is shared)."""
+        if fit not in ("crop", "whole"):
+            raise ValueError(f"fit must be 'crop' or 'whole', got {fit!r}")
+        other = copy.copy(self)
+        other.fit = fit
+        return other
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         """(image, label, index); an undecodable image is replaced by the next decodable one and
@@ -433,3 +485,64 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, drop_last: boo
     if isinstance(dataset, TensorImageDataset):
         return InMemoryLoader(dataset, batch_size, shuffle, drop_last, seed, num_replicas, rank)
     return FolderLoader(dataset, batch_size, shuffle, drop_last, seed, workers, num_replicas, rank)
+
+
+# --- pretraining sees whole images ---------------------------------------------------------------
+def _folder_of(dataset: Dataset) -> ImageFolderDataset | None:
+    inner = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    return inner if isinstance(inner, ImageFolderDataset) else None
+
+
+def is_folder(dataset: Dataset) -> bool:
+    """An image folder (or a Subset of one), decoded file by file."""
+    return _folder_of(dataset) is not None
+
+
+def set_folder_loading(dataset: Dataset, load_size: int, channels: int) -> None:
+    """Set how an image folder decodes (once ``auto`` options are known); in-memory data is unchanged."""
+    folder = _folder_of(dataset)
+    if folder is not None:
+        folder.load_size, folder.channels = load_size, channels
+
+
+def whole_images(dataset: Dataset) -> Dataset:
+    """The same images for pretraining: an image folder squeezes whole files into the square
+    (``fit="whole"``) so random crops can reach every part of them; in-memory data is unchanged."""
+    folder = _folder_of(dataset)
+    if folder is None:
+        return dataset
+    whole = folder.with_fit("whole")
+    return torch.utils.data.Subset(whole, dataset.indices) if isinstance(dataset, torch.utils.data.Subset) else whole
+
+
+def aspect_ratios_of(dataset: Dataset, indices: torch.Tensor) -> torch.Tensor | None:
+    """Original width / height of the images ``indices`` (as the loader yields them) of a squeezed
+    folder, or of one decoded into memory; None where images were not squeezed."""
+    if isinstance(dataset, TensorImageDataset):
+        return None if dataset.aspect is None else dataset.aspect[indices]
+    folder = _folder_of(dataset)
+    if folder is None or folder.fit != "whole":
+        return None
+    return folder.aspect_ratios(indices)
+
+
+def decoded_bytes(dataset: Dataset, load_size: int, channels: int) -> int:
+    """What an image folder takes decoded at ``load_size``: uint8, ``channels`` x side x side each."""
+    return len(dataset) * channels * load_size * load_size
+
+
+def into_memory(dataset: Dataset, workers: int = 0, batch_size: int = 256) -> TensorImageDataset:
+    """Decode every image of a folder (or a Subset of one) once, in order, into a
+    :class:`TensorImageDataset` (squeezed images keep their aspect ratios). Small folders then
+    train as fast as the built-in datasets: no file is decoded again, batches are index
+    operations. Bad files are handled and reported as the folder loader does."""
+    folder = _folder_of(dataset)
+    if folder is None:
+        raise ValueError("into_memory takes an image folder")
+    images, labels = [], []
+    for batch, label, _ in make_loader(dataset, batch_size, shuffle=False, drop_last=False, workers=workers):
+        images.append(batch)
+        labels.append(torch.as_tensor(label))
+    base = torch.as_tensor(dataset.indices) if isinstance(dataset, torch.utils.data.Subset) else torch.arange(len(folder))
+    aspect = folder.aspect_ratios(base) if folder.fit == "whole" else None
+    return TensorImageDataset(torch.cat(images), torch.cat(labels), folder.classes, aspect)

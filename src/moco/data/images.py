@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import struct
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,28 +53,47 @@ def _too_large(width: int, height: int) -> str | None:
     return None
 
 
-def probe(path: Path) -> str | None:
-    """Why ``path`` cannot be used, judged from its size, permissions and header; None if it looks fine."""
+GRAY_MODES = ("1", "L", "LA", "I", "F", *SIXTEEN_BIT_MODES)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What a file's header says: why it cannot be used (None if it looks fine), its size and
+    whether it is single-channel."""
+
+    reason: str | None
+    width: int = 0
+    height: int = 0
+    gray: bool = False
+
+
+def inspect(path: Path) -> ImageInfo:
+    """:class:`ImageInfo` of ``path``, judged from its size, permissions and header."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         if path.stat().st_size == 0:
-            return "empty file (0 bytes)"
+            return ImageInfo("empty file (0 bytes)")
         with path.open("rb") as handle, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(handle) as image:
-                width, height = image.size
+                (width, height), mode = image.size, image.mode
     except PermissionError:
-        return "permission denied"
+        return ImageInfo("permission denied")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return "over PIL's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS)"
+        return ImageInfo("over PIL's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS)")
     except UnidentifiedImageError:
-        return "not an image file PIL can identify"
+        return ImageInfo("not an image file PIL can identify")
     except (OSError, SyntaxError, ValueError, struct.error) as err:
-        return f"unreadable ({type(err).__name__}: {err})"
+        return ImageInfo(f"unreadable ({type(err).__name__}: {err})")
     if width < 1 or height < 1:
-        return f"has no pixels ({width}x{height})"
-    return _too_large(width, height)
+        return ImageInfo(f"has no pixels ({width}x{height})")
+    return ImageInfo(_too_large(width, height), width, height, mode in GRAY_MODES)
+
+
+def probe(path: Path) -> str | None:
+    """Why ``path`` cannot be used, judged from its size, permissions and header; None if it looks fine."""
+    return inspect(path).reason
 
 
 def to_uint8_array(image, channels: int) -> np.ndarray:
@@ -87,6 +107,11 @@ def to_uint8_array(image, channels: int) -> np.ndarray:
         image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), mode="L")
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # PIL asks for this before dropping palette transparency
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        # Transparent pixels are shown on white: converting would drop the alpha and keep whatever
+        # colour lies under it (black in most clip art, leftover paint in some).
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     pixels = np.array(image.convert("L" if channels == 1 else "RGB"))  # a writable copy
     return pixels[:, :, None] if pixels.ndim == 2 else pixels
 

@@ -61,7 +61,7 @@ def make_context(checkpoint: str | os.PathLike, overrides: Sequence[str] = (), o
     config = from_dict(apply_overrides(values, list(overrides)))
     # Evaluation trains on the whole labelled train split: no pretraining holdout, no unlabeled split.
     config.data.val_size, config.data.train_split = 0, "train"
-    data = build_data(config)
+    data = build_data(config, pretraining=False)
     if data.full_train is None or data.test is None:
         raise ConfigError(f"data.dataset={config.data.dataset}: evaluation needs labelled train and test splits")
     if data.channels != pretrained.spec.in_channels:

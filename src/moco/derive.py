@@ -1,0 +1,155 @@
+"""Options derived from the data: what ``auto`` means in a config (the ``folder`` preset).
+
+A user's folder may hold 300 images or millions, gray or colour, 28 px or 4,000 px. Defaults
+tuned for 60,000 Fashion-MNIST images fail on it (a hold-out larger than the data, a queue
+that holds several keys of each image, BN groups of a handful of images). Each rule below says
+why it picks its value; the run prints every value it derived, and any option set explicitly is
+used as given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moco.config import Config, ConfigError, auto_options, is_auto, validate
+
+MAX_VAL_SIZE = 5000        # the kNN monitor's hold-out: 10% of the labelled images, at most this many
+MIN_VAL_FRACTION = 0.1
+MIN_VAL_IMAGES = 200       # ... but at least this many (a 2% step of accuracy), or a fifth of a small set
+BN_GROUP = 32              # images per split-BN group: smaller groups give noisy statistics
+MAX_BATCH = 256
+MAX_QUEUE = 65536
+CPU_IMAGE_SIZE = 64        # views on a CPU: a 300 px photo is learned from at 64 px
+GPU_IMAGE_SIZE = 224
+CPU_VIEWS = 300_000        # views per run on a CPU (about 10 min for 64 px on 2 cores), GPU: 5x
+MIN_EPOCHS, MAX_EPOCHS = 20, 800
+
+
+@dataclass
+class DataFacts:
+    """What the derivation looks at, measured on the training split before any decoding."""
+
+    images: int                # images in the training split (after data.train_subset)
+    labelled: bool
+    classes: int
+    gray: bool                 # every image is single-channel
+    short_side: int            # median of the shorter side, in pixels
+
+    def describe(self) -> str:
+        kind = f"{self.classes} classes" if self.labelled else "unlabelled"
+        return (f"{self.images:,} training images ({kind}), {'gray' if self.gray else 'colour'}, "
+                f"median shorter side {self.short_side} px")
+
+
+def facts_of(dataset: Any) -> DataFacts:
+    """The facts of an in-memory dataset or an image folder (sizes and modes from the file headers)."""
+    from moco.data.datasets import labels_of
+
+    inner = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    labels = labels_of(dataset)
+    labelled = bool((labels >= 0).any())
+    if hasattr(inner, "sizes"):  # an image folder: (width, height) of every usable file
+        index = torch.as_tensor(dataset.indices) if isinstance(dataset, torch.utils.data.Subset) else slice(None)
+        short = inner.sizes[index].min(dim=1).values
+        gray = bool(inner.gray[index].all())
+    else:
+        short = torch.tensor([min(inner.images.shape[-2:])])
+        gray = inner.images.shape[1] == 1
+    return DataFacts(len(dataset), labelled, int(labels.max()) + 1 if labelled else 0, gray,
+                     int(short.float().median()))
+
+
+def _set(config: Config, key: str, value: Any, why: str, notes: list[str]) -> None:
+    section, name = key.split(".")
+    setattr(getattr(config, section), name, value)
+    notes.append(f"{key}={value} ({why})")
+
+
+def _pending(config: Config, key: str) -> bool:
+    section, name = key.split(".")
+    return is_auto(getattr(getattr(config, section), name))
+
+
+def derive_data_options(config: Config, facts: DataFacts, device: torch.device) -> list[str]:
+    """Channels, view size, stem and hold-out: what loading the data needs."""
+    notes: list[str] = []
+    if _pending(config, "data.channels"):
+        _set(config, "data.channels", 1 if facts.gray else 3,
+             "every image is gray" if facts.gray else "colour images", notes)
+    if _pending(config, "data.image_size"):
+        cap = GPU_IMAGE_SIZE if device.type == "cuda" else CPU_IMAGE_SIZE
+        size = max(16, min(facts.short_side, cap))
+        why = (f"the images' {facts.short_side} px" if size == facts.short_side
+               else f"{facts.short_side} px images, at most {cap} px on {device.type}" if size == cap
+               else f"{facts.short_side} px images upsampled to the smallest size the ResNet takes")
+        _set(config, "data.image_size", size, why, notes)
+    size = config.data.image_size
+    if _pending(config, "model.small_images"):
+        _set(config, "model.small_images", size <= 96,
+             "3x3 stem without max-pool up to 96 px" if size <= 96 else "ImageNet's 7x7 stem above 96 px", notes)
+    if _pending(config, "model.stem_stride"):
+        stride = 1 if size <= 32 else 2
+        _set(config, "model.stem_stride", stride,
+             "full resolution up to 32 px" if stride == 1 else "halve larger views in the stem (4x cheaper)", notes)
+    if _pending(config, "data.val_size"):
+        if not facts.labelled:
+            _set(config, "data.val_size", 0, "unlabelled: no kNN monitor", notes)
+        else:
+            val = min(MAX_VAL_SIZE, max(round(MIN_VAL_FRACTION * facts.images), min(MIN_VAL_IMAGES, facts.images // 5)))
+            _set(config, "data.val_size", val, f"{100 * val / facts.images:.0f}% of {facts.images:,} labelled images "
+                                               "held out for the kNN monitor", notes)
+    return notes
+
+
+def _power_of_two_at_most(n: int) -> int:
+    return 1 << max(0, n.bit_length() - 1)
+
+
+def derive_training_options(config: Config, pretrain_images: int, device: torch.device) -> list[str]:
+    """Batch, split BN, queue and epochs from the number of pretraining images."""
+    notes: list[str] = []
+    m, o = config.model, config.optim
+    keys_factor = 2 if m.symmetric else 1
+    if _pending(config, "optim.batch_size"):
+        batch = max(16, min(MAX_BATCH, _power_of_two_at_most(pretrain_images // 8)))
+        if not is_auto(m.K):  # the queue must take whole batches
+            while batch > 2 and m.K % (batch * keys_factor):
+                batch //= 2
+        _set(config, "optim.batch_size", batch, f"at most 1/8 of {pretrain_images:,} images, at most {MAX_BATCH}",
+             notes)
+    batch = o.batch_size
+    if _pending(config, "model.bn_splits"):
+        splits = max(1, batch // BN_GROUP)
+        _set(config, "model.bn_splits", splits, f"split-BN groups of {batch // splits} images", notes)
+    if _pending(config, "model.K"):
+        step = batch * keys_factor
+        queue = max(step, min(MAX_QUEUE, pretrain_images // 2) // step * step)
+        _set(config, "model.K", queue, f"a multiple of the {step} keys a step enqueues, at most half the "
+                                       f"{pretrain_images:,} pretraining images", notes)
+    if _pending(config, "optim.epochs"):
+        # A step's cost grows with the feature maps' area: the view side after the stem.
+        side = config.data.image_size / (config.model.stem_stride if config.model.small_images else 4)
+        views = CPU_VIEWS * (5 if device.type == "cuda" else 1) * (32 / max(side, 32)) ** 2
+        epochs = int(min(MAX_EPOCHS, max(MIN_EPOCHS, round(views / pretrain_images))))
+        _set(config, "optim.epochs", epochs, f"about {epochs * pretrain_images:,} images seen", notes)
+    return notes
+
+
+def check_queue_fits(config: Config, pretrain_images: int) -> None:
+    """A queue longer than an epoch holds several keys of the same image, so an image's own earlier
+    key is a negative for it: the loss then pushes apart what it should pull together."""
+    if config.model.method == "moco" and config.model.K > pretrain_images:
+        raise ConfigError(f"model.K: the queue of {config.model.K:,} keys is longer than the {pretrain_images:,} "
+                          f"pretraining images, so it would hold earlier keys of the very images it contrasts; "
+                          f"use model.K <= {pretrain_images} (a multiple of optim.batch_size) or model.K=auto")
+
+
+def finish(config: Config) -> None:
+    """Every ``auto`` resolved: the full validation runs now."""
+    left = auto_options(config)
+    if left:
+        raise ConfigError(f"{left[0]}: 'auto' could not be resolved for this dataset")
+    validate(config)

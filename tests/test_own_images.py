@@ -1,0 +1,161 @@
+"""Your own images: options derived from the folder (``auto``), whole-image crops, the queue bound."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from moco.cli import resolve_config_path
+from moco.config import ConfigError, auto_options, load_config
+from moco.data.augment import preset, random_resized_crop_flip
+from moco.data.datasets import ImageFolderDataset, TensorImageDataset, aspect_ratios_of, into_memory, whole_images
+from moco.derive import (MAX_EPOCHS, MIN_EPOCHS, DataFacts, check_queue_fits, derive_data_options,
+                         derive_training_options)
+from moco.train import build_data
+
+CPU = torch.device("cpu")
+
+
+def _folder(root: Path, per_class: tuple[int, ...], size: tuple[int, int] = (300, 300), mode: str = "L",
+            test: int = 0) -> Path:
+    """``root/train/<class>/*.png`` (and ``root/test``) of random pixels, ``per_class`` images per class."""
+    rng = np.random.default_rng(0)
+    for split, counts in (("train", per_class), ("test", (test,) * len(per_class) if test else ())):
+        for label, count in enumerate(counts):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(pixels).convert(mode).save(folder / f"{i}.png")
+    return root
+
+
+def test_the_folder_preset_resolves_to_a_valid_config_on_300_gray_images(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "imgs", (150, 90, 40, 20), test=5)  # 300 gray 300x300 images, 4 imbalanced classes
+    config = load_config(resolve_config_path("folder"), [f"data.root={root}", "data.workers=0"])
+    assert "model.K" in auto_options(config) and "data.val_size" in auto_options(config)
+    data = build_data(config)
+    assert auto_options(config) == []  # build_data resolved every auto and validated the result
+    d, m, o = config.data, config.model, config.optim
+    assert (d.channels, d.image_size, m.stem_stride) == (1, 64, 2)
+    assert d.val_size == 60 and len(data.val) == 60 and len(data.pretrain) == 240  # a fifth of a small set
+    assert o.batch_size == 16 and m.bn_splits == 1  # 240 / 8 -> 16, groups of >= 16 images
+    assert m.K % o.batch_size == 0 and m.K <= len(data.pretrain) // 2
+    assert MIN_EPOCHS <= o.epochs <= MAX_EPOCHS
+    assert any(note.startswith("model.K=") for note in data.derived)
+    image, _, _ = data.pretrain[0]
+    assert image.shape == (1, 64, 64)
+
+
+def test_options_set_explicitly_win_over_derived_ones(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "imgs", (40, 40))
+    config = load_config(resolve_config_path("folder"), [f"data.root={root}", "data.val_size=16", "model.K=32",
+                                                         "data.image_size=24", "data.workers=0"])
+    data = build_data(config)
+    assert (config.data.val_size, config.model.K, config.data.image_size) == (16, 32, 24)
+    assert config.optim.batch_size == 16 and 32 % config.optim.batch_size == 0  # the batch fits the given K
+    assert not any(note.startswith(("model.K=", "data.val_size=", "data.image_size=")) for note in data.derived)
+
+
+@pytest.mark.parametrize("images, expected", [(1970, (200, 128, 4)), (60000, (5000, 256, 8)), (300, (60, 16, 1))])
+def test_derived_hold_out_batch_and_bn_groups_scale_with_the_data(images: int, expected: tuple[int, int, int]) -> None:
+    config = load_config(resolve_config_path("folder"), ["data.root=/nonexistent"])
+    facts = DataFacts(images=images, labelled=True, classes=4, gray=False, short_side=500)
+    derive_data_options(config, facts, CPU)
+    derive_training_options(config, images - config.data.val_size, CPU)
+    assert (config.data.val_size, config.optim.batch_size, config.model.bn_splits) == expected
+    assert config.model.K <= (images - config.data.val_size) // 2
+    assert config.data.channels == 3 and config.data.image_size == 64
+
+
+def test_unlabelled_folders_hold_nothing_out() -> None:
+    config = load_config(resolve_config_path("folder"), ["data.root=/nonexistent"])
+    derive_data_options(config, DataFacts(images=5000, labelled=False, classes=0, gray=True, short_side=20), CPU)
+    assert config.data.val_size == 0 and config.data.image_size == 20 and config.model.stem_stride == 1
+
+
+def test_auto_is_refused_for_options_that_cannot_be_derived() -> None:
+    with pytest.raises(ConfigError, match="model.T: expected a number"):
+        load_config(None, ["model.T=auto"])
+
+
+def test_errors_in_set_options_show_before_any_data_is_read() -> None:
+    with pytest.raises(ConfigError, match="model.m: momentum must lie in"):
+        load_config(resolve_config_path("folder"), ["data.root=/nonexistent", "model.m=2"])
+
+
+def test_a_queue_longer_than_the_data_is_refused() -> None:
+    config = load_config(None, ["model.K=4096", "optim.batch_size=256"])
+    check_queue_fits(config, 5000)
+    with pytest.raises(ConfigError, match=r"model.K: the queue of 4,096 keys is longer than the 1,970"):
+        check_queue_fits(config, 1970)
+
+
+def test_pretraining_crops_reach_the_sides_of_a_wide_photo(tmp_path: Path) -> None:
+    """A 4:1 panorama whose left quarter is white: centre-cropped it never shows the white part,
+    squeezed whole with its aspect ratio passed on, views of it do."""
+    pixels = np.zeros((50, 200), dtype=np.uint8)
+    pixels[:, :50] = 255
+    (tmp_path / "wide").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "wide" / "pano.png")
+    folder = ImageFolderDataset(tmp_path / "wide", load_size=32, channels=1)
+    centre, _, _ = folder[0]
+    assert centre.max() == 0  # the shorter side's centre square misses the white quarter
+    whole = whole_images(folder)
+    image, _, index = whole[0]
+    aspect = aspect_ratios_of(whole, torch.tensor([index]))
+    assert aspect is not None and aspect.item() == pytest.approx(4.0)
+    assert aspect_ratios_of(folder, torch.tensor([0])) is None
+    torch.manual_seed(0)
+    views = random_resized_crop_flip(image[None].float().expand(64, -1, -1, -1) / 255,
+                                     preset("v2", size=16, crop_scale=(0.2, 1.0)), aspect.expand(64))
+    white = (views.flatten(1).mean(1) > 0.5).float().mean().item()
+    assert 0.05 < white < 0.6  # some views come from the white quarter, most do not
+
+
+def test_crop_ratios_are_drawn_in_the_original_geometry() -> None:
+    """On a squeezed 2:1 image, a square crop in the original is twice as tall as wide in the square."""
+    spec = preset("none", size=8, crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0))
+    x = torch.zeros(1, 1, 64, 64)
+    x[..., :, :32] = 1.0  # left half white: a crop's white share tells its width
+    torch.manual_seed(1)
+    wide = random_resized_crop_flip(x.expand(500, -1, -1, -1), spec, torch.full((500,), 2.0))
+    torch.manual_seed(1)
+    square = random_resized_crop_flip(x.expand(500, -1, -1, -1), spec)
+    # Narrower crops (0.35 of the squeezed width instead of 0.5) more often sit wholly on one side.
+    pure = lambda v: ((v.flatten(1).mean(1) == 0) | (v.flatten(1).mean(1) == 1)).float().mean()  # noqa: E731
+    assert pure(wide) > pure(square) + 0.1
+
+
+def test_a_small_folder_decoded_into_memory_trains_exactly_as_file_by_file(tmp_path: Path) -> None:
+    """Decoding once is only faster: same images, same order, same aspect ratios, same weights."""
+    from moco.checkpoint import load_checkpoint
+    from moco.train import pretrain
+    from tests.tiny import tiny_config
+
+    config_path = tiny_config(tmp_path, folder_workers=1, optim__epochs=1, train__knn_every=0)
+    runs = {}
+    for name, budget in (("files", 0), ("memory", 64)):
+        config = load_config(config_path, [f"data.in_memory_mb={budget}", f"train.output_dir={tmp_path / name}"])
+        data = build_data(config)
+        assert isinstance(data.pretrain, TensorImageDataset) == (budget > 0)
+        pretrain(config)
+        runs[name] = load_checkpoint(tmp_path / name / "checkpoint_last.pth")["model"]
+    assert runs["files"].keys() == runs["memory"].keys()
+    for key in runs["files"]:
+        assert torch.equal(runs["files"][key], runs["memory"][key]), key
+
+
+def test_into_memory_keeps_every_image_and_the_aspect_ratios(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "imgs", (5, 3), size=(40, 20), mode="RGB")
+    folder = ImageFolderDataset(root / "train", load_size=16, channels=3)
+    memory = into_memory(whole_images(folder))
+    assert len(memory) == 8 and memory.labels.tolist() == [0] * 5 + [1] * 3
+    assert torch.equal(memory.images[6], whole_images(folder)[6][0])
+    assert memory.aspect.tolist() == [2.0] * 8
+    assert torch.equal(aspect_ratios_of(memory.subset(torch.tensor([1, 7])), torch.tensor([1])), torch.tensor([2.0]))
+    assert into_memory(folder).aspect is None  # centre-cropped images were not squeezed
