@@ -35,26 +35,35 @@ def pretrain(folder: Path, run_dir: Path, overrides: list[str]) -> float:
 
 
 def baselines(checkpoint: Path, threads: int) -> dict[str, float]:
-    """Test kNN top-1 of random init and centred raw pixels, MoCo's backbone again (the same code path),
-    and the share of the most frequent test class."""
+    """Test kNN top-1 on the backbone and on the encoder output (head included) of the MoCo weights
+    and of a random initialisation of the same shape, on centred raw pixels, and the share of the
+    most frequent test class (what a collapsed encoder scores at best)."""
     from moco.evaluate.common import extract_feature_set, make_context, pixel_feature_set
-    from moco.evaluate.report import KnnOptions, knn_rows
+    from moco.evaluate.report import KnnOptions, encoder_output_set, knn_rows
 
     ctx = make_context(checkpoint, output_dir=str(checkpoint.parent / "baselines"), device="cpu", threads=threads)
     options, n = KnnOptions(ks=(200,), whiten=False), ctx.data.num_classes
     torch.manual_seed(0)
-    sets = {"moco": extract_feature_set(ctx.pretrained.backbone(), ctx),
-            "random_init": extract_feature_set(ctx.pretrained.spec.build_backbone().eval(), ctx),
+    random_encoder = ctx.pretrained.spec.build_encoder().eval()
+    random_backbone = ctx.pretrained.spec.build_backbone().eval()
+    random_backbone.load_state_dict({k: v for k, v in random_encoder.state_dict().items() if not k.startswith("fc.")})
+    moco = extract_feature_set(ctx.pretrained.backbone(), ctx)
+    random = extract_feature_set(random_backbone, ctx)
+    sets = {"moco_backbone": moco, "moco_encoder": encoder_output_set(ctx.pretrained.encoder(), moco),
+            "random_backbone": random, "random_encoder": encoder_output_set(random_encoder, random),
             "raw_pixels": pixel_feature_set(ctx)}
     scores = {name: knn_rows(features, name, options, n)[0]["top1"] for name, features in sets.items()}
-    counts = torch.bincount(sets["moco"].test_labels, minlength=n)  # what a collapsed encoder scores at best
+    counts = torch.bincount(moco.test_labels, minlength=n)
     return {**scores, "majority_class": 100 * counts.max().item() / counts.sum().item()}
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def collapse_stats(run_dir: Path) -> dict[str, float]:
     """The last epoch's feature spread, as the loop logged it."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    epochs = [r for r in rows if r.get("kind") == "epoch"]
+    epochs = [r for r in read_rows(run_dir) if r.get("kind") == "epoch"]
     last = epochs[-1] if epochs else {}
     return {key: last[key] for key in ("feature_std", "mean_cosine", "loss", "chance_loss") if key in last}
 
@@ -65,28 +74,34 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/own_data"))
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="section.key=value for every run")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="evaluate the runs already in --out (their wall times from its results.json)")
     args = parser.parse_args()
     overrides = list(args.set) + ([f"train.threads={args.threads}"] if args.threads else [])
     results = []
+    earlier = json.loads((args.out / "results.json").read_text()) if args.evaluate_only else []
     for folder in args.folders:
         run_dir = args.out / folder.name
-        seconds = pretrain(folder, run_dir, overrides)
+        if args.evaluate_only:
+            seconds = next(r["wall_s"] for r in earlier if Path(r["folder"]).name == folder.name)
+        else:
+            seconds = pretrain(folder, run_dir, overrides)
         summary = json.loads((run_dir / "summary.json").read_text())
         config = (run_dir / "config.yaml").read_text()
         knn = baselines(run_dir / "checkpoint_last.pth", args.threads)
+        epochs = [r for r in read_rows(run_dir) if r.get("kind") == "epoch" and "val_knn_top1" in r]
         row = {"folder": str(folder), "wall_s": round(seconds, 1), "val_knn": summary["val_knn_top1"],
-               "test_knn_backbone": summary.get("test_knn_top1_backbone"),
-               "test_knn_encoder": summary.get("test_knn_top1_encoder"), **{f"test_knn_{k}": v for k, v in knn.items()},
-               **collapse_stats(run_dir), "config": config}
+               "val_knn_backbone": epochs[-1]["val_knn_top1_backbone"], "val_knn_encoder": epochs[-1]["val_knn_top1_encoder"],
+               **{f"test_knn_{k}": v for k, v in knn.items()}, **collapse_stats(run_dir), "config": config}
         results.append(row)
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    print("\n| folder | wall | val kNN (last) | test kNN MoCo backbone / encoder | random init | raw pixels (centred) "
-          "| majority class |")
+    print("\n| folder | wall | val kNN, last (backbone / encoder output) | test kNN, MoCo: backbone / encoder output "
+          "| random init: backbone / encoder output | raw pixels (centred) | majority class |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        last_val = list(r["val_knn"].values())[-1] if r["val_knn"] else float("nan")
-        print(f"| {Path(r['folder']).name} | {r['wall_s'] / 60:.1f} min | {last_val:.2f} | "
-              f"{r['test_knn_backbone']:.2f} / {r['test_knn_encoder']:.2f} | {r['test_knn_random_init']:.2f} | "
+        print(f"| {Path(r['folder']).name} | {r['wall_s'] / 60:.1f} min | {r['val_knn_backbone']:.2f} / "
+              f"{r['val_knn_encoder']:.2f} | {r['test_knn_moco_backbone']:.2f} / {r['test_knn_moco_encoder']:.2f} | "
+              f"{r['test_knn_random_backbone']:.2f} / {r['test_knn_random_encoder']:.2f} | "
               f"{r['test_knn_raw_pixels']:.2f} | {r['test_knn_majority_class']:.2f} |")
 
 
