@@ -22,11 +22,25 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$PYTHON" -m venv .venv
 fi
-echo "setup: installing torch==2.14.1 torchvision==0.29.1 and moco into .venv"
 pip_install() {
   # Some machines' local package index warns about every missing mirror folder; hide only that line.
   .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 }
-pip_install torch==2.14.1 torchvision==0.29.1
-pip_install -e ".[dev]"
+# What is installed already is not installed again: pip takes most of a minute just to find that out.
+if .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(not (m.version('torch') == '2.14.1' and m.version('torchvision') == '0.29.1'))" 2>/dev/null; then
+  echo "setup: torch==2.14.1 and torchvision==0.29.1 already in .venv"
+else
+  echo "setup: installing torch==2.14.1 torchvision==0.29.1 into .venv"
+  pip_install torch==2.14.1 torchvision==0.29.1
+fi
+# moco itself (editable, with the test extras) again only when pyproject.toml has changed since.
+STAMP=.venv/.moco-installed-from
+WANT="$(sha256sum pyproject.toml | cut -d' ' -f1) $(pwd)"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('moco') is None)" 2>/dev/null; then
+  echo "setup: moco already installed (editable) in .venv"
+else
+  echo "setup: installing moco (editable, with the test extras) into .venv"
+  pip_install -e ".[dev]"
+  echo "$WANT" > "$STAMP"
+fi
 echo "setup: done"

@@ -42,6 +42,7 @@ def test_the_folder_preset_resolves_to_a_valid_config_on_300_gray_images(tmp_pat
     assert auto_options(config) == []  # build_data resolved every auto and validated the result
     d, m, o = config.data, config.model, config.optim
     assert (d.channels, d.image_size, m.stem_stride) == (1, 64, 2)
+    assert config.aug.crop_scale == [0.2, 1.0] and config.aug.blur_p == 0.5  # MoCo v2's for large images
     assert d.val_size == 60 and len(data.val) == 60 and len(data.pretrain) == 240  # a fifth of a small set
     assert o.batch_size == 16 and m.bn_splits == 1  # 240 / 8 -> 16, groups of >= 16 images
     assert m.K % o.batch_size == 0 and m.K <= len(data.pretrain) // 2
@@ -72,10 +73,20 @@ def test_derived_hold_out_batch_and_bn_groups_scale_with_the_data(images: int, e
     assert config.data.channels == 3 and config.data.image_size == 64
 
 
+def test_a_batch_set_by_hand_gets_bn_groups_that_divide_it() -> None:
+    facts = DataFacts(images=5000, labelled=False, classes=0, gray=True, short_side=64)
+    for batch, splits in ((96, 3), (100, 2)):  # 100 / 3 is no whole group: two groups of 50
+        config = load_config(resolve_config_path("folder"), ["data.root=/nonexistent", f"optim.batch_size={batch}"])
+        derive_data_options(config, facts, CPU)
+        derive_training_options(config, 5000, CPU)
+        assert config.model.bn_splits == splits and config.model.K % batch == 0
+
+
 def test_unlabelled_folders_hold_nothing_out() -> None:
     config = load_config(resolve_config_path("folder"), ["data.root=/nonexistent"])
     derive_data_options(config, DataFacts(images=5000, labelled=False, classes=0, gray=True, short_side=20), CPU)
     assert config.data.val_size == 0 and config.data.image_size == 20 and config.model.stem_stride == 1
+    assert config.aug.crop_scale == [0.85, 1.0] and config.aug.blur_p == 0.0  # a fifth of 20 px is too little
 
 
 def test_auto_is_refused_for_options_that_cannot_be_derived() -> None:

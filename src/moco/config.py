@@ -27,7 +27,7 @@ AUTO = "auto"
 # Options that may be ``auto``: derived from the data when a run starts (moco.derive), printed,
 # and stored resolved in the run's config.yaml. Any of them set to a value is used as given.
 AUTO_OPTIONS = ("data.image_size", "data.channels", "data.val_size", "model.stem_stride", "model.small_images",
-                "model.K", "model.bn_splits", "optim.batch_size", "optim.epochs")
+                "model.K", "model.bn_splits", "optim.batch_size", "optim.epochs", "aug.crop_scale", "aug.blur_p")
 
 
 def is_auto(value: Any) -> bool:
@@ -341,7 +341,8 @@ def _validate_resolvable(config: Config, pending: set[str]) -> None:
     before any data is read."""
     probe = copy.deepcopy(config)
     placeholders = {"data.image_size": 32, "data.channels": 0, "data.val_size": 0, "model.stem_stride": 1,
-                    "model.small_images": True, "optim.epochs": max(2, int(config.optim.warmup_epochs) + 1)}
+                    "model.small_images": True, "optim.epochs": max(2, int(config.optim.warmup_epochs) + 1),
+                    "aug.crop_scale": [0.2, 1.0], "aug.blur_p": 0.5}
     for key, value in placeholders.items():
         if key in pending:
             section, name = key.split(".")

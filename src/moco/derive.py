@@ -24,8 +24,9 @@ MAX_BATCH = 256
 MAX_QUEUE = 65536
 CPU_IMAGE_SIZE = 64        # views on a CPU: a 300 px photo is learned from at 64 px
 GPU_IMAGE_SIZE = 224
-CPU_VIEWS = 300_000        # views per run on a CPU (about 10 min for 64 px on 2 cores), GPU: 5x
+CPU_VIEWS = 300_000        # views per run on a CPU (11-13 min for 64 px views on one core, docs/own-data.md); GPU: 5x
 MIN_EPOCHS, MAX_EPOCHS = 20, 800
+SMALL_IMAGE = 32           # images up to this side keep most of themselves in a crop, and are not blurred
 
 
 @dataclass
@@ -84,7 +85,7 @@ def derive_data_options(config: Config, facts: DataFacts, device: torch.device) 
         size = max(16, min(facts.short_side, cap))
         why = (f"the images' {facts.short_side} px" if size == facts.short_side
                else f"{facts.short_side} px images, at most {cap} px on {device.type}" if size == cap
-               else f"{facts.short_side} px images upsampled to the smallest size the ResNet takes")
+               else f"{facts.short_side} px images upsampled: smaller views leave the last stages 1 px wide")
         _set(config, "data.image_size", size, why, notes)
     size = config.data.image_size
     if _pending(config, "model.small_images"):
@@ -94,6 +95,13 @@ def derive_data_options(config: Config, facts: DataFacts, device: torch.device) 
         stride = 1 if size <= 32 else 2
         _set(config, "model.stem_stride", stride,
              "full resolution up to 32 px" if stride == 1 else "halve larger views in the stem (4x cheaper)", notes)
+    small = facts.short_side <= SMALL_IMAGE
+    if _pending(config, "aug.crop_scale"):
+        _set(config, "aug.crop_scale", [0.85, 1.0] if small else [0.2, 1.0],
+             f"{facts.short_side} px images: a fifth of one is a few pixels" if small else "MoCo v2's crops", notes)
+    if _pending(config, "aug.blur_p"):
+        _set(config, "aug.blur_p", 0.0 if small else 0.5,
+             f"{facts.short_side} px images have no detail to spare" if small else "MoCo v2's blur", notes)
     if _pending(config, "data.val_size"):
         if not facts.labelled:
             _set(config, "data.val_size", 0, "unlabelled: no kNN monitor", notes)
@@ -118,11 +126,13 @@ def derive_training_options(config: Config, pretrain_images: int, device: torch.
         if not is_auto(m.K):  # the queue must take whole batches
             while batch > 2 and m.K % (batch * keys_factor):
                 batch //= 2
-        _set(config, "optim.batch_size", batch, f"at most 1/8 of {pretrain_images:,} images, at most {MAX_BATCH}",
-             notes)
+        _set(config, "optim.batch_size", batch, f"a power of two up to 1/8 of {pretrain_images:,} images, "
+                                                f"16 to {MAX_BATCH}", notes)
     batch = o.batch_size
     if _pending(config, "model.bn_splits"):
         splits = max(1, batch // BN_GROUP)
+        while batch % splits:  # a batch set by hand may not split evenly: fewer, larger groups
+            splits -= 1
         _set(config, "model.bn_splits", splits, f"split-BN groups of {batch // splits} images", notes)
     if _pending(config, "model.K"):
         step = batch * keys_factor
