@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from moco.train import read_metrics
+
 
 def pretrain(folder: Path, run_dir: Path, overrides: list[str]) -> float:
     """Run the CLI as a user would; returns the wall time in seconds."""
@@ -57,13 +59,9 @@ def baselines(checkpoint: Path, threads: int) -> dict[str, float]:
     return {**scores, "majority_class": 100 * counts.max().item() / counts.sum().item()}
 
 
-def read_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 def collapse_stats(run_dir: Path) -> dict[str, float]:
     """The last epoch's feature spread, as the loop logged it."""
-    epochs = [r for r in read_rows(run_dir) if r.get("kind") == "epoch"]
+    epochs = [r for r in read_metrics(run_dir) if r.get("kind") == "epoch"]
     last = epochs[-1] if epochs else {}
     return {key: last[key] for key in ("feature_std", "mean_cosine", "loss", "chance_loss") if key in last}
 
@@ -89,7 +87,7 @@ def main() -> None:
         summary = json.loads((run_dir / "summary.json").read_text())
         config = (run_dir / "config.yaml").read_text()
         knn = baselines(run_dir / "checkpoint_last.pth", args.threads)
-        epochs = [r for r in read_rows(run_dir) if r.get("kind") == "epoch" and "val_knn_top1" in r]
+        epochs = [r for r in read_metrics(run_dir) if r.get("kind") == "epoch" and "val_knn_top1" in r]
         row = {"folder": str(folder), "wall_s": round(seconds, 1), "val_knn": summary["val_knn_top1"],
                "val_knn_backbone": epochs[-1]["val_knn_top1_backbone"], "val_knn_encoder": epochs[-1]["val_knn_top1_encoder"],
                **{f"test_knn_{k}": v for k, v in knn.items()}, **collapse_stats(run_dir), "config": config}
