@@ -4,6 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# No config named (nothing, or only key=value overrides): the demo preset.
-if [ $# -eq 0 ] || [[ "$1" == *=* ]]; then set -- fmnist_v2 "$@"; fi
+# No config named (nothing, or only key=value overrides and --flags): the demo preset.
+config=""
+previous=""
+for arg in "$@"; do
+  # --resume may take a checkpoint path: that word is not a config name.
+  if [[ "$arg" != -* && "$arg" != *=* && "$previous" != "--resume" ]]; then config="$arg"; break; fi
+  previous="$arg"
+done
+if [ -z "$config" ]; then set -- fmnist_v2 "$@"; fi
 exec .venv/bin/moco pretrain "$@"

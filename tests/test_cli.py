@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from moco.checkpoint import load_checkpoint
@@ -77,3 +78,15 @@ def test_non_finite_loss_stops_with_a_message_not_a_traceback(tmp_path: Path) ->
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "moco: training stopped: loss is" in result.stderr and "last good checkpoint" in result.stderr
+
+
+def test_overrides_may_follow_a_flag() -> None:
+    from moco.cli import build_parser, parse_args
+
+    parser = build_parser()
+    args = parse_args(parser, ["pretrain", "fmnist_v2", "--overwrite", "optim.epochs=2", "model.K=256"])
+    assert args.config == "fmnist_v2" and args.overwrite and args.overrides == ["optim.epochs=2", "model.K=256"]
+    args = parse_args(parser, ["pretrain", "fmnist_v2", "optim.lr=0.1", "--overwrite", "optim.epochs=2"])
+    assert args.overrides == ["optim.lr=0.1", "optim.epochs=2"]
+    with pytest.raises(SystemExit):  # anything else unknown is still an error
+        parse_args(parser, ["pretrain", "fmnist_v2", "--overwrite", "--no-such-flag"])

@@ -96,6 +96,18 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:  # n
 _default_format_warning = warnings.formatwarning
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse, except that ``key=value`` overrides may also follow a flag
+    (``moco pretrain fmnist_v2 --overwrite optim.epochs=2``): argparse stops filling a positional
+    list at the first option, and would call what follows unrecognised."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from moco.checkpoint import CheckpointError
     from moco.data.images import BadImageError
@@ -103,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from moco.reliability import TrainingInterrupted
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     warnings.formatwarning = _format_warning
     try:
         return args.func(args)
