@@ -203,9 +203,7 @@ class ImageFolderDataset(Dataset):
     def __init__(self, root: str | os.PathLike, load_size: int, channels: int = 3, on_bad_image: str = "skip",
                  fit: str = "crop") -> None:
         self.root = Path(root).expanduser()
-        if fit not in ("crop", "whole"):
-            raise ValueError(f"fit must be 'crop' or 'whole', got {fit!r}")
-        self.fit = fit
+        self.fit = _checked_fit(fit)
         if not self.root.is_dir():
             raise DatasetNotFoundError(f"image folder {self.root} does not exist")
         if on_bad_image not in ("skip", "fail"):
@@ -266,10 +264,8 @@ class ImageFolderDataset(Dataset):
 
     def with_fit(self, fit: str) -> "ImageFolderDataset":
         """The same files loaded another way (a shallow copy: the file list is shared)."""
-        if fit not in ("crop", "whole"):
-            raise ValueError(f"fit must be 'crop' or 'whole', got {fit!r}")
         other = copy.copy(self)
-        other.fit = fit
+        other.fit = _checked_fit(fit)
         return other
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
@@ -291,6 +287,12 @@ class ImageFolderDataset(Dataset):
 
     def subset(self, indices: torch.Tensor) -> "torch.utils.data.Subset":
         return torch.utils.data.Subset(self, indices.tolist())
+
+
+def _checked_fit(fit: str) -> str:
+    if fit not in ("crop", "whole"):
+        raise ValueError(f"fit must be 'crop' or 'whole', got {fit!r}")
+    return fit
 
 
 def _is_image_name(path: Path) -> bool:
