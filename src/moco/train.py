@@ -174,12 +174,13 @@ def build_data(config: Config, device: torch.device | None = None, pretraining: 
     (``moco.derive``), and what was derived is listed in ``Data.derived``. Evaluation passes
     ``pretraining=False``: the pretraining split is then not decoded into memory."""
     d, seed = config.data, config.train.seed
+    device = device or torch.device("cpu")  # what the derived view size and epochs are sized for
     derive = bool(auto_options(config))
     channels_request = 3 if is_auto(d.channels) or not d.channels else d.channels
     load_size = 0 if is_auto(d.image_size) else d.load_size or d.image_size  # 0: set once derived
     labeled = load_dataset(d.dataset, "train", d.root, d.download, load_size, channels_request, d.on_bad_image)
     labeled = _take_subset(labeled, d.train_subset, seed)
-    derived = derive_data_options(config, facts_of(labeled), device or torch.device("cpu")) if derive else []
+    derived = derive_data_options(config, facts_of(labeled), device) if derive else []
     channels_request, load_size = d.channels or channels_request, d.load_size or d.image_size
     set_folder_loading(labeled, load_size, channels_request)
     channels = d.channels or _channels_of(labeled)
@@ -201,7 +202,7 @@ def build_data(config: Config, device: torch.device | None = None, pretraining: 
         pretrain = whole_images(_in_channels(
             load_dataset(d.dataset, d.train_split, d.root, d.download, load_size, channels, d.on_bad_image), channels))
     if derive:
-        derived += derive_training_options(config, len(pretrain), device or torch.device("cpu"))
+        derived += derive_training_options(config, len(pretrain), device)
         finish_derivation(config)
     bank = rest
     if config.train.knn_bank_size and config.train.knn_bank_size < len(rest):
