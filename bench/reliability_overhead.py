@@ -21,7 +21,8 @@ from moco.config import load_config
 from moco.data.augment import BatchAugment, preset
 from moco.data.datasets import ImageFolderDataset
 from moco.reliability import NonFiniteGuard
-from moco.train import build_model, rng_state
+from moco.checkpoint import rng_state
+from moco.methods import build_method
 
 
 def _best(fn, repeat: int = 5) -> float:  # noqa: ANN001
@@ -36,7 +37,7 @@ def _best(fn, repeat: int = 5) -> float:  # noqa: ANN001
 def main() -> None:
     torch.manual_seed(0)
     config = load_config(CONFIG_DIR / "fmnist_v2.yaml")
-    model = build_model(config, channels=1)
+    model = build_method(config, channels=1)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.06, momentum=0.9)
     augment = BatchAugment(preset("v2", size=28, mean=(0.286,), std=(0.353,)))
     images = torch.randint(0, 256, (config.optim.batch_size, 1, 28, 28), dtype=torch.uint8)

@@ -21,6 +21,8 @@ from moco import MoCo
 from moco import distributed as du
 from moco.config import ConfigError
 from moco.evaluate.knn import knn_accuracy
+from moco.methods import Batch, MoCoMethod, StepContext
+from moco.step import apply_momentum, step_function
 from tests.conftest import LinearEncoder, tiny_resnet
 
 STEPS, GLOBAL_BATCH = 5, 8
@@ -73,16 +75,27 @@ def local_views(step: int) -> list[torch.Tensor]:
     return [torch.randn(GLOBAL_BATCH, 1, 8, 8, generator=g) for _ in range(2)]
 
 
+def loop_step(method: Any, views: tuple[torch.Tensor, ...], indices: torch.Tensor | None = None) -> Any:
+    """What the training loop does each step: the targets' momentum (m(t) = the method's m), then
+    the method's step through ``step_function`` (DDP, no per-step buffer broadcast)."""
+    if not hasattr(method, "_step_fn"):
+        method._step_fn = step_function(method, torch.device("cpu"))
+    ctx = StepContext(momentum=getattr(method, "m", 0.0))
+    apply_momentum(method, ctx.momentum)
+    return method._step_fn(Batch(views, indices), ctx)
+
+
 def training_loop_step(symmetric: bool, with_local_views: bool = False) -> dict[str, Any]:
-    """The training loop's path: ``training_step`` (DDP, no per-step buffer broadcast)."""
-    model = linear_moco()
-    step_fn = du.training_step(model, symmetric=symmetric, device=torch.device("cpu"))
+    """The training loop's path, which must equal the reference's (DDP of the facade) above."""
+    torch.manual_seed(0)
+    model = MoCoMethod(LinearEncoder(num_classes=8), dim=8, K=32, m=0.9, T=0.2, mlp=False, shuffle_bn=True,
+                       symmetric=symmetric)
     optimizer = sgd(model.encoder_q.parameters())
     losses = []
     for step in range(STEPS):
         x1, x2 = equivalence_inputs(step)
         local = [my_slice(v) for v in local_views(step)] if with_local_views else []
-        out = step_fn(my_slice(x1), my_slice(x2), None, *local)
+        out = loop_step(model, (my_slice(x1), my_slice(x2), *local))
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
@@ -112,12 +125,12 @@ def queue_sync_scenario() -> dict[str, Any]:
     """A BN ResNet trained through the loop's path on different data per rank: queue, pointer and
     weights must stay identical, checked every step by the debug check; then one rank drifts."""
     torch.manual_seed(0)
-    model = MoCo(lambda num_classes: tiny_resnet(num_classes, bn_splits=2), dim=8, K=48, m=0.99, T=0.2, mlp=True)
-    step_fn = du.training_step(model, symmetric=False, device=torch.device("cpu"))
+    model = MoCoMethod(lambda num_classes: tiny_resnet(num_classes, bn_splits=2), dim=8, K=48, m=0.99, T=0.2, mlp=True,
+                       shuffle_bn=True)
     optimizer = sgd(model.encoder_q.parameters())
     torch.manual_seed(1000 + du.rank())  # different images on each rank
     for _ in range(4):
-        out = step_fn(torch.randn(4, 1, 12, 12), torch.randn(4, 1, 12, 12))
+        out = loop_step(model, (torch.randn(4, 1, 12, 12), torch.randn(4, 1, 12, 12)))
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
@@ -138,17 +151,16 @@ def queue_sync_scenario() -> dict[str, Any]:
 def memory_bank_scenario() -> dict[str, Any]:
     """The memory bank through the loop's path: each rank refreshes its own images' entries and
     every rank applies both ranks' refreshes, so the banks stay one bank. End-to-end refuses."""
-    from moco.contrast import EndToEnd, MemoryBankContrast
+    from moco.methods import EndToEnd, MemoryBankContrast
 
     torch.manual_seed(0)
     model = MemoryBankContrast(LinearEncoder(num_classes=8), bank_size=20, dim=8, K=6, T=0.2)
     initial = model.bank.features.clone()
-    step_fn = du.training_step(model, symmetric=False, device=torch.device("cpu"))
     optimizer = sgd(model.encoder_q.parameters())
     torch.manual_seed(2000 + du.rank())  # different images and negatives on each rank
     for step in range(3):  # rank r refreshes images 6*step + 3*r + (0, 1, 2): 0..17 in all
         indices = 6 * step + 3 * du.rank() + torch.arange(3)
-        out = step_fn(torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8), indices)
+        out = loop_step(model, (torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8)), indices)
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()

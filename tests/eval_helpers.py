@@ -11,7 +11,8 @@ from moco.builder import MoCo
 from moco.checkpoint import save_atomic
 from moco.config import load_config
 from moco.data.datasets import TensorImageDataset
-from moco.train import build_model, save_training_checkpoint
+from moco.methods import build_method
+from moco.train import save_training_checkpoint
 
 # A CPU-sized Fashion-MNIST model that needs no training to be saved.
 TINY_MODEL = ["model.widths=[4,8,8,8]", "model.K=256", "model.bn_splits=2", "optim.batch_size=64"]
@@ -21,7 +22,7 @@ TINY_DATA = ["data.train_subset=600", "data.test_subset=200", "data.val_size=100
 def save_tiny_moco_checkpoint(run_dir: Path, ddp_prefix: bool = False, extra: list[str] = ()) -> tuple[Path, MoCo]:
     """Our training checkpoint (``save_training_checkpoint``) of an untrained tiny MoCo."""
     config = load_config(None, TINY_MODEL + TINY_DATA + [f"train.output_dir={run_dir}", *extra])
-    model = build_model(config, channels=1)
+    model = build_method(config, channels=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     path = save_training_checkpoint(run_dir, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), config, 1, 10)
     if ddp_prefix:  # what saving a DistributedDataParallel-wrapped model gives

@@ -75,7 +75,7 @@ def test_exponent_floats_that_yaml_reads_as_strings_are_numbers() -> None:
 def test_optimizer_choice_builds_sgd_or_adamw() -> None:
     import torch
 
-    from moco.train import build_optimizer
+    from moco.optim import build_optimizer
 
     params = [torch.nn.Parameter(torch.zeros(3))]
     sgd = build_optimizer(load_config(None, ["optim.momentum=0.8", "optim.weight_decay=1e-4"]), params)
@@ -89,7 +89,7 @@ def test_optimizer_choice_builds_sgd_or_adamw() -> None:
 def test_channels_last_is_dropped_for_tiny_cpu_models_where_onednn_crashes() -> None:
     import torch
 
-    from moco.train import resolve_memory_format
+    from moco.runtime import resolve_memory_format
 
     cpu = torch.device("cpu")
     tiny = load_config(None, ["model.widths=[4,8,8,8]", "train.channels_last=true"])

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from moco.config import ConfigError, load_config
-from moco.contrast import EndToEnd, MemoryBankContrast, build_contrast
+from moco.methods import EndToEnd, MemoryBankContrast, build_method
 from moco.dictionary import MemoryBank
+from tests.eval_helpers import TINY_MODEL
 from tests.conftest import LinearEncoder
 
 
@@ -111,14 +112,18 @@ def test_memory_bank_proximal_term_adds_distance_to_stored_feature() -> None:
 
 
 def test_method_option_builds_each_mechanism_and_rejects_impossible_combinations() -> None:
-    kinds = {m: type(build_contrast(m, LinearEncoder, dim=8, K=16, m=0.9, T=0.1, mlp=False, shuffle_bn=False,
-                                     bank_size=20)).__name__ for m in ("moco", "end_to_end", "memory_bank")}
-    assert kinds == {"moco": "MoCo", "end_to_end": "EndToEnd", "memory_bank": "MemoryBankContrast"}
+    kinds = {m: type(build_method(load_config(None, TINY_MODEL + [f"model.method={m}"]), channels=1, bank_size=20)).__name__
+             for m in ("moco", "end_to_end", "memory_bank")}
+    assert kinds == {"moco": "MoCoMethod", "end_to_end": "EndToEnd", "memory_bank": "MemoryBankContrast"}
     # K need not be a multiple of the batch for the mechanisms without a queue.
     assert load_config(None, ["model.method=memory_bank", "model.K=1000"]).model.K == 1000
     with pytest.raises(ConfigError, match="model.method: 'queue' is not one of"):
         load_config(None, ["model.method=queue"])
     with pytest.raises(ConfigError, match="model.symmetric: not available with model.method=memory_bank"):
         load_config(None, ["model.method=memory_bank", "model.symmetric=true"])
-    with pytest.raises(ConfigError, match="model.bank_momentum"):
-        load_config(None, ["model.method=memory_bank", "model.bank_momentum=1.5"])
+    with pytest.raises(ConfigError, match="memory_bank.momentum: must lie in"):
+        load_config(None, ["model.method=memory_bank", "memory_bank.momentum=1.5"])
+    with pytest.raises(ConfigError, match="unknown option memory_bank.momentm; did you mean memory_bank.momentum"):
+        load_config(None, ["model.method=memory_bank", "memory_bank.momentm=0.5"])
+    # The option's old place (configs and checkpoints written before the method sections) still loads.
+    assert load_config(None, ["model.method=memory_bank", "model.bank_proximal=0.2"]).method_options().proximal == 0.2

@@ -107,7 +107,7 @@ def test_in_memory_images_convert_between_gray_and_rgb() -> None:
 
 
 def test_default_statistics_follow_the_channel_conversion() -> None:
-    from moco.train import default_stats
+    from moco.data.splits import default_stats
 
     assert default_stats("fashion_mnist", 1) == ((0.2860,), (0.3530,))
     assert default_stats("fashion_mnist", 3) == ((0.2860,) * 3, (0.3530,) * 3)
@@ -122,7 +122,8 @@ def test_gray_images_pretrain_and_extract_as_rgb_with_channels_3(tmp_path: Path)
     from moco.checkpoint import load_checkpoint
     from moco.config import load_config
     from moco.evaluate.common import extract_feature_set, make_context
-    from moco.train import build_data, pretrain
+    from moco.data.splits import build_data
+    from moco.train import pretrain
     from tests.tiny import tiny_config
 
     config = load_config(tiny_config(tmp_path, data__channels=3, data__mean=None, data__std=None, optim__epochs=1))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from moco import cli
 from moco.builder import MoCo
 from moco.config import load_config
-from moco.contrast import EndToEnd, MemoryBankContrast
+from moco.methods import EndToEnd, MemoryBankContrast
 from moco.diagnostics import CollapseMonitor, CollapseWarning, TrainingCollapsed, chance_loss, feature_spread
 from moco.loss import pretext_accuracy
 from moco.train import pretrain, read_metrics

@@ -12,7 +12,7 @@ from moco.evaluate.finetune import (FinetuneOptions, balanced_subset, build_mode
                                    pretraining_gain, run_finetune, validation_split)
 from moco.evaluate.supervised import Recipe, TensorBatches, endless, train_classifier
 from moco.pretrained import load_pretrained
-from moco.train import Data
+from moco.data.splits import Data
 from tests.eval_helpers import pattern_dataset, save_tiny_moco_checkpoint
 
 

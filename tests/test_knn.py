@@ -154,13 +154,15 @@ def test_monitor_scores_each_feature_with_its_own_knn(tiny_reference) -> None:
     from moco.data.augment import EvalTransform
     from moco.data.datasets import make_loader
     from moco.evaluate.knn import extract_features
-    from moco.train import build_data, build_model, knn_eval
+    from moco.data.splits import build_data
+    from moco.methods import build_method
+    from moco.monitor import knn_eval
 
     config = load_config(tiny_reference[0], ["train.knn_k=5"])
     data = build_data(config)
     torch.manual_seed(3)
-    model = build_model(config, data.channels)
-    scores = knn_eval(model, data.monitor_bank, data.val, data, config, torch.device("cpu"), torch.contiguous_format,
+    model = build_method(config, data.channels)
+    scores = knn_eval(model.encoder, data.monitor_bank, data.val, data, config, torch.device("cpu"), torch.contiguous_format,
                       whitened=True)
     preprocess = EvalTransform(config.data.image_size, data.mean, data.std)
 

@@ -8,7 +8,11 @@ import torch
 
 from moco.cli import CONFIG_DIR
 from moco.config import load_config
-from moco.train import build_data, build_model, knn_eval, pretrain, seed_everything
+from moco.data.splits import build_data
+from moco.methods import build_method
+from moco.monitor import knn_eval
+from moco.runtime import seed_everything
+from moco.train import pretrain
 from tests.conftest import needs_fashion_mnist
 
 SHORT_RUN = [
@@ -28,8 +32,8 @@ def test_short_pretraining_lowers_loss_and_beats_random_init_knn(tmp_path: Path)
 
     seed_everything(config.train.seed)
     data = build_data(config)
-    untrained = build_model(config, data.channels)
-    random_init_knn = knn_eval(untrained, data.full_train, data.test, data, config, torch.device("cpu"),
+    untrained = build_method(config, data.channels)
+    random_init_knn = knn_eval(untrained.encoder, data.full_train, data.test, data, config, torch.device("cpu"),
                                torch.contiguous_format).of(config.train.knn_feature)
 
     result = pretrain(config)

@@ -11,11 +11,12 @@ import torch
 
 from moco import MoCo, cli
 from moco.config import ConfigError, load_config
-from moco.contrast import EndToEnd, MemoryBankContrast
+from moco.methods import EndToEnd, MemoryBankContrast
 from moco.data.augment import BatchAugment
 from moco.loss import info_nce_loss
 from moco.models import resnet
-from moco.train import _views, augment_spec, build_data, local_augment_spec, pretrain, read_metrics
+from moco.data.splits import augment_spec, build_data, local_augment_spec
+from moco.train import make_views, pretrain, read_metrics
 from tests.tiny import assert_identical_runs, run_moco, tiny_config
 
 
@@ -110,8 +111,8 @@ def test_local_views_take_the_global_augmentation_at_their_own_size_and_area(tmp
     config.aug.local_size, config.aug.local_crops = 10, 0
     assert local_augment_spec(config, data) is None
     batch = torch.randint(0, 255, (4, 1, 12, 12), dtype=torch.uint8)
-    views = _views(batch, BatchAugment(augment_spec(config, data)), torch.device("cpu"), torch.contiguous_format,
-                   BatchAugment(local), 3)
+    views = make_views(batch, [BatchAugment(augment_spec(config, data))] * 2 + [BatchAugment(local)] * 3,
+                       torch.device("cpu"), torch.contiguous_format)
     assert [tuple(v.shape) for v in views] == [(4, 1, 12, 12)] * 2 + [(4, 1, 8, 8)] * 3
 
 
@@ -121,9 +122,9 @@ def test_global_views_draw_the_same_random_numbers_with_or_without_local_views(t
     augment, local = BatchAugment(augment_spec(config, data)), BatchAugment(local_augment_spec(config, data))
     batch = torch.randint(0, 255, (4, 1, 12, 12), dtype=torch.uint8)
     torch.manual_seed(0)
-    with_local = _views(batch, augment, torch.device("cpu"), torch.contiguous_format, local, 2)
+    with_local = make_views(batch, [augment, augment, local, local], torch.device("cpu"), torch.contiguous_format)
     torch.manual_seed(0)
-    without = _views(batch, augment, torch.device("cpu"), torch.contiguous_format)
+    without = make_views(batch, [augment, augment], torch.device("cpu"), torch.contiguous_format)
     assert len(without) == 2 and all(torch.equal(a, b) for a, b in zip(with_local[:2], without))
 
 

@@ -15,7 +15,7 @@ from moco.data.augment import preset, random_resized_crop_flip
 from moco.data.datasets import ImageFolderDataset, TensorImageDataset, aspect_ratios_of, into_memory, whole_images
 from moco.derive import (MAX_EPOCHS, MIN_EPOCHS, DataFacts, check_queue_fits, derive_data_options,
                          derive_training_options)
-from moco.train import build_data
+from moco.data.splits import build_data
 
 CPU = torch.device("cpu")
 

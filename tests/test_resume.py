@@ -24,7 +24,8 @@ from moco.checkpoint import load_checkpoint
 from moco.config import load_config
 from moco.reliability import StopSignals
 from moco.data.datasets import ImageFolderDataset, InMemoryLoader, TensorImageDataset, make_loader
-from moco.train import knn_eval, pretrain, read_metrics
+from moco.monitor import knn_eval
+from moco.train import pretrain, read_metrics
 from tests.tiny import (EPOCHS, FAULT_INJECTION, STEPS_PER_EPOCH, assert_identical_runs, env, moco_command, run_moco,
                         tiny_config)
 
@@ -220,14 +221,15 @@ def test_a_resumed_runs_summary_equals_an_uninterrupted_ones(tiny_reference: tup
 
 
 def test_knn_monitor_leaves_the_rng_untouched(tiny_reference: tuple[Path, Path]) -> None:
-    from moco.train import build_data, build_model
+    from moco.data.splits import build_data
+    from moco.methods import build_method
 
     config = load_config(tiny_reference[0])
     data = build_data(config)
-    model = build_model(config, data.channels)
+    model = build_method(config, data.channels)
     torch.manual_seed(5)
     before = torch.get_rng_state()
-    knn_eval(model, data.monitor_bank, data.val, data, config, torch.device("cpu"), torch.contiguous_format)
+    knn_eval(model.encoder, data.monitor_bank, data.val, data, config, torch.device("cpu"), torch.contiguous_format)
     assert torch.equal(torch.get_rng_state(), before)
 
 

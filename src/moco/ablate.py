@@ -1,6 +1,6 @@
 """``moco ablate``: the MoCo paper's comparisons as resumable sweeps of ordinary pretraining runs.
 
-- ``dictionary``: the three mechanisms (:mod:`moco.contrast`) over a list of K; kNN top-1 vs K
+- ``dictionary``: the three mechanisms (:mod:`moco.methods`) over a list of K; kNN top-1 vs K
   on a log axis, one line per mechanism (the paper's Figure 3).
 - ``momentum``: MoCo with m in a list (the paper's table; m = 0 "fails" there).
 - ``shuffle-bn``: MoCo with and without shuffle BN; pretext accuracy and kNN per epoch.
@@ -34,10 +34,11 @@ from typing import Any
 import yaml
 
 from moco.config import ConfigError, _build, from_dict, parse_override
+from moco.methods import METHODS
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs" / "ablate"
 ABLATIONS = ("dictionary", "momentum", "shuffle-bn")
-METHOD_LABELS = {"moco": "MoCo", "end_to_end": "end-to-end", "memory_bank": "memory bank"}
+METHOD_LABELS = {name: method.label for name, method in METHODS.items()}  # the registry's, for tables
 # Options that may differ between a finished point and the sweep asking for it.
 _RUN_ONLY_OPTIONS = ("train.output_dir", "train.threads", "train.progress")
 
@@ -167,7 +168,7 @@ def plan(ablation: str, base: dict[str, Any], sweep: AblateConfig) -> tuple[list
         if "memory_bank" in s.methods:
             notes.append("memory bank: K negatives drawn uniformly with replacement from one stored feature per "
                          "pretraining image (the query's own entry can be drawn); entries refreshed with feature "
-                         "momentum model.bank_momentum; the positive is the stored entry, so only one view is encoded.")
+                         "momentum memory_bank.momentum; the positive is the stored entry, so only one view is encoded.")
     elif ablation == "momentum":
         s = sweep.momentum
         for m in s.m:

@@ -13,7 +13,7 @@ The forward pass mirrors Algorithm 1 of the paper::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence, Union
 
 import torch
@@ -31,14 +31,16 @@ EncoderFactory = Callable[..., nn.Module]
 
 @dataclass
 class MoCoOutput:
-    """What one training step needs: the loss plus the logits behind it (for pretext accuracy), and
-    the step's detached, L2-normalised queries (of the first view) for the collapse statistics of
-    :mod:`moco.diagnostics`; None from a mechanism that does not provide them."""
+    """What one training step needs: the loss plus the logits behind it and their labels (the
+    positive's column: pretext accuracy, chance loss), the step's detached, L2-normalised queries
+    of the first view (the collapse statistics of :mod:`moco.diagnostics`) and further 0-d metric
+    tensors; None where a method has none. Every method's step returns it (``moco.methods.StepOutput``)."""
 
     loss: torch.Tensor
-    logits: torch.Tensor
-    labels: torch.Tensor
+    logits: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
     queries: torch.Tensor | None = None
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class MoCo(nn.Module):
@@ -136,17 +138,30 @@ class MoCo(nn.Module):
     def contrastive_loss(self, x1: torch.Tensor, x2: torch.Tensor, symmetric: bool = False,
                          indices: torch.Tensor | None = None,
                          local_views: Sequence[torch.Tensor] = ()) -> MoCoOutput:
-        """One MoCo step's loss. With ``symmetric`` both views serve as query and key and the
-        two InfoNCE terms are summed (2N keys are enqueued). ``indices`` (the images' dataset
-        indices) is accepted for the common interface of :mod:`moco.contrast`; the queue needs none.
+        """One MoCo step's loss, momentum update included (as ``forward``). With ``symmetric`` both
+        views serve as query and key and the two InfoNCE terms are summed (2N keys are enqueued).
+        ``indices`` (the images' dataset indices) is accepted for the common interface of the
+        methods; the queue needs none.
 
         ``local_views`` (multi-crop, Caron et al., 2020): extra small, low-resolution crops of the
         same images, encoded as further *queries* against the global views' keys; keys still come
         from the global views only. Each key's term is the mean over its queries, so with no
         local views the loss is exactly the two-view one.
         """
+        with torch.no_grad():  # θk moves before the keys are encoded; the queries do not depend on θk
+            self.momentum_update()
+        return self.loss_with_current_keys(x1, x2, symmetric, local_views)
+
+    def loss_with_current_keys(self, x1: torch.Tensor, x2: torch.Tensor, symmetric: bool = False,
+                               local_views: Sequence[torch.Tensor] = ()) -> MoCoOutput:
+        """:meth:`contrastive_loss` without the momentum update: the training loop applies m(t)
+        itself (``moco.methods``), before this."""
         if not symmetric and not local_views:
-            q, logits = self._query_step(x1, x2)
+            q = self.encode_query(x1)
+            with torch.no_grad():
+                k = self.encode_key(x2)
+            logits = self.logits(q, k)
+            self.enqueue(k)
             labels = positive_first_labels(logits)
             return MoCoOutput(F.cross_entropy(logits, labels), logits, labels, q.detach())
         n = x1.shape[0]
@@ -154,7 +169,6 @@ class MoCo(nn.Module):
         q2 = self.encode_query(x2) if symmetric else None
         q_local = self.encode_query(torch.cat(list(local_views))).split(n) if local_views else ()
         with torch.no_grad():
-            self.momentum_update()
             k1 = self.encode_key(x1) if symmetric else None
             k2 = self.encode_key(x2)
         # (key, its queries): the other global view, then every local view.

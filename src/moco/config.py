@@ -18,9 +18,8 @@ from typing import Any, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type, or impossible."""
+from moco.errors import ConfigError
+from moco.methods import METHODS, method_class
 
 
 AUTO = "auto"
@@ -45,15 +44,15 @@ class ModelConfig:
     bn_splits: int = 8                 # BN groups in the global batch (split BN); under torchrun, per process: bn_splits / processes
     shuffle_bn: bool = True
     K: int = 4096                      # queue size
-    m: float = 0.99                    # key-encoder momentum
+    m: float = 0.99                    # key-encoder momentum (m at step 0 with m_schedule=cosine)
+    m_schedule: str = "constant"       # constant | cosine: m rises to 1 on a half cosine (MoCo v3, BYOL)
     T: float = 0.2                     # softmax temperature
     symmetric: bool = False            # both views as query and key, two InfoNCE terms summed
     sync_bn: bool = False              # several GPU processes: BN statistics over the global batch (SyncBatchNorm)
-    # Dictionary mechanism (moco.contrast; docs/ablations.md). end_to_end ignores K (K = batch - 1)
-    # and m; memory_bank samples K negatives from a bank of one feature per image and ignores m.
+    # The method (moco.methods; its own options in the top-level section of its name, e.g. memory_bank:).
+    # Figure 2 of the paper (docs/ablations.md): end_to_end ignores K (K = batch - 1) and m;
+    # memory_bank samples K negatives from a bank of one feature per image and ignores m.
     method: str = "moco"               # moco | end_to_end | memory_bank
-    bank_momentum: float = 0.5         # memory_bank: feature momentum of the refreshed entries
-    bank_proximal: float = 0.0         # memory_bank: weight of Wu et al.'s proximal term; 0 = off
 
 
 @dataclass
@@ -152,14 +151,25 @@ class Config:
     aug: AugConfig = field(default_factory=AugConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Each method's own section (moco.methods), by method name: written and read as the top-level
+    # section of that name. Holds model.method's section and any other method's that was given.
+    methods: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)
+                  if f.name != "methods"}
+        return {**values, **{name: dataclasses.asdict(options) for name, options in self.methods.items()
+                             if dataclasses.fields(options)}}  # sections without options are left out
+
+    def method_options(self) -> Any:
+        """The selected method's own section."""
+        return self.methods[self.model.method]
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("resnet18", "resnet34", "resnet50", "resnet101"),
-    "model.method": ("moco", "end_to_end", "memory_bank"),
+    "model.method": tuple(METHODS),
+    "model.m_schedule": ("constant", "cosine"),
     "data.dataset": ("fashion_mnist", "cifar10", "cifar100", "stl10", "folder"),
     "aug.preset": ("v1", "v2", "none"),
     "optim.schedule": ("cosine", "step", "constant"),
@@ -204,6 +214,8 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    if cls is Config:  # the methods' own sections sit beside the fixed ones
+        return _build_config(values or {}, names)
     kwargs = {}
     for key, value in (values or {}).items():
         full = f"{prefix}{key}"
@@ -222,8 +234,55 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _build_config(values: dict[str, Any], names: list[str]) -> Config:
+    """The fixed sections, then each method's own section (``moco.methods``); model.method's
+    section is always present, with its defaults where the file has none."""
+    sections = [n for n in names if n != "methods"] + list(METHODS)
+    unknown = [key for key in values if key not in sections]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sections, n=1)
+        hint = f"; did you mean {close[0]}?" if close else f"; valid sections: {', '.join(sections)}"
+        raise ConfigError(f"unknown option {unknown[0]}{hint}")
+    fixed = _build_fixed(Config, {k: v for k, v in values.items() if k in names and k != "methods"})
+    for name in METHODS:
+        if name in values:
+            if not isinstance(values[name], dict):
+                raise ConfigError(f"{name}: expected a mapping of options, got {values[name]!r}")
+            fixed.methods[name] = _build(METHODS[name].Options, values[name], f"{name}.")
+    if fixed.model.method in METHODS and fixed.model.method not in fixed.methods:
+        fixed.methods[fixed.model.method] = METHODS[fixed.model.method].Options()
+    return fixed
+
+
+def _build_fixed(cls: type, values: dict[str, Any]) -> Any:
+    """:func:`_build` of the sections every run has."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {key: _build(hints[key], value, f"{key}.") if isinstance(value, dict) else value
+              for key, value in values.items()}
+    for key, value in kwargs.items():
+        if not dataclasses.is_dataclass(value):
+            raise ConfigError(f"{key}: expected a mapping of options, got {value!r}")
+    return cls(**kwargs)
+
+
+# Options that moved into a method's own section: old configs (and checkpoints) still load.
+MOVED_OPTIONS = {"model.bank_momentum": "memory_bank.momentum", "model.bank_proximal": "memory_bank.proximal"}
+
+
+def upgrade_legacy(values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``values`` with options that moved (``MOVED_OPTIONS``) at their new place."""
+    values = copy.deepcopy(values)
+    for old, new in MOVED_OPTIONS.items():
+        section, key = old.split(".")
+        if isinstance(values.get(section), dict) and key in values[section]:
+            value = values[section].pop(key)
+            new_section, new_key = new.split(".")
+            values.setdefault(new_section, {}).setdefault(new_key, value)
+    return values
+
+
 def from_dict(values: dict[str, Any]) -> Config:
-    config = _build(Config, values, "")
+    config = _build(Config, upgrade_legacy(values or {}), "")
     validate(config)
     return config
 
@@ -315,21 +374,10 @@ def validate(config: Config) -> None:
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"{key}: {message}")
-    if not 0.0 <= m.bank_momentum <= 1.0:
-        raise ConfigError(f"model.bank_momentum: must lie in [0, 1], got {m.bank_momentum}")
-    if m.bank_proximal < 0:
-        raise ConfigError(f"model.bank_proximal: must be >= 0, got {m.bank_proximal}")
-    if m.method == "memory_bank" and m.symmetric:
-        raise ConfigError("model.symmetric: not available with model.method=memory_bank (its keys are stored features)")
-    keys_per_step = o.batch_size * (2 if m.symmetric else 1)
-    if m.method == "moco" and m.K % keys_per_step:
-        raise ConfigError(
-            f"model.K: queue size {m.K} must be a multiple of the keys enqueued per step "
-            f"({keys_per_step} = optim.batch_size{' x 2 (symmetric)' if m.symmetric else ''})"
-        )
+    method_class(m.method).check_config(config)
     _validate_train_split(d)
     _validate_augmentation(config.aug)
-    if config.aug.local_crops and m.method != "moco":
+    if config.aug.local_crops and not method_class(m.method).supports_local_views:
         raise ConfigError(f"aug.local_crops: multi-crop is implemented for model.method=moco only, not {m.method}")
     if o.batch_size % m.bn_splits:
         raise ConfigError(f"model.bn_splits: {m.bn_splits} must divide optim.batch_size={o.batch_size}")

@@ -7,7 +7,7 @@ dictionary size K is independent of the batch size.
 The memory bank (Wu et al., 2018), the mechanism MoCo is compared with, keeps one feature per
 training image instead; its entries were computed by many past versions of the encoder, which
 is the inconsistency the queue plus momentum encoder avoids. (The end-to-end mechanism has no
-stored dictionary: its keys are the current batch, see :mod:`moco.contrast`.)
+stored dictionary: its keys are the current batch, see :mod:`moco.methods.end_to_end`.)
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import inspect
 import io
 import os
 import re
@@ -22,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moco.config import ConfigError
+from moco.errors import ConfigError
 
 
 class DistributedFailure(RuntimeError):
@@ -279,49 +278,6 @@ def convert_sync_bn(module: nn.Module, enabled: bool, device: torch.device) -> n
     if device.type == "cpu":
         raise ConfigError("model.sync_bn: PyTorch's SyncBatchNorm needs GPUs; leave it off for CPU (gloo) runs")
     return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-
-
-def _contrastive_loss(moco: nn.Module, x1: torch.Tensor, x2: torch.Tensor, symmetric: bool,
-                      indices: torch.Tensor | None, local_views: tuple[torch.Tensor, ...]) -> Any:
-    """``moco.contrastive_loss``; ``local_views`` is passed only when there are some, so a
-    mechanism written before multi-crop (without that argument) still trains."""
-    extra = {"local_views": local_views} if local_views else {}
-    return moco.contrastive_loss(x1, x2, symmetric=symmetric, indices=indices, **extra)
-
-
-class _ContrastiveStep(nn.Module):
-    """``contrastive_loss`` of any mechanism (moco.contrast) as a ``forward``, so DistributedDataParallel can hook it."""
-
-    def __init__(self, moco: nn.Module, symmetric: bool) -> None:
-        super().__init__()
-        self.moco, self.symmetric = moco, symmetric
-
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, indices: torch.Tensor | None = None,
-                *local_views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        out = _contrastive_loss(self.moco, x1, x2, self.symmetric, indices, local_views)
-        return out.loss, out.logits, out.labels, getattr(out, "queries", None)
-
-
-def training_step(moco: nn.Module, symmetric: bool, device: torch.device) -> Callable[..., Any]:
-    """``(x1, x2, indices=None, *local_views) -> MoCoOutput`` for this rank's slice (``indices``: the
-    images' dataset indices, which the memory bank needs; ``local_views``: multi-crop's small
-    crops, see ``MoCo.contrastive_loss``); under several processes the query
-    encoder's gradients are averaged across ranks by DistributedDataParallel.
-
-    Buffers are not broadcast each step: the queue is kept identical by enqueueing every rank's
-    keys, and BN running statistics are synchronised before evaluation (:func:`broadcast_buffers`).
-    """
-    if world_size() == 1:
-        return lambda x1, x2, indices=None, *local: _contrastive_loss(moco, x1, x2, symmetric, indices, local)
-    from moco.builder import MoCoOutput  # builder imports this module
-
-    ddp_class = nn.parallel.DistributedDataParallel
-    # Weights and buffers are copied from rank 0 once, at construction; not at every forward.
-    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp_class).parameters
-                      else {"broadcast_buffers": False})
-    ddp = ddp_class(_ContrastiveStep(moco, symmetric), device_ids=[device.index] if device.type == "cuda" else None,
-                    **no_buffer_sync)
-    return lambda x1, x2, indices=None, *local: MoCoOutput(*ddp(x1, x2, indices, *local))
 
 
 # --- shuffle BN --------------------------------------------------------------------------------

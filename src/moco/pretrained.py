@@ -7,9 +7,11 @@ It accepts, without any key editing by the user:
   ``module.encoder_q.*`` keys);
 - a plain ResNet state dict (e.g. our torchvision export, or torchvision's own weights).
 
-Files are read with ``weights_only=True``. The model options (arch, widths, stem, input channels,
-head) are read off the weight shapes, so a checkpoint describes itself even without a config;
-the one option weights cannot show, the small stem's stride, comes from the stored config.
+Files are read with ``weights_only=True``. Our checkpoints store the backbone's spec (family,
+arch, widths, stem, input channels, head) under ``"backbone"``, and loading dispatches on it.
+For files without one (the reference's, plain state dicts, our checkpoints from before the spec
+was stored) the options are read off the weight shapes; the one option weights cannot show, the
+small stem's stride, then comes from the stored config.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
@@ -26,6 +28,11 @@ from moco.checkpoint import load_checkpoint
 from moco.config import ConfigError
 from moco.models.heads import mlp_head
 from moco.models.resnet import ARCHS, TORCHVISION_WIDTHS, resnet
+
+if TYPE_CHECKING:
+    from moco.config import Config
+
+BACKBONE_FAMILIES = ("resnet",)  # what a stored spec may name; loading dispatches on it
 
 
 class CheckpointFormatError(ConfigError):
@@ -43,6 +50,7 @@ class EncoderSpec:
     head: str = "none"   # "linear" (MoCo v1), "mlp" (MoCo v2) or "none"
     dim: int = 0         # the head's output width; 0 without a head
     stem_stride: int = 1  # small-image stem only; a convolution's stride is not in its weights
+    family: str = "resnet"
 
     def resnet_kwargs(self) -> dict[str, Any]:
         """Constructor arguments of :func:`moco.models.resnet` (recorded in exports' metadata)."""
@@ -155,6 +163,27 @@ def infer_spec(state: Mapping[str, torch.Tensor], path: str | os.PathLike = "che
                        in_channels=int(stem.shape[1]), head=head, dim=dim, stem_stride=stem_stride if small_images else 1)
 
 
+def encoder_spec(config: "Config", channels: int) -> EncoderSpec:
+    """The spec of the encoder a run of ``config`` trains on ``channels``-channel images (stored in
+    its checkpoints)."""
+    m = config.model
+    return EncoderSpec(arch=m.arch, widths=tuple(m.widths), small_images=m.small_images,  # type: ignore[arg-type]
+                       in_channels=channels, head="mlp" if m.mlp else "linear", dim=m.dim,
+                       stem_stride=m.stem_stride if m.small_images else 1)
+
+
+def stored_spec(values: Mapping[str, Any], path: str | os.PathLike = "checkpoint") -> EncoderSpec:
+    """The spec a checkpoint stores under ``"backbone"``."""
+    family = values.get("family", "resnet")
+    if family not in BACKBONE_FAMILIES:
+        raise CheckpointFormatError(f"{path}: its backbone is a {family!r}, which this version of moco cannot "
+                                    f"build (it knows {', '.join(BACKBONE_FAMILIES)})")
+    try:
+        return EncoderSpec(**{**values, "widths": tuple(values["widths"])})
+    except (TypeError, KeyError) as err:
+        raise CheckpointFormatError(f"{path}: its stored backbone spec is incomplete or unknown ({err})") from None
+
+
 def load_pretrained(path: str | os.PathLike) -> PretrainedEncoder:
     """Load the query encoder of any supported checkpoint (see the module docstring)."""
     path = Path(path)
@@ -167,7 +196,10 @@ def load_pretrained(path: str | os.PathLike) -> PretrainedEncoder:
     state, source = find_encoder_state(checkpoint, path)
     config = checkpoint.get("config") if isinstance(checkpoint.get("config"), Mapping) else None
     model_config = config.get("model", {}) if config else {}
-    spec = infer_spec(state, path, stem_stride=int(model_config.get("stem_stride", 1)))
+    if isinstance(checkpoint.get("backbone"), Mapping):
+        spec = stored_spec(checkpoint["backbone"], path)
+    else:
+        spec = infer_spec(state, path, stem_stride=int(model_config.get("stem_stride", 1)))
     pretrained = PretrainedEncoder(path, source, spec, state, dict(config) if config else None)
     try:
         pretrained.encoder()  # strict load now, so a mismatch is reported here and not mid-evaluation

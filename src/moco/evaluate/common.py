@@ -21,7 +21,8 @@ from moco.data.augment import BatchAugment, EvalTransform, preset
 from moco.data.datasets import make_loader
 from moco.evaluate.knn import extract_features
 from moco.pretrained import PretrainedEncoder, load_pretrained
-from moco.train import Data, build_data, resolve_device
+from moco.data.splits import Data, build_data
+from moco.runtime import resolve_device
 
 
 @dataclass

@@ -37,7 +37,7 @@ from moco.data.datasets import labels_of
 from moco.evaluate.common import EvalContext
 from moco.evaluate.knn import extract_features
 from moco.evaluate.supervised import Recipe, TensorBatches, endless, evaluate_classifier, train_classifier
-from moco.train import resolve_precision
+from moco.runtime import resolve_precision
 
 FRACTIONS = (0.01, 0.1, 1.0)
 INITS = ("moco", "random", "scratch")
@@ -146,7 +146,7 @@ def subset_of(dataset: Any, picks: torch.Tensor) -> Any:
 
 
 def memory_format_for(ctx: EvalContext) -> torch.memory_format:
-    """channels_last where it is safe (see ``moco.train.resolve_memory_format``): not for CPU models
+    """channels_last where it is safe (see ``moco.runtime.resolve_memory_format``): not for CPU models
     with stages narrower than 8 channels."""
     if ctx.device.type == "cpu" and min(ctx.pretrained.spec.widths) < 8:
         return torch.contiguous_format

@@ -1,0 +1,52 @@
+"""Self-supervised methods as plug-ins of the one training loop, registered here and only here.
+
+The config (``model.method`` and each method's own section), the CLI, the ablations and the
+checkpoints read :data:`METHODS`. A new method is one file in this package, a subclass of
+:class:`Method` (see :mod:`moco.methods.base` for what it declares), and one line below.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from moco import distributed as dist_utils
+from moco.errors import ConfigError
+from moco.methods.base import Batch, Method, StepContext, StepOutput, Traits
+from moco.methods.end_to_end import EndToEnd
+from moco.methods.memory_bank import MemoryBankContrast
+from moco.methods.moco import MoCoMethod
+from moco.models.resnet import resnet
+
+if TYPE_CHECKING:
+    from moco.config import Config
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (MoCoMethod, EndToEnd, MemoryBankContrast)}
+
+
+def method_class(name: str) -> type[Method]:
+    """The method ``model.method`` names."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"model.method: {name!r} is not one of {', '.join(METHODS)}") from None
+
+
+def build_method(config: "Config", channels: int, device: torch.device = torch.device("cpu"),
+                 bank_size: int = 0) -> Method:
+    """The method ``model.method`` names, on the ResNet the ``model`` section describes, for
+    ``channels``-channel images; ``bank_size``: how many image indices a memory bank must hold."""
+    m = config.model
+
+    def encoder(num_classes: int) -> nn.Module:
+        return resnet(m.arch, num_classes, small_images=m.small_images, stem_stride=m.stem_stride, in_channels=channels,
+                      widths=m.widths, bn_splits=dist_utils.bn_splits_per_process(m.bn_splits))
+
+    method = method_class(m.method).build(config, encoder, bank_size)
+    return dist_utils.convert_sync_bn(method, m.sync_bn, device)
+
+
+__all__ = ["METHODS", "Batch", "EndToEnd", "MemoryBankContrast", "Method", "MoCoMethod", "StepContext", "StepOutput",
+           "Traits", "build_method", "method_class"]

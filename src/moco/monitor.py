@@ -1,0 +1,99 @@
+"""The kNN monitor of a pretraining run: weighted kNN of held-out images against training images,
+on the backbone's features and on the encoder's output (see ``KnnScores``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moco import distributed as dist_utils
+from moco.checkpoint import preserved_rng
+from moco.config import Config
+from moco.data.augment import EvalTransform
+from moco.data.datasets import make_loader
+from moco.data.splits import Data
+from moco.evaluate.knn import PCAWhitening, extract_features, head_outputs, knn_accuracy
+
+
+@dataclass
+class KnnScores:
+    """Weighted kNN top-1 (%) of one query set against one bank, on each feature the monitor knows.
+
+    ``backbone``: the pooled features before the head (what ``moco export`` keeps).
+    ``encoder``: the query encoder's output, head included (the reference CIFAR-10 demo's monitor);
+    the same as ``backbone`` for an encoder without an ``fc`` head.
+    ``whitened``: the backbone features PCA-whitened on the bank (a diagnostic, see ``PCAWhitening``).
+    """
+
+    backbone: float
+    encoder: float
+    whitened: float | None = None
+
+    def of(self, feature: str) -> float:
+        return self.backbone if feature == "backbone" else self.encoder
+
+
+def knn_eval(encoder: nn.Module, bank: Any, queries: Any, data: Data, config: Config, device: torch.device,
+             memory_format: torch.memory_format, whitened: bool = False) -> KnnScores:
+    """Weighted kNN (``train.knn_k``, ``train.knn_t``) of ``queries`` against ``bank`` with the
+    online ``encoder`` (head included), on its backbone features and on its output (see ``KnnScores``); with
+    ``whitened`` also on PCA-whitened backbone features.
+
+    The backbone is run once; the head is applied to its features. Under several processes every
+    rank encodes its shard of both sets with rank 0's BN statistics, the bank features are
+    gathered, and the shards' accuracies are averaged. It leaves every RNG as it found it, so
+    training draws the same numbers with or without it.
+    """
+    preprocess = EvalTransform(config.data.image_size, data.mean, data.std)
+    batch = 512
+    dist_utils.broadcast_buffers(encoder)
+
+    def feats(ds: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        loader = make_loader(dist_utils.shard(ds), batch, shuffle=False, drop_last=False, workers=config.data.workers)
+        return extract_features(encoder, loader, preprocess, device, memory_format=memory_format,
+                                normalize=False)
+
+    with preserved_rng():
+        bank_f, bank_y = feats(bank)
+        bank_f, bank_y = dist_utils.gather_uneven(bank_f), dist_utils.gather_uneven(bank_y)
+        query_f, query_y = feats(queries)
+
+    def accuracy(bank_features: torch.Tensor, query_features: torch.Tensor) -> float:
+        top1 = knn_accuracy(F.normalize(bank_features, dim=1), bank_y, F.normalize(query_features, dim=1), query_y,
+                            config.train.knn_k, config.train.knn_t, data.num_classes)
+        return dist_utils.weighted_mean_over_ranks(top1, len(query_y))
+
+    backbone = accuracy(bank_f, query_f)
+    head = getattr(encoder, "fc", None)
+    encoder = backbone if head is None else accuracy(head_outputs(encoder, bank_f),
+                                                     head_outputs(encoder, query_f))
+    scores = KnnScores(backbone, encoder)
+    if whitened:
+        whiten = PCAWhitening(bank_f)
+        scores.whitened = accuracy(whiten(bank_f), whiten(query_f))
+    return scores
+
+
+def val_knn_text(row: dict[str, Any], feature: str) -> str:
+    text = f", val kNN top-1 {row['val_knn_top1']:.2f}%"
+    if row["val_knn_top1_backbone"] == row["val_knn_top1_encoder"]:
+        return text
+    other = "encoder" if feature == "backbone" else "backbone"
+    return text + f" ({feature}; {other} {row[f'val_knn_top1_{other}']:.2f}%)"
+
+
+def test_knn_fields(scores: KnnScores, feature: str) -> dict[str, Any]:
+    return {"knn_feature": feature, "test_knn_top1_backbone": scores.backbone,
+            "test_knn_top1_encoder": scores.encoder, "test_knn_top1_whitened": scores.whitened}
+
+
+def test_knn_line(scores: KnnScores, feature: str, k: int, temperature: float) -> str:
+    """The final report: the monitored feature first, the others beside it, each named."""
+    names = {"backbone": "backbone features", "encoder": "encoder output (head included)"}
+    other = "encoder" if feature == "backbone" else "backbone"
+    return (f"test kNN top-1 (k={k}, T={temperature}): {scores.of(feature):.2f}% on the {names[feature]}; "
+            f"{scores.of(other):.2f}% on the {names[other]}, {scores.whitened:.2f}% on PCA-whitened backbone features")

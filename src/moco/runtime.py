@@ -1,0 +1,81 @@
+"""Where and how a run computes: device, precision, memory format, threads and seeds.
+
+Shared by pretraining and evaluation, so neither imports the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import numpy as np
+import torch
+
+from moco import distributed as dist_utils
+from moco.config import Config, ConfigError
+
+
+def say(message: str) -> None:
+    """Print on the main process only (every rank runs the same code)."""
+    if dist_utils.is_main_process():
+        print(message, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            return torch.device("cuda", local_rank)
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name} requested but CUDA is not available")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun: this process's GPU
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 autocast only pays on CPUs with native bf16/AVX-512 kernels (it is ~10x slower on AVX2)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name != "auto":
+        if name == "fp16" and device.type == "cpu":
+            raise ConfigError("train.precision: fp16 autocast needs CUDA; use bf16 or fp32 on CPU")
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def resolve_memory_format(config: Config, device: torch.device) -> torch.memory_format:
+    """channels_last when asked for, except where torch's CPU kernels crash on it.
+
+    On CPU, oneDNN's channels_last convolutions with fewer than 8 channels segfault (torch 2.14,
+    AVX2; seen with widths 4-8-8-8 and 6-12-12-12), so such tiny models stay contiguous.
+    """
+    if not config.train.channels_last:
+        return torch.contiguous_format
+    if device.type == "cpu" and min(config.model.widths) < 8:
+        say("note: train.channels_last ignored on CPU for stage widths below 8 (torch's oneDNN kernels crash)")
+        return torch.contiguous_format
+    return torch.channels_last

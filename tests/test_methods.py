@@ -1,0 +1,175 @@
+"""The method seam: one registry, every method trains and resumes exactly through the one loop,
+checkpoints carry the backbone's spec, and the modules import without cycles."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from moco import ablate
+from moco.checkpoint import load_checkpoint, save_atomic
+from moco.config import CHOICES, ConfigError, load_config
+from moco.data.augment import AugmentSpec
+from moco.data.splits import build_data
+from moco.methods import METHODS, Batch, Method, StepContext, build_method
+from moco.pretrained import CheckpointFormatError, load_pretrained
+from moco.schedule import momentum_at
+from moco.train import pretrain, view_augmentations
+from tests.eval_helpers import TINY_MODEL, save_tiny_moco_checkpoint
+from tests.tiny import assert_identical_runs, run_moco, tiny_config
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "moco"
+
+
+def test_the_registry_is_what_config_and_ablations_offer() -> None:
+    assert CHOICES["model.method"] == tuple(METHODS) == ("moco", "end_to_end", "memory_bank")
+    assert set(ablate.METHOD_LABELS) == set(METHODS)
+    for name, method in METHODS.items():
+        assert method.name == name and method.label and method.traits.negatives
+    with pytest.raises(ConfigError, match="model.method: 'simclr' is not one of moco, end_to_end, memory_bank"):
+        load_config(None, ["model.method=simclr"])
+
+
+def test_a_method_section_is_typed_and_written_back(tmp_path: Path) -> None:
+    config = load_config(None, ["model.method=memory_bank", "memory_bank.momentum=0.25"])
+    assert config.method_options().momentum == 0.25 and config.to_dict()["memory_bank"]["momentum"] == 0.25
+    with pytest.raises(ConfigError, match="memory_bank.momentum: expected a number"):
+        load_config(None, ["model.method=memory_bank", "memory_bank.momentum=fast"])
+    assert "moco" not in load_config(None, []).to_dict()  # a method without options adds no empty section
+
+
+def _fixed_batch(name: str) -> tuple[Method, Batch]:
+    torch.manual_seed(0)
+    config = load_config(None, TINY_MODEL + [f"model.method={name}", "data.image_size=16"])
+    method = build_method(config, channels=1, bank_size=64)
+    images = torch.rand(16, 1, 16, 16)
+    noisy = (images + 0.05 * torch.randn_like(images)).clamp(0, 1)
+    return method, Batch((images, noisy), torch.arange(16))
+
+
+def _loss_from(method: Method, state: Method, batch: Batch) -> float:
+    """The loss of ``method``'s weights with ``state``'s dictionary, at a fixed RNG state."""
+    probe = copy.deepcopy(method)
+    for name, buffer in probe.replicated_state().items():
+        buffer.copy_(state.replicated_state()[name])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        return probe.training_step(batch, StepContext()).loss.item()
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_step_lowers_the_loss_on_a_fixed_batch(name: str) -> None:
+    method, batch = _fixed_batch(name)
+    before = copy.deepcopy(method)
+    groups = method.parameter_groups(0.0)
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(
+        p.numel() for p in method.encoder.parameters())  # only the online encoder is trained
+    optimizer = torch.optim.SGD(groups, lr=0.05)
+    torch.manual_seed(1)
+    out = method.training_step(batch, StepContext())
+    assert out.logits is not None and out.labels is not None and out.queries is not None
+    out.loss.backward()
+    optimizer.step()
+    assert _loss_from(method, before, batch) < _loss_from(before, before, batch) - 1e-3
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_kill_and_resume_is_exact_for_every_method(tmp_path: Path, name: str) -> None:
+    config_path = tiny_config(tmp_path, model__method=name)
+    reference = tmp_path / "reference"
+    pretrain(load_config(config_path, [f"train.output_dir={reference}"]))
+    run = tmp_path / "run"
+    killed = run_moco("pretrain", str(config_path), f"train.output_dir={run}", "train.checkpoint_every_steps=4",
+                      inject=True, MOCO_FAULT_KILL_BEFORE_STEP="13")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = run_moco("pretrain", str(config_path), f"train.output_dir={run}", "train.checkpoint_every_steps=4",
+                       "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_identical_runs(reference, run)
+    assert load_checkpoint(run / "checkpoint_last.pth")["method"] == name
+
+
+def test_the_loop_owns_the_momentum_schedule() -> None:
+    constant = load_config(None, ["model.m=0.99"])
+    cosine = load_config(None, ["model.m=0.99", "model.m_schedule=cosine"])
+    assert [momentum_at(constant, s, 100) for s in (0, 50, 100)] == [0.99] * 3
+    assert momentum_at(cosine, 0, 100) == pytest.approx(0.99) and momentum_at(cosine, 100, 100) == 1.0
+    assert momentum_at(cosine, 50, 100) == pytest.approx(0.995)
+    method, _ = _fixed_batch("moco")
+    assert method.momentum_pairs() == [(method.encoder_k, method.encoder_q)]
+
+
+def test_each_view_gets_the_augmentation_its_method_asks_for(tmp_path: Path) -> None:
+    config = load_config(tiny_config(tmp_path))
+    data = build_data(config)
+    method = build_method(config, data.channels)
+    shared = view_augmentations(config, data, method)
+    assert len(shared) == 2 and shared[0] is shared[1]  # MoCo v1/v2: one augmentation, both views
+
+    class Asymmetric(type(method)):  # e.g. BYOL / MoCo v3: blur on one view, solarize on the other
+        def view_augmentations(self, spec: AugmentSpec, local_spec: AugmentSpec | None, local_crops: int) -> list:
+            return [replace(spec, blur_p=1.0), replace(spec, blur_p=0.1, solarize_p=0.2)]
+
+    method.__class__ = Asymmetric
+    first, second = view_augmentations(config, data, method)
+    assert first is not second and (first.spec.blur_p, second.spec.solarize_p) == (1.0, 0.2)
+
+
+def test_checkpoints_store_the_backbone_spec_and_loading_dispatches_on_it(tmp_path: Path) -> None:
+    path, _ = save_tiny_moco_checkpoint(tmp_path, extra=["model.stem_stride=2"])
+    ckpt = load_checkpoint(path)
+    assert ckpt["backbone"] == {"arch": "resnet18", "widths": [4, 8, 8, 8], "small_images": True, "in_channels": 1,
+                                "head": "mlp", "dim": 128, "stem_stride": 2, "family": "resnet"}
+    ckpt["config"]["model"]["stem_stride"] = 1  # the spec, not the config, says how to build it
+    save_atomic(ckpt, path)
+    assert load_pretrained(path).spec.stem_stride == 2
+    ckpt["backbone"]["family"] = "vit"
+    save_atomic(ckpt, path)
+    with pytest.raises(CheckpointFormatError, match="its backbone is a 'vit', which this version of moco cannot build"):
+        load_pretrained(path)
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    """The moco modules ``path`` imports when it is imported (not those under TYPE_CHECKING or in functions)."""
+    module = ".".join(path.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__")
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("moco"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)  # `from moco import distributed`
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("moco"))
+    return {name for name in found if name != module}
+
+
+def test_no_import_cycles_and_evaluation_does_not_import_the_training_loop() -> None:
+    modules = {".".join(p.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in SRC.rglob("*.py")}
+    graph = {name: {m for m in _module_level_imports(path) if m in modules and m != "moco"}
+             for name, path in modules.items()}
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack = [(start, [start])]
+        while stack:
+            node, trail = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    return trail + [start]
+                if nxt not in trail and len(trail) < len(graph):
+                    stack.append((nxt, trail + [nxt]))
+        return None
+
+    cycles = [c for c in (cycle_from(m) for m in graph) if c]
+    assert not cycles, f"import cycle: {' -> '.join(cycles[0])}"
+    probe = ("import sys, moco.evaluate.common, moco.evaluate.report, moco.evaluate.finetune, moco.export, "
+             "moco.cli_eval; print(sorted(m for m in sys.modules if m in ('moco.train', 'moco.step', 'moco.ablate')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
