@@ -21,7 +21,8 @@ from moco import MoCo
 from moco import distributed as du
 from moco.config import ConfigError
 from moco.evaluate.knn import knn_accuracy
-from moco.methods import Batch, MoCoMethod, StepContext
+from moco.methods import Batch, MoCoMethod, MoCoV3, StepContext
+from moco.momentum import cosine_momentum, make_momentum_copy
 from moco.step import apply_momentum, step_function
 from tests.conftest import LinearEncoder, tiny_resnet
 
@@ -101,6 +102,37 @@ def training_loop_step(symmetric: bool, with_local_views: bool = False) -> dict[
         optimizer.step()
         losses.append(du.mean_over_ranks(out.loss.detach()).item())
     return {"losses": losses, "state": final_state(model)}
+
+
+def linear_moco_v3() -> Any:
+    """MoCo v3 with BN-free projector and predictor (linear layers), so half batches on two
+    processes must equal the whole batch on one: only the labels' rank offset and the keys'
+    all-gather differ."""
+    torch.manual_seed(0)
+    model = MoCoV3(LinearEncoder(num_classes=8), dim=8, T=0.5)
+    model.encoder_q.fc, model.predictor = nn.Linear(64, 8), nn.Linear(8, 8)
+    model.encoder_k = make_momentum_copy(model.encoder_q)
+    return model
+
+
+def moco_v3_scenario(world: bool = True) -> dict[str, Any]:
+    """MoCo v3 through the loop's path (cosine m(t), DDP); with ``world=False`` the same steps on
+    one process with the whole batch."""
+    model = linear_moco_v3()
+    optimizer = sgd([*model.encoder_q.parameters(), *model.predictor.parameters()])
+    step_fn = step_function(model, torch.device("cpu")) if world else model.training_step
+    losses = []
+    for step in range(STEPS):
+        x1, x2 = equivalence_inputs(step)
+        views = (my_slice(x1), my_slice(x2)) if world else (x1, x2)
+        ctx = StepContext(step, STEPS, cosine_momentum(0.9, step, STEPS))
+        apply_momentum(model, ctx.momentum)
+        out = step_fn(Batch(views), ctx)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(du.mean_over_ranks(out.loss.detach()).item())
+    return {"losses": losses, "state": final_state(model), "labels": out.labels.clone()}
 
 
 def shuffle_scenario() -> dict[str, Any]:
@@ -219,6 +251,7 @@ def main(out_dir: str) -> None:
             "queue_sync": queue_sync_scenario(),
             "knn": knn_scenario(),
             "memory_bank": memory_bank_scenario(),
+            "moco_v3": moco_v3_scenario(),
             "bn_options": bn_options_scenario(),
         }
         torch.save(results, Path(out_dir) / f"rank{du.rank()}.pt")

@@ -19,6 +19,7 @@ from moco import cli
 from moco.builder import MoCo
 from moco.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from moco.config import ConfigError, load_config
+from moco.methods import MoCoMethod
 from moco.reliability import Checkpointer, CheckpointWarning, NonFiniteGuard, check_paths
 from moco.train import pretrain, read_metrics
 from tests.conftest import LinearEncoder
@@ -225,16 +226,16 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 # --- non-finite numbers ------------------------------------------------------------------------
 def _poison_losses(monkeypatch: pytest.MonkeyPatch, steps: set[int] | None) -> None:
     """Multiply the loss of the listed steps (1-based; None = every step from 3 on) by NaN."""
-    original, calls = MoCo.contrastive_loss, [0]
+    original, calls = MoCoMethod.training_step, [0]
 
-    def contrastive_loss(self, x1, x2, symmetric=False, indices=None):  # noqa: ANN001
-        out = original(self, x1, x2, symmetric, indices)
+    def training_step(self, batch, ctx):  # noqa: ANN001
+        out = original(self, batch, ctx)
         calls[0] += 1
         if (steps is None and calls[0] >= 3) or (steps is not None and calls[0] in steps):
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(MoCo, "contrastive_loss", contrastive_loss)
+    monkeypatch.setattr(MoCoMethod, "training_step", training_step)
 
 
 def test_a_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tiny_reference: tuple[Path, Path], tmp_path: Path,

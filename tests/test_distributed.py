@@ -102,6 +102,18 @@ def test_two_processes_with_half_batches_match_one_process_with_the_global_batch
     assert int(state["queue_ptr"]) == expected_ptr
 
 
+def test_moco_v3_on_two_processes_equals_one_process_with_the_global_batch(ranks: list[dict[str, Any]]) -> None:
+    single = dist_worker.moco_v3_scenario(world=False)
+    assert single["losses"][0] != pytest.approx(single["losses"][-1], abs=1e-3)  # it trains
+    for rank, result in enumerate(ranks):
+        got = result["moco_v3"]
+        assert got["losses"] == pytest.approx(single["losses"], abs=1e-5)
+        for name, value in single["state"].items():  # encoder_q, encoder_k (cosine m), predictor
+            torch.testing.assert_close(got["state"][name], value, rtol=1e-5, atol=1e-5, msg=name)
+        half = dist_worker.GLOBAL_BATCH // 2  # each query's positive is its own key among all ranks' keys
+        assert torch.equal(got["labels"], torch.arange(half).repeat(2) + half * rank)
+
+
 # --- cross-process shuffle BN --------------------------------------------------------------------
 def test_cross_process_shuffle_is_a_shared_permutation_and_unshuffle_inverts_it(ranks: list[dict[str, Any]]) -> None:
     r0, r1 = ranks[0]["shuffle"], ranks[1]["shuffle"]

@@ -30,11 +30,11 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "moco"
 
 
 def test_the_registry_is_what_config_and_ablations_offer() -> None:
-    assert CHOICES["model.method"] == tuple(METHODS) == ("moco", "end_to_end", "memory_bank")
+    assert CHOICES["model.method"] == tuple(METHODS) == ("moco", "end_to_end", "memory_bank", "moco_v3")
     assert set(ablate.METHOD_LABELS) == set(METHODS)
     for name, method in METHODS.items():
         assert method.name == name and method.label and method.traits.negatives
-    with pytest.raises(ConfigError, match="model.method: 'simclr' is not one of moco, end_to_end, memory_bank"):
+    with pytest.raises(ConfigError, match="model.method: .simclr. is not one of moco, end_to_end, memory_bank, moco_v3"):
         load_config(None, ["model.method=simclr"])
 
 
@@ -70,8 +70,9 @@ def test_a_step_lowers_the_loss_on_a_fixed_batch(name: str) -> None:
     method, batch = _fixed_batch(name)
     before = copy.deepcopy(method)
     groups = method.parameter_groups(0.0)
-    assert sum(p.numel() for g in groups for p in g["params"]) == sum(
-        p.numel() for p in method.encoder.parameters())  # only the online encoder is trained
+    trained = {id(p) for g in groups for p in g["params"]}
+    assert {id(p) for p in method.encoder.parameters()} <= trained  # the online encoder is trained...
+    assert not trained & {id(p) for target, _ in method.momentum_pairs() for p in target.parameters()}  # ...no target
     optimizer = torch.optim.SGD(groups, lr=0.05)
     torch.manual_seed(1)
     out = method.training_step(batch, StepContext())
@@ -127,7 +128,8 @@ def test_checkpoints_store_the_backbone_spec_and_loading_dispatches_on_it(tmp_pa
     path, _ = save_tiny_moco_checkpoint(tmp_path, extra=["model.stem_stride=2"])
     ckpt = load_checkpoint(path)
     assert ckpt["backbone"] == {"arch": "resnet18", "widths": [4, 8, 8, 8], "small_images": True, "in_channels": 1,
-                                "head": "mlp", "dim": 128, "stem_stride": 2, "family": "resnet"}
+                                "head": "mlp", "dim": 128, "stem_stride": 2, "family": "resnet", "head_layers": 0,
+                                "head_hidden": 0}
     ckpt["config"]["model"]["stem_stride"] = 1  # the spec, not the config, says how to build it
     save_atomic(ckpt, path)
     assert load_pretrained(path).spec.stem_stride == 2

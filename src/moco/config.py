@@ -105,7 +105,7 @@ class OptimConfig:
     batch_size: int = 256              # global batch (all processes together)
     lr: float = 0.06                   # learning rate at base_batch_size
     base_batch_size: int = 256         # lr is scaled by batch_size / base_batch_size
-    optimizer: str = "sgd"             # sgd (MoCo v1/v2) | adamw
+    optimizer: str = "sgd"             # sgd (MoCo v1/v2) | lars (MoCo v3, ResNet) | adamw (MoCo v3, ViT)
     momentum: float = 0.9              # SGD momentum
     weight_decay: float = 5e-4
     schedule: str = "cosine"           # cosine | step | constant
@@ -173,7 +173,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("fashion_mnist", "cifar10", "cifar100", "stl10", "folder"),
     "aug.preset": ("v1", "v2", "none"),
     "optim.schedule": ("cosine", "step", "constant"),
-    "optim.optimizer": ("sgd", "adamw"),
+    "optim.optimizer": ("sgd", "lars", "adamw"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "data.on_bad_image": ("skip", "fail"),
     "train.on_nonfinite": ("stop", "skip"),

@@ -10,9 +10,52 @@ from moco.config import Config
 
 
 def build_optimizer(config: Config, parameter_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """SGD with momentum (the MoCo v1/v2 recipe) or AdamW over the method's groups (each group
-    carries its own weight decay); the lr is set per step by the schedule."""
+    """SGD with momentum (the MoCo v1/v2 recipe), LARS (MoCo v3 with a ResNet) or AdamW over the
+    method's groups (each group carries its own weight decay); the lr is set per step by the schedule."""
     o = config.optim
+    if o.optimizer == "lars":
+        return LARS(parameter_groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     if o.optimizer == "adamw":
         return torch.optim.AdamW(parameter_groups, lr=o.lr, weight_decay=o.weight_decay)
     return torch.optim.SGD(parameter_groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al., 2017), as MoCo v3 uses it.
+
+    For a weight matrix or kernel (ndim > 1) the step direction is ``g + wd·w``, rescaled by the
+    trust ratio ``eta·‖w‖ / ‖g + wd·w‖`` (1 where either norm is 0). Biases and BN parameters
+    (ndim <= 1) get neither weight decay nor the trust ratio: plain momentum SGD.
+    """
+
+    def __init__(self, params: Any, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.001) -> None:
+        if lr < 0 or momentum < 0 or weight_decay < 0 or eta <= 0:
+            raise ValueError(f"LARS: invalid lr={lr}, momentum={momentum}, weight_decay={weight_decay} or eta={eta}")
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "eta": eta})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                direction = param.grad
+                if param.ndim > 1:
+                    direction = direction.add(param, alpha=group["weight_decay"])
+                    direction = direction.mul(trust_ratio(param, direction, group["eta"]))
+                velocity = self.state[param].setdefault("momentum_buffer", torch.zeros_like(param))
+                velocity.mul_(group["momentum"]).add_(direction)
+                param.add_(velocity, alpha=-group["lr"])
+        return loss
+
+
+def trust_ratio(param: torch.Tensor, direction: torch.Tensor, eta: float) -> torch.Tensor:
+    """``eta·‖param‖ / ‖direction‖``, or 1 where either norm is zero (a 0-d tensor: no host sync)."""
+    param_norm, direction_norm = torch.linalg.vector_norm(param), torch.linalg.vector_norm(direction)
+    ratio = eta * param_norm / direction_norm.clamp_min(torch.finfo(direction_norm.dtype).tiny)
+    return torch.where((param_norm > 0) & (direction_norm > 0), ratio, torch.ones_like(ratio))

@@ -17,6 +17,7 @@ small stem's stride, then comes from the stored config.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -26,7 +27,7 @@ from torch import nn
 
 from moco.checkpoint import load_checkpoint
 from moco.config import ConfigError
-from moco.models.heads import mlp_head
+from moco.models.heads import bn_mlp, mlp_head
 from moco.models.resnet import ARCHS, TORCHVISION_WIDTHS, resnet
 
 if TYPE_CHECKING:
@@ -47,10 +48,12 @@ class EncoderSpec:
     widths: tuple[int, int, int, int]
     small_images: bool
     in_channels: int
-    head: str = "none"   # "linear" (MoCo v1), "mlp" (MoCo v2) or "none"
+    head: str = "none"   # "linear" (MoCo v1), "mlp" (MoCo v2), "bn_mlp" (MoCo v3's projector) or "none"
     dim: int = 0         # the head's output width; 0 without a head
     stem_stride: int = 1  # small-image stem only; a convolution's stride is not in its weights
     family: str = "resnet"
+    head_layers: int = 0  # bn_mlp: its Linear layers
+    head_hidden: int = 0  # bn_mlp: its hidden width
 
     def resnet_kwargs(self) -> dict[str, Any]:
         """Constructor arguments of :func:`moco.models.resnet` (recorded in exports' metadata)."""
@@ -72,6 +75,8 @@ class EncoderSpec:
         model = resnet(num_classes=max(self.dim, 1), **self.resnet_kwargs())
         if self.head == "mlp":
             model.fc = mlp_head(model.fc.in_features, self.dim)
+        elif self.head == "bn_mlp":
+            model.fc = bn_mlp(self.head_layers, model.fc.in_features, self.head_hidden, self.dim)
         elif self.head == "none":
             model.fc = nn.Identity()
         return model
@@ -153,23 +158,28 @@ def infer_spec(state: Mapping[str, torch.Tensor], path: str | os.PathLike = "che
         raise CheckpointFormatError(f"{path}: a ResNet with {kind} blocks {blocks} per stage is none of {sorted(ARCHS)}")
     widths = tuple(int(state[f"layer{s}.0.conv1.weight"].shape[0]) for s in range(1, 5))
     stem = state["conv1.weight"]
-    head, dim = "none", 0
+    head, dim, head_layers, head_hidden = "none", 0, 0, 0
+    linears = [state[k] for k in sorted((k for k in state if re.fullmatch(r"fc\.\d+\.weight", k) and state[k].ndim == 2),
+                                        key=lambda k: int(k.split(".")[1]))]
     if "fc.weight" in state:
         head, dim = "linear", int(state["fc.weight"].shape[0])
+    elif "fc.1.running_mean" in state and linears:  # Linear -> BN -> ReLU ... (MoCo v3's projector)
+        head, dim, head_layers, head_hidden = "bn_mlp", int(linears[-1].shape[0]), len(linears), int(linears[0].shape[0])
     elif "fc.0.weight" in state and "fc.2.weight" in state:
         head, dim = "mlp", int(state["fc.2.weight"].shape[0])
     small_images = stem.shape[-1] == 3
     return EncoderSpec(arch=arch, widths=widths, small_images=small_images,  # type: ignore[arg-type]
-                       in_channels=int(stem.shape[1]), head=head, dim=dim, stem_stride=stem_stride if small_images else 1)
+                       in_channels=int(stem.shape[1]), head=head, dim=dim, stem_stride=stem_stride if small_images else 1,
+                       head_layers=head_layers, head_hidden=head_hidden)
 
 
-def encoder_spec(config: "Config", channels: int) -> EncoderSpec:
+def encoder_spec(config: "Config", channels: int, **head: Any) -> EncoderSpec:
     """The spec of the encoder a run of ``config`` trains on ``channels``-channel images (stored in
-    its checkpoints)."""
+    its checkpoints); ``head``: the method's own description of its projector (``Method.head_spec``)."""
     m = config.model
+    head = head or {"head": "mlp" if m.mlp else "linear", "dim": m.dim}
     return EncoderSpec(arch=m.arch, widths=tuple(m.widths), small_images=m.small_images,  # type: ignore[arg-type]
-                       in_channels=channels, head="mlp" if m.mlp else "linear", dim=m.dim,
-                       stem_stride=m.stem_stride if m.small_images else 1)
+                       in_channels=channels, stem_stride=m.stem_stride if m.small_images else 1, **head)
 
 
 def stored_spec(values: Mapping[str, Any], path: str | os.PathLike = "checkpoint") -> EncoderSpec:

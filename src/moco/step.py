@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from moco import distributed as dist_utils
-from moco.diagnostics import StepStats, chance_loss, feature_spread
+from moco.diagnostics import StepStats, feature_spread
 from moco.loss import pretext_accuracy
 from moco.methods import Batch, Method, StepContext, StepOutput
 from moco.momentum import momentum_update
@@ -81,14 +81,14 @@ def optimisation_step(step: StepFunction, method: Method, batch: Batch, ctx: Ste
     return out, loss, finite
 
 
-def step_stats(out: StepOutput, loss_terms: int) -> StepStats:
+def step_stats(out: StepOutput, method: Method) -> StepStats:
     """Pretext accuracy (ties wrong) and spread of the queries, averaged over processes in one
-    all-reduce and read in one host sync (the one the accuracy always cost). ``loss_terms``: how
-    many cross-entropies the loss sums (2 for a symmetric loss), for the chance loss."""
+    all-reduce and read in one host sync (the one the accuracy always cost), and the method's
+    chance loss for these logits."""
     device = out.loss.device
     nan = torch.full((1,), float("nan"), device=device)
     spread = feature_spread(out.queries).to(device) if out.queries is not None else nan.repeat(2)
     accuracy = pretext_accuracy(out.logits, out.labels).view(1) * 100 if out.logits is not None else nan
     acc, feature_std, mean_cosine = dist_utils.mean_over_ranks(torch.cat([accuracy, spread])).tolist()
-    chance = chance_loss(out.logits.shape[1], loss_terms) if out.logits is not None else math.nan
+    chance = method.chance_loss(out.logits.shape[1]) if out.logits is not None else math.nan
     return StepStats(acc, feature_std, mean_cosine, chance)

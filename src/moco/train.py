@@ -292,7 +292,7 @@ def train_step(run: Run, epoch: int, images: torch.Tensor, indices: torch.Tensor
         dist_utils.assert_same_on_all_ranks({**method.replicated_state(), **dict(method.named_parameters())})
     state.step += 1
     state.batch += 1
-    stats = step_stats(out, 2 if config.model.symmetric else 1)
+    stats = step_stats(out, method)
     img_s = images.shape[0] * dist_utils.world_size() / (time.perf_counter() - tic)
     _log_step(run.log, show_progress, state, epoch, loss, finite, stats, lr, img_s, config.train.log_every,
               run.guard.skipped)
@@ -430,7 +430,7 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: t
              "epoch": loop["epoch"], "step": loop["step"], "loop": loop, "rng": rng_state(),
              "config": config.to_dict(), "identity": identity, "arch": config.model.arch,
              "method": config.model.method,
-             "backbone": encoder_spec(config, identity["data.channels"]).to_dict()}
+             "backbone": encoder_spec(config, identity["data.channels"], **model.head_spec()).to_dict()}
     if rng_of_ranks is not None and len(rng_of_ranks) > 1:
         state["rng_of_ranks"] = rng_of_ranks
     return state

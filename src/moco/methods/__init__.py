@@ -18,12 +18,13 @@ from moco.methods.base import Batch, Method, StepContext, StepOutput, Traits
 from moco.methods.end_to_end import EndToEnd
 from moco.methods.memory_bank import MemoryBankContrast
 from moco.methods.moco import MoCoMethod
+from moco.methods.moco_v3 import MoCoV3
 from moco.models.resnet import resnet
 
 if TYPE_CHECKING:
     from moco.config import Config
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (MoCoMethod, EndToEnd, MemoryBankContrast)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (MoCoMethod, EndToEnd, MemoryBankContrast, MoCoV3)}
 
 
 def method_class(name: str) -> type[Method]:
@@ -48,5 +49,5 @@ def build_method(config: "Config", channels: int, device: torch.device = torch.d
     return dist_utils.convert_sync_bn(method, m.sync_bn, device)
 
 
-__all__ = ["METHODS", "Batch", "EndToEnd", "MemoryBankContrast", "Method", "MoCoMethod", "StepContext", "StepOutput",
+__all__ = ["METHODS", "Batch", "EndToEnd", "MemoryBankContrast", "Method", "MoCoMethod", "MoCoV3", "StepContext", "StepOutput",
            "Traits", "build_method", "method_class"]

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from moco.builder import MoCoOutput
+from moco.diagnostics import chance_loss
 from moco.models.resnet import backbone_features
 
 if TYPE_CHECKING:
@@ -115,6 +116,13 @@ class Method(nn.Module):
     def projector(self) -> nn.Module:
         return self.encoder.fc
 
+    def head_spec(self) -> dict[str, Any]:
+        """How the projector in ``encoder.fc`` is built, for the backbone spec checkpoints store."""
+        head = self.projector
+        if isinstance(head, nn.Linear):
+            return {"head": "linear", "dim": head.out_features}
+        return {"head": "mlp", "dim": head[-1].out_features}
+
     def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's pooled features (the encoder without its projector), no gradient."""
         return backbone_features(self.encoder, images)
@@ -145,6 +153,10 @@ class Method(nn.Module):
         """Steps until every negative is a real key (the collapse monitor waits that long);
         ``batch_size`` is the global batch."""
         return 0
+
+    def chance_loss(self, num_logits: int) -> float:
+        """The loss when every logit ties (the collapse monitor's "back at chance")."""
+        return chance_loss(num_logits, 2 if getattr(self, "symmetric", False) else 1)
 
     def collapse_settings(self, images: int) -> list[str]:
         """This method's options that the collapse advice names, with their values (``images``:

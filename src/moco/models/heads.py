@@ -25,3 +25,23 @@ def add_mlp_head(encoder: nn.Module) -> nn.Module:
         )
     encoder.fc = mlp_head(fc.in_features, fc.out_features)
     return encoder
+
+
+def bn_mlp(layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool = True) -> nn.Sequential:
+    """MoCo v3's projector / predictor: ``layers`` Linear layers without bias, each but the last
+    followed by BN and ReLU; the last by a BN without affine parameters when ``last_bn``.
+
+    Module indices: Linear, BN, ReLU per hidden layer, then Linear (and BN), so key names say
+    which layer is which (``fc.0.weight`` … ``fc.3.weight``, ``fc.4.running_mean`` for 2 layers).
+    """
+    if layers < 1:
+        raise ValueError(f"an MLP needs at least one layer, got {layers}")
+    modules: list[nn.Module] = []
+    for i in range(layers):
+        first, last = in_dim if i == 0 else hidden_dim, out_dim if i == layers - 1 else hidden_dim
+        modules.append(nn.Linear(first, last, bias=False))
+        if i < layers - 1:
+            modules += [nn.BatchNorm1d(last), nn.ReLU(inplace=True)]
+        elif last_bn:
+            modules.append(nn.BatchNorm1d(last, affine=False))
+    return nn.Sequential(*modules)

@@ -1,0 +1,106 @@
+"""MoCo v3: the loss by hand, the heads' structure, LARS, and checkpoints evaluation can load."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moco.checkpoint import load_checkpoint
+from moco.config import ConfigError, load_config
+from moco.methods import Batch, MoCoV3, StepContext, build_method
+from moco.methods.moco_v3 import contrast_in_batch
+from moco.models.heads import bn_mlp
+from moco.optim import LARS, build_optimizer
+from moco.pretrained import load_pretrained
+from moco.train import pretrain
+from tests.conftest import LinearEncoder
+from tests.tiny import tiny_config
+
+
+def _ctr_by_hand(q: torch.Tensor, k: torch.Tensor, T: float) -> float:
+    """Σ_i −log softmax(q_i·k_j / T)_i over rows, mean, times 2T, with explicit sums."""
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    total = 0.0
+    for i in range(q.shape[0]):
+        scores = [float(q[i] @ k[j]) / T for j in range(k.shape[0])]
+        total += math.log(sum(math.exp(s) for s in scores)) - scores[i]
+    return 2 * T * total / q.shape[0]
+
+
+def test_the_v3_loss_equals_one_computed_by_hand() -> None:
+    g = torch.Generator().manual_seed(0)
+    q1, q2, k1, k2 = (torch.randn(6, 5, generator=g) for _ in range(4))
+    T = 0.2
+    loss, logits, labels = contrast_in_batch(q1, k2, T)
+    assert loss.item() == pytest.approx(_ctr_by_hand(q1, k2, T), rel=1e-5)
+    assert logits.shape == (6, 6) and torch.equal(labels, torch.arange(6))  # the positive is the own key
+
+    model = MoCoV3(LinearEncoder(num_classes=5, in_features=5), dim=5, T=T)
+    model.encoder_q.fc, model.predictor = nn.Identity(), nn.Identity()  # q = encoder output = input
+    model.encoder_k.fc = nn.Identity()
+    x1, x2 = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    model.encoder_q.forward = model.encoder_k.forward = lambda x: x  # identity encoders
+    out = model.training_step(Batch((x1, x2)), StepContext())
+    assert out.loss.item() == pytest.approx(_ctr_by_hand(x1, x2, T) + _ctr_by_hand(x2, x1, T), rel=1e-5)
+
+
+def test_heads_follow_the_official_structure() -> None:
+    projector = bn_mlp(2, 64, 4096, 256)
+    assert [type(m).__name__ for m in projector] == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert all(m.bias is None for m in projector if isinstance(m, nn.Linear))
+    assert not projector[-1].affine and projector[1].affine  # the last BN has no affine parameters
+    predictor = bn_mlp(2, 256, 4096, 256, last_bn=False)
+    assert isinstance(predictor[-1], nn.Linear)
+    assert len([m for m in bn_mlp(3, 64, 128, 32) if isinstance(m, nn.Linear)]) == 3  # the ViT projector
+
+    config = load_config(None, ["model.method=moco_v3", "moco_v3.mlp_dim=32", "model.dim=16",
+                                "model.widths=[4,8,8,8]", "model.bn_splits=1"])
+    method = build_method(config, channels=1)
+    assert [n for n, _ in method.momentum_pairs()[0][0].named_children()][-1] == "fc"  # the key encoder has the projector
+    assert not hasattr(method.encoder_k, "predictor") and isinstance(method.predictor[0], nn.Linear)
+    trained = {id(p) for g in method.parameter_groups(0.0) for p in g["params"]}
+    assert trained == {id(p) for p in (*method.encoder_q.parameters(), *method.predictor.parameters())}
+
+
+def test_v3_options_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"moco_v3.blur_p: one probability per view"):
+        load_config(None, ["model.method=moco_v3", "moco_v3.blur_p=[1.0]"])
+    with pytest.raises(ConfigError, match="MoCo v3's loss is symmetric already"):
+        load_config(None, ["model.method=moco_v3", "model.symmetric=true"])
+
+
+def test_lars_leaves_one_dimensional_parameters_alone_and_scales_the_rest() -> None:
+    torch.manual_seed(0)
+    weight, bias = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(4))
+    weight.grad, bias.grad = torch.randn(4, 3), torch.randn(4)
+    w0, b0, gw, gb = weight.detach().clone(), bias.detach().clone(), weight.grad.clone(), bias.grad.clone()
+    lars = LARS([weight, bias], lr=0.5, momentum=0.9, weight_decay=0.1, eta=0.02)
+    lars.step()
+    torch.testing.assert_close(bias.detach(), b0 - 0.5 * gb)  # no decay, no trust ratio
+    direction = gw + 0.1 * w0
+    ratio = 0.02 * w0.norm() / direction.norm()
+    torch.testing.assert_close(weight.detach(), w0 - 0.5 * ratio * direction)
+    bias.grad = gb.clone()
+    lars.step()  # momentum: v = 0.9·v + g
+    torch.testing.assert_close(bias.detach(), b0 - 0.5 * gb - 0.5 * (0.9 * gb + gb))
+    assert isinstance(build_optimizer(load_config(None, ["optim.optimizer=lars"]), [{"params": [weight]}]), LARS)
+
+
+def test_a_v3_run_trains_and_its_checkpoint_loads_for_evaluation(tmp_path: Path) -> None:
+    config = load_config(tiny_config(tmp_path, model__method="moco_v3", model__m_schedule="cosine",
+                                     optim__optimizer="lars", model__T=0.5),
+                         ["moco_v3.mlp_dim=32", "moco_v3.blur_p=[0.5,0.1]"])
+    result = pretrain(config)
+    assert math.isfinite(result.final_loss)
+    ckpt = load_checkpoint(result.run_dir / "checkpoint_last.pth")
+    assert ckpt["method"] == "moco_v3" and ckpt["backbone"]["head"] == "bn_mlp"
+    assert (ckpt["backbone"]["head_layers"], ckpt["backbone"]["head_hidden"]) == (2, 32)
+    pretrained = load_pretrained(result.run_dir / "checkpoint_last.pth")
+    encoder = pretrained.encoder()  # strict load of backbone and projector
+    assert encoder(torch.rand(3, 1, 8, 8)).shape == (3, 16)
+    assert pretrained.backbone()(torch.rand(3, 1, 8, 8)).shape == (3, 8)
