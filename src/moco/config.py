@@ -20,6 +20,7 @@ import yaml
 
 from moco.errors import ConfigError
 from moco.methods import METHODS, method_class
+from moco.models.vit import VIT_ARCHS, default_patch_size
 
 
 AUTO = "auto"
@@ -35,7 +36,7 @@ def is_auto(value: Any) -> bool:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet18"
+    arch: str = "resnet18"             # resnet18/34/50/101 | vit_tiny/small/base (moco_v3: a ViT as in the paper)
     widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     small_images: bool = True          # 3x3 stem, no max-pool
     stem_stride: int = 1               # small-image stem stride: 2 halves the resolution (wider nets for the same cost)
@@ -48,6 +49,8 @@ class ModelConfig:
     m_schedule: str = "constant"       # constant | cosine: m rises to 1 on a half cosine (MoCo v3, BYOL)
     T: float = 0.2                     # softmax temperature
     symmetric: bool = False            # both views as query and key, two InfoNCE terms summed
+    patch_size: int = 0                # ViT: side of a patch; 0 = 4 below 64 px (a 7x7 grid at 28), else 16
+    stop_grad_conv1: bool = True       # ViT: the random patch projection stays frozen (MoCo v3's stability trick)
     sync_bn: bool = False              # several GPU processes: BN statistics over the global batch (SyncBatchNorm)
     # The method (moco.methods; its own options in the top-level section of its name, e.g. memory_bank:).
     # Figure 2 of the paper (docs/ablations.md): end_to_end ignores K (K = batch - 1) and m;
@@ -167,7 +170,7 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.arch": ("resnet18", "resnet34", "resnet50", "resnet101"),
+    "model.arch": ("resnet18", "resnet34", "resnet50", "resnet101", *VIT_ARCHS),
     "model.method": tuple(METHODS),
     "model.m_schedule": ("constant", "cosine"),
     "data.dataset": ("fashion_mnist", "cifar10", "cifar100", "stl10", "folder"),
@@ -375,6 +378,11 @@ def validate(config: Config) -> None:
         if not ok:
             raise ConfigError(f"{key}: {message}")
     method_class(m.method).check_config(config)
+    if m.arch in VIT_ARCHS:
+        patch = m.patch_size or default_patch_size(d.image_size)
+        if m.patch_size < 0 or d.image_size % patch:
+            raise ConfigError(f"model.patch_size: data.image_size={d.image_size} must be a multiple of the patch size "
+                              f"({patch}); e.g. model.patch_size={default_patch_size(d.image_size)}")
     _validate_train_split(d)
     _validate_augmentation(config.aug)
     if config.aug.local_crops and not method_class(m.method).supports_local_views:

@@ -4,11 +4,13 @@
   ``encoder_q.`` prefixes; ``torchvision.models.<arch>()`` loads it strictly apart from ``fc``.
   CPU-sized encoders (other widths, small stem, 1 channel) load into ``moco.models.resnet`` with
   the constructor arguments recorded in ``OUT.json``.
+- ``timm`` (ViT backbones): the state dict without the head; timm's ``VisionTransformer`` with the
+  arguments recorded in ``OUT.json`` (``num_classes=0``) loads it with ``strict=True``.
 - ``detectron2``: a pickle ``{"model": {name: ndarray}, "__author__": "MOCO", "matching_heuristics": True}``
   with detectron2's ResNet names (``stem.conv1``, ``res2``-``res5``, ``convN.norm``, ``shortcut``),
   the key mapping of the reference converter. Configs that use it: ``detection/configs/``.
 
-Only formats that can load our ResNets are offered; adding one is one function in ``EXPORTERS``.
+A format refuses, in one line, a backbone it cannot hold; adding one is one function in ``EXPORTERS``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Callable
 import torch
 
 from moco.config import ConfigError
+from moco.models.vit import VIT_ARCHS
 from moco.pretrained import PretrainedEncoder, load_pretrained
 
 
@@ -52,8 +55,9 @@ def detectron2_checkpoint(pretrained: PretrainedEncoder) -> dict:
 
 def _metadata(pretrained: PretrainedEncoder, fmt: str, **extra: object) -> dict:
     spec = pretrained.spec
+    moco_build = {"moco_resnet_kwargs": spec.resnet_kwargs()} if spec.family == "resnet" else {}
     return {"format": fmt, "source": str(pretrained.path), "source_kind": pretrained.source,
-            "encoder": spec.to_dict(), "moco_resnet_kwargs": spec.resnet_kwargs(), **extra}
+            "encoder": spec.to_dict(), **moco_build, "moco_constructor": spec.constructor(), **extra}
 
 
 def _write_metadata(output: Path, metadata: dict) -> None:
@@ -62,6 +66,8 @@ def _write_metadata(output: Path, metadata: dict) -> None:
 
 def export_torchvision(pretrained: PretrainedEncoder, output: Path) -> Path:
     spec = pretrained.spec
+    if spec.family != "resnet":
+        raise ExportError(f"{pretrained.path}: torchvision's format holds ResNets; for this {spec.arch} use --format timm")
     torch.save(torchvision_state_dict(pretrained), output)
     if spec.torchvision_shape:
         load = f"torchvision.models.{spec.arch}().load_state_dict(sd, strict=False) (missing: fc.weight, fc.bias)"
@@ -73,8 +79,31 @@ def export_torchvision(pretrained: PretrainedEncoder, output: Path) -> Path:
     return output
 
 
+def timm_vit_kwargs(pretrained: PretrainedEncoder) -> dict:
+    """Arguments of ``timm.models.vision_transformer.VisionTransformer`` for this backbone, head removed."""
+    spec = pretrained.spec
+    width, depth, heads = VIT_ARCHS[spec.arch]
+    return {"img_size": spec.image_size, "patch_size": spec.patch_size, "in_chans": spec.in_channels,
+            "embed_dim": width, "depth": depth, "num_heads": heads, "num_classes": 0}
+
+
+def export_timm(pretrained: PretrainedEncoder, output: Path) -> Path:
+    spec = pretrained.spec
+    if spec.family != "vit":
+        raise ExportError(f"{pretrained.path}: --format timm writes Vision Transformers; for this ResNet use "
+                          f"--format torchvision (timm's ResNets of torchvision's shape take the same keys)")
+    torch.save(torchvision_state_dict(pretrained), output)
+    kwargs = timm_vit_kwargs(pretrained)
+    _write_metadata(output, _metadata(pretrained, "timm", timm_constructor="timm.models.vision_transformer."
+                                      "VisionTransformer", timm_kwargs=kwargs,
+                                      load="VisionTransformer(**timm_kwargs).load_state_dict(sd, strict=True)"))
+    return output
+
+
 def export_detectron2(pretrained: PretrainedEncoder, output: Path) -> Path:
     spec = pretrained.spec
+    if spec.family != "resnet":
+        raise ExportError(f"{pretrained.path}: detectron2's backbones here are ResNets; this encoder is a {spec.arch}")
     if not spec.torchvision_shape:
         raise ExportError(f"{pretrained.path}: detectron2's ResNet has torchvision's shape (7x7 stride-2 stem, RGB, "
                           f"widths 64-128-256-512); this encoder has small_images={spec.small_images}, "
@@ -92,6 +121,7 @@ def export_detectron2(pretrained: PretrainedEncoder, output: Path) -> Path:
 EXPORTERS: dict[str, Callable[[PretrainedEncoder, Path], Path]] = {
     "torchvision": export_torchvision,
     "detectron2": export_detectron2,
+    "timm": export_timm,
 }
 
 

@@ -16,6 +16,7 @@ small stem's stride, then comes from the stored config.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -29,11 +30,12 @@ from moco.checkpoint import load_checkpoint
 from moco.config import ConfigError
 from moco.models.heads import bn_mlp, mlp_head
 from moco.models.resnet import ARCHS, TORCHVISION_WIDTHS, resnet
+from moco.models.vit import VIT_ARCHS, VisionTransformer, default_patch_size
 
 if TYPE_CHECKING:
     from moco.config import Config
 
-BACKBONE_FAMILIES = ("resnet",)  # what a stored spec may name; loading dispatches on it
+BACKBONE_FAMILIES = ("resnet", "vit")  # what a stored spec may name; loading dispatches on it
 
 
 class CheckpointFormatError(ConfigError):
@@ -54,25 +56,46 @@ class EncoderSpec:
     family: str = "resnet"
     head_layers: int = 0  # bn_mlp: its Linear layers
     head_hidden: int = 0  # bn_mlp: its hidden width
+    image_size: int = 0   # vit: the input side the position embedding is built for
+    patch_size: int = 0   # vit
 
     def resnet_kwargs(self) -> dict[str, Any]:
         """Constructor arguments of :func:`moco.models.resnet` (recorded in exports' metadata)."""
         return {"arch": self.arch, "small_images": self.small_images, "stem_stride": self.stem_stride,
                 "in_channels": self.in_channels, "widths": list(self.widths)}
 
+    def vit_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments of :class:`moco.models.vit.VisionTransformer`."""
+        return {"arch": self.arch, "image_size": self.image_size, "patch_size": self.patch_size,
+                "in_channels": self.in_channels}
+
+    def constructor(self) -> dict[str, Any]:
+        """How to build this backbone with moco: the callable's name and its arguments."""
+        if self.family == "vit":
+            return {"moco.models.vit.VisionTransformer": self.vit_kwargs()}
+        return {"moco.models.resnet": self.resnet_kwargs()}
+
     @property
     def feature_dim(self) -> int:
         """Width of the backbone's output (what the head, or a probe, receives)."""
+        if self.family == "vit":
+            return VIT_ARCHS[self.arch][0]
         return self.widths[3] * ARCHS[self.arch][0].expansion
 
     @property
     def torchvision_shape(self) -> bool:
         """True when ``torchvision.models.<arch>()`` has exactly this backbone."""
-        return self.widths == TORCHVISION_WIDTHS and not self.small_images and self.in_channels == 3
+        return (self.family == "resnet" and tuple(self.widths) == tuple(TORCHVISION_WIDTHS) and not self.small_images
+                and self.in_channels == 3)
+
+    def _build(self, num_classes: int) -> nn.Module:
+        if self.family == "vit":  # trainable throughout once it is evaluated or fine-tuned
+            return VisionTransformer(num_classes=num_classes, stop_grad_conv1=False, **self.vit_kwargs())
+        return resnet(num_classes=num_classes, **self.resnet_kwargs())
 
     def build_encoder(self) -> nn.Module:
         """The encoder with its pretraining head, randomly initialised."""
-        model = resnet(num_classes=max(self.dim, 1), **self.resnet_kwargs())
+        model = self._build(max(self.dim, 1))
         if self.head == "mlp":
             model.fc = mlp_head(model.fc.in_features, self.dim)
         elif self.head == "bn_mlp":
@@ -83,7 +106,7 @@ class EncoderSpec:
 
     def build_backbone(self) -> nn.Module:
         """The encoder without its head (``fc`` is the identity), randomly initialised."""
-        model = resnet(num_classes=1, **self.resnet_kwargs())
+        model = self._build(1)
         model.fc = nn.Identity()
         return model
 
@@ -135,15 +158,20 @@ def find_encoder_state(checkpoint: Mapping[str, Any], path: str | os.PathLike = 
     state = _strip(state, "module.")
     if any(k.startswith("encoder_q.") for k in state):
         state = {k[len("encoder_q."):]: v for k, v in state.items() if k.startswith("encoder_q.")}
-    if "conv1.weight" not in state or "layer1.0.conv1.weight" not in state:
-        raise CheckpointFormatError(f"{path}: found no ResNet encoder weights (no encoder_q.* or conv1/layer1 keys)")
+    resnet_keys = "conv1.weight" in state and "layer1.0.conv1.weight" in state
+    if not resnet_keys and "patch_embed.proj.weight" not in state:
+        raise CheckpointFormatError(f"{path}: found no ResNet or ViT encoder weights "
+                                    f"(no encoder_q.*, conv1/layer1 or patch_embed keys)")
     return dict(state), source
 
 
 def infer_spec(state: Mapping[str, torch.Tensor], path: str | os.PathLike = "checkpoint",
                stem_stride: int = 1) -> EncoderSpec:
     """Arch, widths, stem, input channels and head of a ResNet encoder, read off its weight shapes
-    (``stem_stride`` cannot be, so the caller passes it from the checkpoint's config)."""
+    (``stem_stride`` cannot be, so the caller passes it from the checkpoint's config); a ViT's
+    arch, patch and image size likewise."""
+    if "patch_embed.proj.weight" in state:
+        return _infer_vit_spec(state, path)
     bottleneck = "layer1.0.conv3.weight" in state
     blocks = []
     for stage in range(1, 5):
@@ -158,19 +186,37 @@ def infer_spec(state: Mapping[str, torch.Tensor], path: str | os.PathLike = "che
         raise CheckpointFormatError(f"{path}: a ResNet with {kind} blocks {blocks} per stage is none of {sorted(ARCHS)}")
     widths = tuple(int(state[f"layer{s}.0.conv1.weight"].shape[0]) for s in range(1, 5))
     stem = state["conv1.weight"]
-    head, dim, head_layers, head_hidden = "none", 0, 0, 0
+    small_images = stem.shape[-1] == 3
+    return EncoderSpec(arch=arch, widths=widths, small_images=small_images,  # type: ignore[arg-type]
+                       in_channels=int(stem.shape[1]), stem_stride=stem_stride if small_images else 1, **_head_of(state))
+
+
+def _head_of(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The head in ``fc`` as ``EncoderSpec`` fields, from its weights."""
     linears = [state[k] for k in sorted((k for k in state if re.fullmatch(r"fc\.\d+\.weight", k) and state[k].ndim == 2),
                                         key=lambda k: int(k.split(".")[1]))]
     if "fc.weight" in state:
-        head, dim = "linear", int(state["fc.weight"].shape[0])
-    elif "fc.1.running_mean" in state and linears:  # Linear -> BN -> ReLU ... (MoCo v3's projector)
-        head, dim, head_layers, head_hidden = "bn_mlp", int(linears[-1].shape[0]), len(linears), int(linears[0].shape[0])
-    elif "fc.0.weight" in state and "fc.2.weight" in state:
-        head, dim = "mlp", int(state["fc.2.weight"].shape[0])
-    small_images = stem.shape[-1] == 3
-    return EncoderSpec(arch=arch, widths=widths, small_images=small_images,  # type: ignore[arg-type]
-                       in_channels=int(stem.shape[1]), head=head, dim=dim, stem_stride=stem_stride if small_images else 1,
-                       head_layers=head_layers, head_hidden=head_hidden)
+        return {"head": "linear", "dim": int(state["fc.weight"].shape[0])}
+    if "fc.1.running_mean" in state and linears:  # Linear -> BN -> ReLU ... (MoCo v3's projector)
+        return {"head": "bn_mlp", "dim": int(linears[-1].shape[0]), "head_layers": len(linears),
+                "head_hidden": int(linears[0].shape[0])}
+    if "fc.0.weight" in state and "fc.2.weight" in state:
+        return {"head": "mlp", "dim": int(state["fc.2.weight"].shape[0])}
+    return {"head": "none", "dim": 0}
+
+
+def _infer_vit_spec(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> EncoderSpec:
+    proj = state["patch_embed.proj.weight"]
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    arch = next((name for name, (width, layers, _) in VIT_ARCHS.items() if (width, layers) == (proj.shape[0], depth)),
+                None)
+    if arch is None:
+        raise CheckpointFormatError(f"{path}: a ViT of width {proj.shape[0]} and depth {depth} is none of "
+                                    f"{', '.join(VIT_ARCHS)}")
+    grid = math.isqrt(int(state["pos_embed"].shape[1]) - 1)
+    patch = int(proj.shape[-1])
+    return EncoderSpec(arch=arch, widths=(), small_images=False, in_channels=int(proj.shape[1]),  # type: ignore[arg-type]
+                       family="vit", image_size=grid * patch, patch_size=patch, **_head_of(state))
 
 
 def encoder_spec(config: "Config", channels: int, **head: Any) -> EncoderSpec:
@@ -178,6 +224,10 @@ def encoder_spec(config: "Config", channels: int, **head: Any) -> EncoderSpec:
     its checkpoints); ``head``: the method's own description of its projector (``Method.head_spec``)."""
     m = config.model
     head = head or {"head": "mlp" if m.mlp else "linear", "dim": m.dim}
+    if m.arch in VIT_ARCHS:
+        size = config.data.image_size
+        return EncoderSpec(arch=m.arch, widths=(), small_images=False, in_channels=channels,  # type: ignore[arg-type]
+                           family="vit", image_size=size, patch_size=m.patch_size or default_patch_size(size), **head)
     return EncoderSpec(arch=m.arch, widths=tuple(m.widths), small_images=m.small_images,  # type: ignore[arg-type]
                        in_channels=channels, stem_stride=m.stem_stride if m.small_images else 1, **head)
 

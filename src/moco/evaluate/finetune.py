@@ -147,8 +147,9 @@ def subset_of(dataset: Any, picks: torch.Tensor) -> Any:
 
 def memory_format_for(ctx: EvalContext) -> torch.memory_format:
     """channels_last where it is safe (see ``moco.runtime.resolve_memory_format``): not for CPU models
-    with stages narrower than 8 channels."""
-    if ctx.device.type == "cpu" and min(ctx.pretrained.spec.widths) < 8:
+    with stages narrower than 8 channels, nor for ViTs (only their patch projection is a convolution)."""
+    spec = ctx.pretrained.spec
+    if spec.family != "resnet" or (ctx.device.type == "cpu" and min(spec.widths) < 8):
         return torch.contiguous_format
     return torch.channels_last
 

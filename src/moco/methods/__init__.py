@@ -20,6 +20,7 @@ from moco.methods.memory_bank import MemoryBankContrast
 from moco.methods.moco import MoCoMethod
 from moco.methods.moco_v3 import MoCoV3
 from moco.models.resnet import resnet
+from moco.models.vit import VIT_ARCHS, VisionTransformer, default_patch_size
 
 if TYPE_CHECKING:
     from moco.config import Config
@@ -37,11 +38,14 @@ def method_class(name: str) -> type[Method]:
 
 def build_method(config: "Config", channels: int, device: torch.device = torch.device("cpu"),
                  bank_size: int = 0) -> Method:
-    """The method ``model.method`` names, on the ResNet the ``model`` section describes, for
+    """The method ``model.method`` names, on the ResNet or ViT the ``model`` section describes, for
     ``channels``-channel images; ``bank_size``: how many image indices a memory bank must hold."""
     m = config.model
 
     def encoder(num_classes: int) -> nn.Module:
+        if m.arch in VIT_ARCHS:
+            return VisionTransformer(m.arch, config.data.image_size, m.patch_size or default_patch_size(config.data.image_size),
+                                     channels, num_classes, m.stop_grad_conv1)
         return resnet(m.arch, num_classes, small_images=m.small_images, stem_stride=m.stem_stride, in_channels=channels,
                       widths=m.widths, bn_splits=dist_utils.bn_splits_per_process(m.bn_splits))
 
