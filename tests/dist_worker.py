@@ -21,7 +21,7 @@ from moco import MoCo
 from moco import distributed as du
 from moco.config import ConfigError
 from moco.evaluate.knn import knn_accuracy
-from moco.methods import Batch, MoCoMethod, MoCoV3, StepContext
+from moco.methods import Batch, MoCoMethod, MoCoV3, SimCLR, StepContext
 from moco.momentum import cosine_momentum, make_momentum_copy
 from moco.step import apply_momentum, step_function
 from tests.conftest import LinearEncoder, tiny_resnet
@@ -133,6 +133,27 @@ def moco_v3_scenario(world: bool = True) -> dict[str, Any]:
         optimizer.step()
         losses.append(du.mean_over_ranks(out.loss.detach()).item())
     return {"losses": losses, "state": final_state(model), "labels": out.labels.clone()}
+
+
+def simclr_scenario(world: bool = True) -> dict[str, Any]:
+    """SimCLR with a BN-free projector through the loop's path: negatives from the other rank arrive
+    by an all-gather that carries gradients, so two half batches train like one whole batch."""
+    torch.manual_seed(0)
+    model = SimCLR(LinearEncoder(num_classes=8), dim=8, T=0.5)
+    model.encoder_q.fc = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 8))
+    optimizer = sgd(model.encoder_q.parameters())
+    step_fn = step_function(model, torch.device("cpu")) if world else model.training_step
+    losses, grads = [], []
+    for step in range(STEPS):
+        x1, x2 = equivalence_inputs(step)
+        views = (my_slice(x1), my_slice(x2)) if world else (x1, x2)
+        out = step_fn(Batch(views), StepContext(step, STEPS))
+        optimizer.zero_grad()
+        out.loss.backward()
+        grads.append(model.encoder_q.fc[0].weight.grad.clone())
+        optimizer.step()
+        losses.append(du.mean_over_ranks(out.loss.detach()).item())
+    return {"losses": losses, "grads": grads, "state": final_state(model)}
 
 
 def shuffle_scenario() -> dict[str, Any]:
@@ -252,6 +273,7 @@ def main(out_dir: str) -> None:
             "knn": knn_scenario(),
             "memory_bank": memory_bank_scenario(),
             "moco_v3": moco_v3_scenario(),
+            "simclr": simclr_scenario(),
             "bn_options": bn_options_scenario(),
         }
         torch.save(results, Path(out_dir) / f"rank{du.rank()}.pt")

@@ -114,6 +114,19 @@ def test_moco_v3_on_two_processes_equals_one_process_with_the_global_batch(ranks
         assert torch.equal(got["labels"], torch.arange(half).repeat(2) + half * rank)
 
 
+def test_simclr_gathers_negatives_with_gradients_like_one_process_with_the_global_batch(
+        ranks: list[dict[str, Any]]) -> None:
+    single = dist_worker.simclr_scenario(world=False)
+    assert single["losses"][0] != pytest.approx(single["losses"][-1], abs=1e-3)  # it trains
+    for result in ranks:
+        got = result["simclr"]
+        assert got["losses"] == pytest.approx(single["losses"], abs=1e-5)
+        for step, (a, b) in enumerate(zip(got["grads"], single["grads"])):  # DDP's averaged gradients
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"gradient at step {step}")
+        for name, value in single["state"].items():
+            torch.testing.assert_close(got["state"][name], value, rtol=1e-5, atol=1e-5, msg=name)
+
+
 # --- cross-process shuffle BN --------------------------------------------------------------------
 def test_cross_process_shuffle_is_a_shared_permutation_and_unshuffle_inverts_it(ranks: list[dict[str, Any]]) -> None:
     r0, r1 = ranks[0]["shuffle"], ranks[1]["shuffle"]

@@ -170,6 +170,41 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(gathered, dim=0)
 
 
+class _GatherWithGradients(torch.autograd.Function):
+    """all_gather whose backward returns each rank the gradient of *every* rank's loss with
+    respect to its own rows (an all-reduce of the gathered gradient, then this rank's slice)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        gathered = [torch.empty_like(tensor) for _ in range(world_size())]
+        dist.all_gather(gathered, tensor.contiguous())
+        return torch.cat(gathered, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(world_size())[rank()]
+
+
+def all_gather_with_gradients(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0, gradients flowing back to every rank's
+    rows (SimCLR's negatives from other processes); identity on one process. With DDP's gradient
+    averaging, training equals one process with the whole batch when every rank's loss is the
+    mean over its own rows."""
+    if not is_distributed():
+        return tensor
+    return _GatherWithGradients.apply(tensor)
+
+
+@torch.no_grad()
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (and return it); unchanged on one process."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
 @torch.no_grad()
 def gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from every rank when ranks hold different numbers of rows."""

@@ -278,8 +278,8 @@ def train_step(run: Run, epoch: int, images: torch.Tensor, indices: torch.Tensor
     lr = learning_rate(config, state.step, run.steps_per_epoch)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    ctx = StepContext(state.step, run.steps_per_epoch * config.optim.epochs,
-                      momentum_at(config, state.step, run.steps_per_epoch * config.optim.epochs))
+    total = run.steps_per_epoch * config.optim.epochs
+    ctx = StepContext(state.step, total, momentum_at(config, state.step, total), epoch)
     tic = time.perf_counter()
     views = make_views(images, run.view_augments, run.device, run.memory_format,
                        aspect_ratios_of(run.data.pretrain, indices))

@@ -15,17 +15,20 @@ from torch import nn
 from moco import distributed as dist_utils
 from moco.errors import ConfigError
 from moco.methods.base import Batch, Method, StepContext, StepOutput, Traits
+from moco.methods.byol import BYOL
 from moco.methods.end_to_end import EndToEnd
 from moco.methods.memory_bank import MemoryBankContrast
 from moco.methods.moco import MoCoMethod
 from moco.methods.moco_v3 import MoCoV3
+from moco.methods.simclr import SimCLR
+from moco.methods.swav import SwAV
 from moco.models.resnet import resnet
 from moco.models.vit import VIT_ARCHS, VisionTransformer, default_patch_size
 
 if TYPE_CHECKING:
     from moco.config import Config
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (MoCoMethod, EndToEnd, MemoryBankContrast, MoCoV3)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (MoCoMethod, EndToEnd, MemoryBankContrast, MoCoV3, SimCLR, BYOL, SwAV)}
 
 
 def method_class(name: str) -> type[Method]:
@@ -53,5 +56,5 @@ def build_method(config: "Config", channels: int, device: torch.device = torch.d
     return dist_utils.convert_sync_bn(method, m.sync_bn, device)
 
 
-__all__ = ["METHODS", "Batch", "EndToEnd", "MemoryBankContrast", "Method", "MoCoMethod", "MoCoV3", "StepContext", "StepOutput",
+__all__ = ["BYOL", "METHODS", "Batch", "EndToEnd", "MemoryBankContrast", "Method", "MoCoMethod", "MoCoV3", "SimCLR", "SwAV", "StepContext", "StepOutput",
            "Traits", "build_method", "method_class"]

@@ -67,6 +67,7 @@ class StepContext:
     step: int = 0
     total_steps: int = 1
     momentum: float = 0.0
+    epoch: int = 0
 
 
 @dataclass(frozen=True)
