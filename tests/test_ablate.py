@@ -125,6 +125,28 @@ def test_momentum_and_shuffle_bn_tables_and_plots(tmp_path: Path) -> None:
     assert plot_results("shuffle-bn", shuffle, tmp_path)[0].name == "shuffle_bn.png"
 
 
+@needs_fashion_mnist
+def test_tiny_methods_sweep_compares_at_equal_epochs_and_equal_time(tmp_path: Path) -> None:
+    out = tmp_path / "methods"
+    overrides = TINY + ["model.K=16", "ablate.methods.methods=[moco,byol]", "ablate.methods.linear_epochs=2",
+                        "ablate.methods.linear_lrs=[1.0]", "ablate.methods.finetune_fraction=0.1",
+                        "ablate.methods.finetune_steps=2", "ablate.methods.finetune_val_size=20",
+                        "ablate.methods.per_method.byol={byol.mlp_dim: 16}"]
+    summary = sweep("methods", "fmnist_cpu", overrides, output=str(out), jobs=1, threads=1)
+    points = {p["name"]: p for p in summary["points"]}
+    assert sorted(points) == ["byol_epochs", "byol_time", "moco_epochs", "moco_time"]
+    byol = points["byol_epochs"]
+    assert (byol["negatives_from"], byol["momentum_encoder"], byol["predictor"]) == ("none", True, True)
+    for p in points.values():
+        assert 0 <= p["linear_top1"] <= 100 and 0 <= p["finetune_top1"] <= 100 and p["img_s"] > 0
+        assert p["peak_memory_mb"] > 50  # a process of its own: torch alone takes more
+    assert points["moco_time"]["test_knn_top1"] == points["moco_epochs"]["test_knn_top1"]  # the reference: one run
+    assert not (out / "moco_time").exists()
+    md = (out / "results.md").read_text()
+    assert "## Equal epochs" in md and "## Equal wall-clock" in md and "| BYOL | none | yes | yes |" in md
+    assert (out / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_cli_lists_presets_and_rejects_unknown_ones(capsys) -> None:
     assert main(["ablate", "dictionary"]) == 0
     assert {"fmnist_cpu", "cifar10_gpu", "imagenet100_gpu"} <= set(capsys.readouterr().out.split())

@@ -131,7 +131,7 @@ def test_checkpoints_store_the_backbone_spec_and_loading_dispatches_on_it(tmp_pa
     ckpt = load_checkpoint(path)
     assert ckpt["backbone"] == {"arch": "resnet18", "widths": [4, 8, 8, 8], "small_images": True, "in_channels": 1,
                                 "head": "mlp", "dim": 128, "stem_stride": 2, "family": "resnet", "head_layers": 0,
-                                "head_hidden": 0, "image_size": 0, "patch_size": 0}
+                                "head_hidden": 0, "head_last_bn": True, "image_size": 0, "patch_size": 0}
     ckpt["config"]["model"]["stem_stride"] = 1  # the spec, not the config, says how to build it
     save_atomic(ckpt, path)
     assert load_pretrained(path).spec.stem_stride == 2

@@ -37,7 +37,7 @@ from moco.config import ConfigError, _build, from_dict, parse_override
 from moco.methods import METHODS
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs" / "ablate"
-ABLATIONS = ("dictionary", "momentum", "shuffle-bn")
+ABLATIONS = ("dictionary", "momentum", "shuffle-bn", "methods")
 METHOD_LABELS = {name: method.label for name, method in METHODS.items()}  # the registry's, for tables
 # Options that may differ between a finished point and the sweep asking for it.
 _RUN_ONLY_OPTIONS = ("train.output_dir", "train.threads", "train.progress")
@@ -65,10 +65,27 @@ class ShuffleBNSweep:
 
 
 @dataclass
+class MethodsSweep:
+    """Every method on the same backbone, data and evaluation, at equal epochs and at equal wall-clock."""
+
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    reference: str = "moco"            # equal wall-clock: the training time of this method's equal-epoch run
+    equal_time: bool = True
+    linear_epochs: int = 30            # linear probe on cached backbone features (lr chosen on a holdout); 0 = none
+    linear_lrs: list[float] = field(default_factory=lambda: [30.0, 3.0, 0.3])
+    finetune_fraction: float = 0.01    # fine-tuning on this fraction of the labels; 0 = none
+    finetune_steps: int = 200
+    finetune_val_size: int = 1000      # labelled training images that choose the fine-tuning lr
+    set: dict[str, Any] = field(default_factory=dict)                 # section.key: value for every point
+    per_method: dict[str, dict[str, Any]] = field(default_factory=dict)  # method: {section.key: value}
+
+
+@dataclass
 class AblateConfig:
     dictionary: DictionarySweep = field(default_factory=DictionarySweep)
     momentum: MomentumSweep = field(default_factory=MomentumSweep)
     shuffle_bn: ShuffleBNSweep = field(default_factory=ShuffleBNSweep)
+    methods: MethodsSweep = field(default_factory=MethodsSweep)
 
 
 @dataclass
@@ -78,7 +95,8 @@ class Point:
     name: str
     config: dict[str, Any]
     labels: dict[str, Any]
-    negatives: int          # negatives per query: K, or batch - 1 for end_to_end
+    negatives: int          # negatives per query: K, or batch - 1 for end_to_end; 0 without negatives
+    evaluate: dict[str, Any] = field(default_factory=dict)  # after pretraining: linear / fine-tune settings
 
 
 # --- presets and overrides --------------------------------------------------------------------------
@@ -184,11 +202,56 @@ def plan(ablation: str, base: dict[str, Any], sweep: AblateConfig) -> tuple[list
         if points[0].config["model"]["bn_splits"] == 1:
             notes.append("model.bn_splits=1: on one process shuffle BN only matters with split BN, so both "
                          "points see the same batch statistics.")
+    elif ablation == "methods":
+        points, notes = _methods_points(base, sweep.methods)
     else:
         raise ConfigError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
     if not points:
         raise ConfigError(f"ablation {ablation}: the preset's lists give no point to run")
     return points, notes
+
+
+def _methods_points(base: dict[str, Any], s: MethodsSweep, epochs: dict[str, int] | None = None,
+                    budget: str = "epochs") -> tuple[list[Point], list[str]]:
+    """One point per method at the preset's epochs, or (``epochs`` given) at each method's
+    equal-wall-clock epochs."""
+    unknown = [m for m in [*s.methods, s.reference, *s.per_method] if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"ablate.methods: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    evaluate = {"linear_epochs": s.linear_epochs, "linear_lrs": list(s.linear_lrs),
+                "finetune_fraction": s.finetune_fraction, "finetune_steps": s.finetune_steps,
+                "finetune_val_size": s.finetune_val_size}
+    points = []
+    for method in s.methods:
+        own = {"model.method": method, **s.per_method.get(method, {})}
+        if epochs is not None:
+            own["optim.epochs"] = epochs[method]
+        name = f"{method}_{budget}"
+        config = _point_config(base, s.set, own, name)
+        batch = config["optim"]["batch_size"]
+        negatives = {"moco": config["model"]["K"], "memory_bank": config["model"]["K"], "end_to_end": batch - 1,
+                     "moco_v3": batch - 1, "simclr": 2 * batch - 2}.get(method, 0)
+        traits = METHODS[method].traits
+        points.append(Point(name, config, {"method": method, "budget": budget, "negatives_from": traits.negatives,
+                                           "momentum_encoder": traits.momentum_encoder,
+                                           "predictor": traits.predictor}, negatives, evaluate))
+    notes = ([] if epochs is not None else
+             [f"equal epochs: every method trains {base['optim']['epochs']} epochs; equal wall-clock: each method then "
+              f"trains the epochs that fit in the training time of {s.reference}'s equal-epoch run"
+              + ("" if s.equal_time else " (ablate.methods.equal_time=false: not run)")])
+    return points, notes
+
+
+def equal_time_epochs(results: dict[str, dict[str, Any]], reference: str) -> dict[str, int]:
+    """Epochs per method that fit in the reference method's training time, from each method's
+    seconds per epoch in its equal-epoch run (at least one epoch)."""
+    budget = results[f"{reference}_epochs"]["training_seconds"]
+    epochs = {}
+    for result in results.values():
+        per_epoch = result["training_seconds"] / max(len(result["epochs"]), 1)
+        epochs[result["method"]] = max(1, round(budget / per_epoch)) if per_epoch > 0 else 1
+    epochs[reference] = len(results[f"{reference}_epochs"]["epochs"])
+    return epochs
 
 
 # --- divergence ------------------------------------------------------------------------------------
@@ -301,9 +364,12 @@ def run_point(point: Point, run_dir: str) -> dict[str, Any]:
             traceback.print_exc()
             status, reason = "error", f"{type(err).__name__}: {err}"
     cpu_seconds = time.process_time() - cpu_start
+    peak_memory_mb = _peak_memory_mb()
     rows = _read_rows(directory)
     if status == "ok":
         status, reason = diagnose([r["loss"] for r in rows if r.get("kind") == "train"], point.negatives)
+    evaluation = (_evaluate_point(directory, point.evaluate, config["train"].get("threads", 0))
+                  if point.evaluate and status in ("ok", "failed") else {})  # failed: finished, not learning
     epochs = [{k: r[k] for k in ("epoch", "loss", "pretext_acc", "val_knn_top1", "elapsed_s") if k in r}
               for r in rows if r.get("kind") == "epoch"]
     test = [r["test_knn_top1"] for r in rows if r.get("kind") == "test"]
@@ -314,10 +380,53 @@ def run_point(point: Point, run_dir: str) -> dict[str, Any]:
         "final_loss": epochs[-1]["loss"] if epochs else None,
         "seconds": seconds if seconds is not None else (epochs[-1]["elapsed_s"] if epochs else None),
         "cpu_seconds": cpu_seconds, "epochs": epochs,
+        "training_seconds": epochs[-1]["elapsed_s"] if epochs else None, "peak_memory_mb": peak_memory_mb,
+        "img_s": _median([r["img_s"] for r in rows if r.get("kind") == "train" and "img_s" in r]), **evaluation,
         "train_losses": [[r["step"], r["loss"]] for r in rows if r.get("kind") == "train"],
         "config": config,
     }
     (directory / "point.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+def _median(values: list[float]) -> float | None:
+    return sorted(values)[len(values) // 2] if values else None
+
+
+def _peak_memory_mb() -> float:
+    """This process's peak memory: GPU memory allocated by torch where CUDA ran, else resident set
+    size (a point runs in a process of its own in sweeps that report it)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _evaluate_point(directory: Path, settings: dict[str, Any], threads: int) -> dict[str, Any]:
+    """Linear probe (cached backbone features, lr chosen on a training holdout) and fine-tuning on a
+    fraction of the labels, on the point's last checkpoint; ``*_error`` instead where one fails."""
+    from moco.evaluate.common import make_context
+    from moco.evaluate.finetune import FinetuneOptions, run_finetune
+    from moco.evaluate.linear import LinclsOptions, run_lincls
+
+    out: dict[str, Any] = {}
+    try:
+        ctx = make_context(directory / "checkpoint_last.pth", output_dir=str(directory), threads=threads)
+        if settings["linear_epochs"]:
+            options = LinclsOptions(epochs=settings["linear_epochs"], schedule="cosine")
+            rows = run_lincls(ctx, ctx.pretrained.backbone(), ["cached"], options,
+                              lr_candidates=settings["linear_lrs"])
+            out["linear_top1"] = rows[0]["top1"]
+        if settings["finetune_fraction"]:
+            options = FinetuneOptions(steps=settings["finetune_steps"], val_size=settings["finetune_val_size"])
+            rows = run_finetune(ctx, options, fractions=(settings["finetune_fraction"],), inits=("moco",))
+            out["finetune_top1"] = rows[0]["top1"]
+    except Exception as err:  # noqa: BLE001 - the pretraining result stands; the evaluation's failure is reported
+        traceback.print_exc()
+        out["evaluation_error"] = f"{type(err).__name__}: {err}"
     return out
 
 
@@ -358,31 +467,24 @@ def sweep(ablation: str, preset: str, overrides: list[str] = (), output: str | N
         print(f"note: {note}", flush=True)
 
     results: dict[str, dict[str, Any]] = {}
-    pending = []
-    for point in points:
-        done = finished_result(out_dir / point.name, point.config)
-        if done is not None:
-            results[point.name] = done
-            print(f"[done before] {_one_line(done)}", flush=True)
+    own_process = ablation == "methods"  # each point in a process of its own: its peak memory is its own
+    _run_points(points, out_dir, jobs, results, own_process)
+    if ablation == "methods" and sweep_config.methods.equal_time:
+        reference = sweep_config.methods.reference
+        finished = {k: v for k, v in results.items() if v["status"] in ("ok", "failed") and v.get("training_seconds")}
+        if f"{reference}_epochs" not in finished:
+            notes.append(f"equal wall-clock points not run: the reference {reference}'s equal-epoch run did not finish")
         else:
-            pending.append(point)
-    print(f"{ablation}: {len(points)} points, {len(pending)} to run, {min(jobs, max(len(pending), 1))} at a time "
-          f"with {threads} thread(s) each; logs in {out_dir}/<point>/log.txt", flush=True)
-    counter = len(results)
-    if jobs == 1 or len(pending) <= 1:
-        for point in pending:
-            results[point.name] = run_point(point, str(out_dir / point.name))
-            counter += 1
-            print(f"[{counter}/{len(points)}] {_one_line(results[point.name])}", flush=True)
-    else:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"),
-                                 initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
-            futures = {pool.submit(run_point, point, str(out_dir / point.name)): point for point in pending}
-            for future in as_completed(futures):
-                point = futures[future]
-                results[point.name] = future.result()
-                counter += 1
-                print(f"[{counter}/{len(points)}] {_one_line(results[point.name])}", flush=True)
+            epochs = equal_time_epochs(finished, reference)
+            timed, _ = _methods_points(base, sweep_config.methods, epochs, budget="time")
+            for point in timed:
+                point.config["train"].update(threads=threads, progress=False)
+            print(f"equal wall-clock: epochs per method {epochs}", flush=True)
+            same = [p for p in timed if p.labels["method"] == reference]
+            for point in same:  # the reference's time budget is its own equal-epoch run: not trained twice
+                results[point.name] = {**results[f"{point.labels['method']}_epochs"], "name": point.name, "budget": "time"}
+            _run_points([p for p in timed if p not in same], out_dir, jobs, results, own_process)
+            points += timed
 
     ordered = [results[p.name] for p in points]
     summary = {"ablation": ablation, "preset": str(path), "overrides": list(overrides), "notes": notes,
@@ -392,6 +494,36 @@ def sweep(ablation: str, preset: str, overrides: list[str] = (), output: str | N
     (out_dir / "results.md").write_text(results_markdown(ablation, ordered, notes, path, overrides, plots))
     print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}, {', '.join(str(p) for p in plots)}", flush=True)
     return summary
+
+
+def _run_points(points: list[Point], out_dir: Path, jobs: int, results: dict[str, dict[str, Any]],
+                own_process: bool = False) -> None:
+    """Run the points without a finished result (resuming any with a checkpoint) into ``results``."""
+    pending = []
+    for point in points:
+        done = finished_result(out_dir / point.name, point.config)
+        if done is not None:
+            results[point.name] = done
+            print(f"[done before] {_one_line(done)}", flush=True)
+        else:
+            pending.append(point)
+    workers = min(jobs, max(len(pending), 1))
+    print(f"{len(points)} points, {len(pending)} to run, {workers} at a time with "
+          f"{points[0].config['train']['threads']} thread(s) each; logs in {out_dir}/<point>/log.txt", flush=True)
+    if not pending:
+        return
+    if workers == 1 and not own_process:
+        for point in pending:
+            results[point.name] = run_point(point, str(out_dir / point.name))
+            print(f"[{len(results)}] {_one_line(results[point.name])}", flush=True)
+        return
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_exit_with_parent,
+                             initargs=(os.getpid(),), max_tasks_per_child=1 if own_process else None) as pool:
+        futures = {pool.submit(run_point, point, str(out_dir / point.name)): point for point in pending}
+        for future in as_completed(futures):
+            point = futures[future]
+            results[point.name] = future.result()
+            print(f"[{len(results)}] {_one_line(results[point.name])}", flush=True)
 
 
 # --- tables and plots -----------------------------------------------------------------------------
@@ -444,6 +576,8 @@ def results_markdown(ablation: str, results: list[dict[str, Any]], notes: list[s
     elif ablation == "momentum":
         lines += ["## kNN top-1 (%) vs momentum m", "", "| m | " + " | ".join(f"{r['m']:g}" for r in results) + " |",
                   "|---|" + "---|" * len(results), "| kNN top-1 | " + " | ".join(_cell(r) for r in results) + " |"]
+    elif ablation == "methods":
+        lines += _methods_tables(results)
     else:
         by_name = {r["name"]: r for r in results}
         with_, without = by_name["shuffle_bn"], by_name["no_shuffle_bn"]
@@ -472,6 +606,30 @@ def results_markdown(ablation: str, results: list[dict[str, Any]], notes: list[s
                      f"{_duration(r.get('cpu_seconds'))} | {note} |")
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+def _methods_tables(results: list[dict[str, Any]]) -> list[str]:
+    """One table per budget: what each method uses, and what it reaches at what cost."""
+    lines = []
+    titles = {"epochs": "Equal epochs", "time": "Equal wall-clock (the reference method's training time)"}
+    for budget in dict.fromkeys(r["budget"] for r in results):
+        lines += [f"## {titles[budget]}", "",
+                  "| method | negatives | momentum encoder | predictor | epochs | kNN top-1 | linear top-1 | "
+                  "fine-tune top-1 | img/s | peak memory (MiB) | training time | status |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in results if r["budget"] == budget):
+            lines.append(f"| {METHOD_LABELS[r['method']]} | {r['negatives_from']} | "
+                         f"{'yes' if r['momentum_encoder'] else 'no'} | {'yes' if r['predictor'] else 'no'} | "
+                         f"{r['config']['optim']['epochs']} | {_cell(r)} | {_fmt(r.get('linear_top1'))} | "
+                         f"{_fmt(r.get('finetune_top1'))} | {_fmt(r.get('img_s'), 0)} | "
+                         f"{_fmt(r.get('peak_memory_mb'), 0)} | {_duration(r.get('training_seconds'))} | {r['status']} |")
+        lines.append("")
+    first = results[0]["config"]
+    lines += ["Linear top-1: a linear classifier on cached backbone features of the whole labelled training "
+              "split, its lr chosen on a holdout of it. Fine-tune top-1: the whole network fine-tuned on "
+              f"the fraction of the labels in results.json (lr chosen on validation images); "
+              f"backbone {first['model']['arch']} {first['model']['widths']}."]
+    return lines
 
 
 def plot_results(ablation: str, results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
@@ -517,6 +675,21 @@ def plot_results(ablation: str, results: list[dict[str, Any]], out_dir: Path) ->
             ax_knn.annotate(_cell(r).replace("**", ""), (x, values[x]), ha="center", va="bottom", fontsize=8)
         ax_knn.set(xlabel="key-encoder momentum m", ylabel="kNN top-1 (%)", title="kNN top-1 vs m (red: not ok)")
         paths = [out_dir / "momentum.png"]
+    elif ablation == "methods":
+        budgets = list(dict.fromkeys(r["budget"] for r in results))
+        fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4.2), squeeze=False)
+        for ax, budget in zip(axes[0], budgets):
+            rows = [r for r in results if r["budget"] == budget]
+            names = [METHOD_LABELS[r["method"]] for r in rows]
+            x = range(len(rows))
+            for offset, (key, label) in enumerate((("knn", "kNN"), ("linear_top1", "linear"),
+                                                   ("finetune_top1", "fine-tune"))):
+                values = [(_knn(r) if key == "knn" else r.get(key)) or 0.0 for r in rows]
+                ax.bar([i + (offset - 1) * 0.27 for i in x], values, width=0.27, label=label, color=f"C{offset}")
+            ax.set_xticks(list(x), names, rotation=30, ha="right")
+            ax.set(ylabel="top-1 (%)", title=f"methods at equal {'epochs' if budget == 'epochs' else 'wall-clock'}")
+            ax.legend(fontsize=8)
+        paths = [out_dir / "methods.png"]
     else:
         fig, (ax_acc, ax_knn) = plt.subplots(1, 2, figsize=(11, 4))
         for i, r in enumerate(results):

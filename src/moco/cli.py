@@ -55,7 +55,7 @@ def _add_ablate_parser(sub: argparse._SubParsersAction) -> None:
                        description="Train one run per point into OUTPUT/<point>/ (finished points are skipped, "
                                    "unfinished ones resumed), then write results.json, results.md and PNG plots. "
                                    "Without PRESET: list the shipped presets.")
-    a.add_argument("ablation", choices=("dictionary", "momentum", "shuffle-bn"))
+    a.add_argument("ablation", choices=("dictionary", "momentum", "shuffle-bn", "methods"))
     a.add_argument("preset", nargs="?", help="YAML file or shipped preset name (e.g. fmnist_cpu)")
     a.add_argument("overrides", nargs="*", help="section.key=value for every point, or ablate.<sweep>.<key>=value")
     a.add_argument("--jobs", type=int, default=1, help="points trained at once, in separate processes (default 1)")

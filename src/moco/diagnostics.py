@@ -61,8 +61,8 @@ class StepStats:
 
     def fields(self) -> dict[str, float]:
         """The metrics.jsonl fields (the accuracy is logged as ``pretext_acc`` by the loop)."""
-        spread = {"feature_std": self.feature_std, "mean_cosine": self.mean_cosine}
-        return {**{k: v for k, v in spread.items() if math.isfinite(v)}, "chance_loss": self.chance_loss}
+        values = {"feature_std": self.feature_std, "mean_cosine": self.mean_cosine, "chance_loss": self.chance_loss}
+        return {k: v for k, v in values.items() if math.isfinite(v)}  # NaN: the method has no such number
 
 
 # --- the monitor --------------------------------------------------------------------------------

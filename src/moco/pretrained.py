@@ -56,6 +56,7 @@ class EncoderSpec:
     family: str = "resnet"
     head_layers: int = 0  # bn_mlp: its Linear layers
     head_hidden: int = 0  # bn_mlp: its hidden width
+    head_last_bn: bool = True  # bn_mlp: a BN after the last Linear (MoCo v3's projector), or not (SimCLR, BYOL, SwAV)
     image_size: int = 0   # vit: the input side the position embedding is built for
     patch_size: int = 0   # vit
 
@@ -99,7 +100,7 @@ class EncoderSpec:
         if self.head == "mlp":
             model.fc = mlp_head(model.fc.in_features, self.dim)
         elif self.head == "bn_mlp":
-            model.fc = bn_mlp(self.head_layers, model.fc.in_features, self.head_hidden, self.dim)
+            model.fc = bn_mlp(self.head_layers, model.fc.in_features, self.head_hidden, self.dim, self.head_last_bn)
         elif self.head == "none":
             model.fc = nn.Identity()
         return model
@@ -193,13 +194,15 @@ def infer_spec(state: Mapping[str, torch.Tensor], path: str | os.PathLike = "che
 
 def _head_of(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """The head in ``fc`` as ``EncoderSpec`` fields, from its weights."""
-    linears = [state[k] for k in sorted((k for k in state if re.fullmatch(r"fc\.\d+\.weight", k) and state[k].ndim == 2),
-                                        key=lambda k: int(k.split(".")[1]))]
+    linear_keys = sorted((k for k in state if re.fullmatch(r"fc\.\d+\.weight", k) and state[k].ndim == 2),
+                         key=lambda k: int(k.split(".")[1]))
+    linears = [state[k] for k in linear_keys]
     if "fc.weight" in state:
         return {"head": "linear", "dim": int(state["fc.weight"].shape[0])}
     if "fc.1.running_mean" in state and linears:  # Linear -> BN -> ReLU ... (MoCo v3's projector)
+        last = int(linear_keys[-1].split(".")[1])
         return {"head": "bn_mlp", "dim": int(linears[-1].shape[0]), "head_layers": len(linears),
-                "head_hidden": int(linears[0].shape[0])}
+                "head_hidden": int(linears[0].shape[0]), "head_last_bn": f"fc.{last + 1}.running_mean" in state}
     if "fc.0.weight" in state and "fc.2.weight" in state:
         return {"head": "mlp", "dim": int(state["fc.2.weight"].shape[0])}
     return {"head": "none", "dim": 0}

@@ -409,13 +409,15 @@ def _log_step(log: Any, show_progress: Callable[..., None], state: LoopState, ep
         return
     state.last_loss = loss.item()
     state.epoch_losses.append(state.last_loss)
-    state.epoch_accs.append(stats.acc)
+    if math.isfinite(stats.acc):  # methods without negatives have no pretext accuracy
+        state.epoch_accs.append(stats.acc)
     state.epoch_feature_stds.append(stats.feature_std)
     state.epoch_cosines.append(stats.mean_cosine)
     state.chance_loss = stats.chance_loss
     if state.step % log_every == 0 or state.step == 1:
+        accuracy = {"pretext_acc": stats.acc} if math.isfinite(stats.acc) else {}
         log.write({"kind": "train", "step": state.step, "epoch": epoch + 1, "loss": state.last_loss,
-                   "pretext_acc": stats.acc, **stats.fields(), "lr": lr, "img_s": img_s})
+                   **accuracy, **stats.fields(), "lr": lr, "img_s": img_s})
     show_progress(loss=f"{state.last_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{img_s:.0f}")
 
 

@@ -64,7 +64,8 @@ class SimCLR(Method):
         return cls(encoder_factory, dim=config.model.dim, T=config.model.T, options=cls.options_of(config))
 
     def head_spec(self) -> dict:
-        return {"head": "bn_mlp", "dim": self.dim, "head_layers": 2, "head_hidden": self.options.mlp_dim}
+        return {"head": "bn_mlp", "dim": self.dim, "head_layers": 2, "head_hidden": self.options.mlp_dim,
+                "head_last_bn": False}
 
     def chance_loss(self, num_logits: int) -> float:
         return chance_loss(num_logits - 1)  # the own column never counts

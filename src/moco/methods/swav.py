@@ -88,7 +88,8 @@ class SwAV(Method):
                               f"({config.optim.batch_size})")
 
     def head_spec(self) -> dict:
-        return {"head": "bn_mlp", "dim": self.dim, "head_layers": 2, "head_hidden": self.options.mlp_dim}
+        return {"head": "bn_mlp", "dim": self.dim, "head_layers": 2, "head_hidden": self.options.mlp_dim,
+                "head_last_bn": False}
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         params = [p for p in (*self.encoder_q.parameters(), *self.prototypes.parameters()) if p.requires_grad]
