@@ -11,6 +11,7 @@ import argparse
 import sys
 from typing import Any, Callable
 
+from moco.config import ConfigError
 from moco.evaluate.finetune import FRACTIONS, HEAD_INITS, INITS, FinetuneOptions
 from moco.evaluate.linear import MODES, LinclsOptions
 from moco.evaluate.report import KS, KnnOptions, ReportOptions
@@ -229,8 +230,64 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embed(args: argparse.Namespace) -> int:
+    from moco.embed import embed
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    found = embed(args.checkpoint, args.data, args.feature, args.batch_size, args.device, args.workers)
+    path = found.save(args.out, args.format)
+    labelled = int((found.labels >= 0).sum())
+    print(f"wrote {path}: {len(found.paths)} images x {found.features.shape[1]} features ({args.feature}), "
+          f"{labelled} labelled")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moco.embed import (Embeddings, duplicate_groups, embed, load_thumbnail, nearest, neighbour_grid,
+                            query_features, search_table, thumbnail_of_file)
+
+    if args.duplicates:
+        if not args.checkpoint:
+            raise ConfigError("--duplicates DIR needs --checkpoint CKPT (the encoder that embeds the folder)")
+        index = embed(args.checkpoint, args.duplicates, args.feature, device=args.device)
+        groups = duplicate_groups(index.features, args.threshold)
+        print(f"{len(groups)} group(s) of near-duplicates at cosine similarity >= {args.threshold} "
+              f"among {len(index.paths)} images")
+        for number, group in enumerate(groups, start=1):
+            print(f"group {number}: " + ", ".join(index.paths[i] for i in group))
+        if args.out:
+            import json
+
+            Path(args.out).write_text(json.dumps({"threshold": args.threshold, "root": index.root,
+                                                  "groups": [[index.paths[i] for i in g] for g in groups]}, indent=2))
+            print(f"wrote {args.out}")
+        return 0
+    if not args.index or not args.queries:
+        raise ConfigError("moco search needs --index (an embedding file or a folder) and at least one QUERY, "
+                          "or --duplicates DIR")
+    if Path(args.index).is_dir():
+        if not args.checkpoint:
+            raise ConfigError("--index DIR (a folder) needs --checkpoint CKPT to embed it")
+        index = embed(args.checkpoint, args.index, args.feature, device=args.device)
+    else:
+        index = Embeddings.load(args.index)
+    queries = query_features(index, args.queries, args.checkpoint, args.device)
+    scores, ids = nearest(index.features, queries, args.k, backend=args.backend)
+    print(search_table(index, args.queries, scores, ids), end="")
+    if args.grid:
+        rows = {p: i for i, p in enumerate(index.paths)}
+        images = [load_thumbnail(index, rows[q]) if q in rows else thumbnail_of_file(q) for q in args.queries]
+        print(f"wrote {neighbour_grid(images, args.queries, index, scores, ids, args.grid)}")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register lincls, knn, finetune, report and export on the ``moco`` parser."""
+    """Register lincls, knn, finetune, report, embed, search and export on the ``moco`` parser."""
     p = sub.add_parser("lincls", help="linear classification protocol on the frozen backbone")
     _add_common(p)
     p.add_argument("--mode", choices=(*MODES, "both"), default="cached",
@@ -271,7 +328,37 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_report)
 
-    p = sub.add_parser("export", help="write the backbone for torchvision or detectron2")
+    p = sub.add_parser("embed", help="L2-normalised features of a folder of images or a dataset split")
+    p.add_argument("checkpoint")
+    p.add_argument("data", help="a folder of images (class sub-folders give labels) or dataset[:split], "
+                                "e.g. fashion_mnist:test")
+    p.add_argument("--out", required=True, help="output file (.npz, or .csv with --format csv)")
+    p.add_argument("--format", choices=("npz", "csv"), default="npz",
+                   help="csv: filenames, embedding_0..d-1, labels")
+    p.add_argument("--feature", choices=("backbone", "encoder"), default="backbone",
+                   help="backbone: pooled features before the head (what export keeps); encoder: head included")
+    p.add_argument("--batch-size", type=_positive(int), default=256)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding the images")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = all cores")
+    p.set_defaults(func=_embed)
+
+    p = sub.add_parser("search", help="nearest images by cosine similarity, or groups of near-duplicates")
+    p.add_argument("queries", nargs="*", help="image files, or paths of images in the index")
+    p.add_argument("--index", help="an embedding file from moco embed, or a folder (embedded now, needs --checkpoint)")
+    p.add_argument("-k", type=_positive(int), default=8, help="neighbours per query")
+    p.add_argument("--checkpoint", help="the encoder for queries outside the index, a folder index or --duplicates")
+    p.add_argument("--feature", choices=("backbone", "encoder"), default="backbone")
+    p.add_argument("--grid", help="also draw the query and its neighbours into this PNG")
+    p.add_argument("--backend", choices=("auto", "torch", "faiss"), default="auto",
+                   help="auto: exact search in torch; faiss's exact index from 100,000 images when installed")
+    p.add_argument("--duplicates", metavar="DIR", help="instead: groups of near-duplicate images in DIR")
+    p.add_argument("--threshold", type=_positive(float), default=0.95, help="--duplicates: cosine similarity")
+    p.add_argument("--out", help="--duplicates: also write the groups to this JSON file")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.set_defaults(func=_search)
+
+    p = sub.add_parser("export", help="write the backbone for torchvision, timm (ViT) or detectron2")
     p.add_argument("checkpoint")
     p.add_argument("--format", required=True, choices=tuple(EXPORTERS))
     p.add_argument("--output", required=True, help="output file (metadata goes to OUTPUT.json)")

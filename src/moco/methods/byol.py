@@ -5,15 +5,15 @@ regresses the projection that a momentum target network (encoder, projector) giv
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moco.errors import ConfigError
 from moco.methods.base import Batch, EncoderFactory, Method, StepContext, StepOutput, Traits
+from moco.methods.common import asymmetric_views, check_per_view_probabilities
 from moco.models.heads import bn_mlp
 from moco.models.resnet import feature_dim
 from moco.momentum import make_momentum_copy
@@ -60,15 +60,11 @@ class BYOL(Method):
     @classmethod
     def check_config(cls, config: "Config") -> None:
         o = cls.options_of(config)
-        for name in ("blur_p", "solarize_p"):
-            values = getattr(o, name)
-            if len(values) != 2 or not all(0.0 <= v <= 1.0 for v in values):
-                raise ConfigError(f"byol.{name}: one probability per view, e.g. [1.0, 0.1]; got {values}")
+        check_per_view_probabilities(cls.name, o)
 
     def view_augmentations(self, spec: "AugmentSpec", local_spec: "AugmentSpec | None",
                            local_crops: int) -> list["AugmentSpec"]:
-        return [replace(spec, blur_p=blur, solarize_p=solarize)
-                for blur, solarize in zip(self.options.blur_p, self.options.solarize_p)]
+        return asymmetric_views(spec, self.options.blur_p, self.options.solarize_p)
 
     def head_spec(self) -> dict:
         return {"head": "bn_mlp", "dim": self.dim, "head_layers": 2, "head_hidden": self.options.mlp_dim,

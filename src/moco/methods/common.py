@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
 
+from moco.errors import ConfigError
 from moco.methods.base import EncoderFactory
 from moco.models.heads import add_mlp_head
+
+if TYPE_CHECKING:
+    from moco.data.augment import AugmentSpec
 
 
 def make_encoder(base_encoder: EncoderFactory | nn.Module, dim: int, mlp: bool) -> nn.Module:
@@ -28,3 +33,16 @@ def no_local_views(method: str, local_views: Sequence[torch.Tensor]) -> None:
 def check_temperature(T: float) -> None:
     if T <= 0:
         raise ValueError(f"temperature T must be > 0, got {T}")
+
+
+def check_per_view_probabilities(section: str, options: Any) -> None:
+    """BYOL's asymmetric augmentation options: one probability per view for blur and solarisation."""
+    for name in ("blur_p", "solarize_p"):
+        values = getattr(options, name)
+        if len(values) != 2 or not all(0.0 <= v <= 1.0 for v in values):
+            raise ConfigError(f"{section}.{name}: one probability per view, e.g. [1.0, 0.1]; got {values}")
+
+
+def asymmetric_views(spec: "AugmentSpec", blur_p: Sequence[float], solarize_p: Sequence[float]) -> list["AugmentSpec"]:
+    """BYOL's two views (also MoCo v3's): the same augmentation with each view's blur and solarisation."""
+    return [replace(spec, blur_p=blur, solarize_p=solarize) for blur, solarize in zip(blur_p, solarize_p)]

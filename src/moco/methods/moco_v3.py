@@ -7,7 +7,7 @@ only; the loop moves m along a half cosine from ``model.m`` to 1 (``model.m_sche
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,7 +18,7 @@ from moco.diagnostics import chance_loss
 from moco.distributed import concat_all_gather, rank
 from moco.errors import ConfigError
 from moco.methods.base import Batch, EncoderFactory, Method, StepContext, StepOutput, Traits
-from moco.methods.common import check_temperature
+from moco.methods.common import asymmetric_views, check_per_view_probabilities, check_temperature
 from moco.models.heads import bn_mlp
 from moco.models.resnet import feature_dim
 from moco.momentum import make_momentum_copy
@@ -83,17 +83,13 @@ class MoCoV3(Method):
         if o.mlp_dim < 1 or o.projector_layers < 1 or o.predictor_layers < 1:
             raise ConfigError(f"moco_v3: mlp_dim, projector_layers and predictor_layers must be >= 1, got "
                               f"{o.mlp_dim}, {o.projector_layers}, {o.predictor_layers}")
-        for name in ("blur_p", "solarize_p"):
-            values = getattr(o, name)
-            if len(values) != 2 or not all(0.0 <= v <= 1.0 for v in values):
-                raise ConfigError(f"moco_v3.{name}: one probability per view, e.g. [1.0, 0.1]; got {values}")
+        check_per_view_probabilities(cls.name, o)
         if config.model.symmetric:
             raise ConfigError("model.symmetric: MoCo v3's loss is symmetric already; leave it false")
 
     def view_augmentations(self, spec: "AugmentSpec", local_spec: "AugmentSpec | None",
                            local_crops: int) -> list["AugmentSpec"]:
-        return [replace(spec, blur_p=blur, solarize_p=solarize)
-                for blur, solarize in zip(self.options.blur_p, self.options.solarize_p)]
+        return asymmetric_views(spec, self.options.blur_p, self.options.solarize_p)
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """Encoder and predictor; LARS itself exempts biases and BN parameters from decay."""
