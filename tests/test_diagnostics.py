@@ -195,3 +195,58 @@ def test_a_resumed_run_remembers_what_the_monitor_saw(tmp_path: Path, monkeypatc
         monkeypatch.undo()
         assert cli.main(["pretrain", str(config_path), "--resume"]) == 0
     assert_identical_runs(reference / "run", tmp_path / "run")
+
+
+# --- the consistency the paper argues for, made visible (issue 24) ---------------------------------
+def test_alignment_and_uniformity_equal_hand_computed_values() -> None:
+    from moco.diagnostics import alignment, uniformity
+
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    y = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    # ||x - y||²: 0, 2, 2  -> mean 4/3
+    assert alignment(x, y).item() == pytest.approx(4 / 3)
+    # pairwise squared distances: 2, 4, 2 -> log mean exp(-2 d²) = log((2e^-4 + e^-8) / 3)
+    assert uniformity(x).item() == pytest.approx(math.log((2 * math.exp(-4) + math.exp(-8)) / 3))
+    assert uniformity(torch.ones(4, 2) / math.sqrt(2)).item() == pytest.approx(0.0, abs=1e-6)  # collapsed
+
+
+def test_queue_age_after_n_steps_equals_its_closed_form_and_the_real_queue() -> None:
+    from moco.diagnostics import queue_age
+    from moco.dictionary import enqueue
+
+    K, B = 12, 4
+    written_at = torch.zeros(1, K)  # a queue whose 'keys' are the step that wrote them (0: the initial keys)
+    ptr = torch.zeros(1, dtype=torch.long)
+    for step in range(1, 8):
+        enqueue(written_at, ptr, torch.full((B, 1), float(step)))
+        measured = float((step - written_at).mean())
+        assert queue_age(step, K, B) == pytest.approx(measured), step
+    assert queue_age(100, 4096, 128) == (4096 / 128 - 1) / 2  # a full queue: the last K/B steps
+
+
+def test_logit_statistics_and_momentum_drift() -> None:
+    from moco.diagnostics import logit_stats, momentum_drift
+
+    logits = torch.tensor([[5.0, 1.0, 2.0], [float("-inf"), 4.0, 0.0]])
+    positive, negative = logit_stats(logits, torch.tensor([0, 1])).tolist()
+    assert positive == pytest.approx(4.5) and negative == pytest.approx((1 + 2 + 0) / 3)  # -inf left out
+    online, target = torch.nn.Linear(2, 2, bias=False), torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        online.weight.copy_(torch.tensor([[3.0, 0.0], [0.0, 4.0]]))
+        target.weight.copy_(torch.tensor([[3.0, 0.0], [0.0, 3.0]]))
+    assert momentum_drift([(target, online)]) == pytest.approx(1 / 5)
+
+
+def test_training_logs_the_consistency_diagnostics(tmp_path: Path) -> None:
+    from moco.config import load_config
+    from moco.train import pretrain, read_metrics
+    from tests.tiny import tiny_config
+
+    config = load_config(tiny_config(tmp_path), ["optim.epochs=1", "train.knn_every=0", "train.test_knn=false"])
+    pretrain(config)
+    rows = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    last = rows[-1]
+    for key in ("uniformity", "alignment", "positive_logit", "negative_logit", "queue_age", "momentum_drift"):
+        assert key in last and math.isfinite(last[key]), key
+    assert last["queue_age"] == pytest.approx((64 / 16 - 1) / 2)  # K 64, batch 16, 10 steps: a full queue
+    assert 0 < last["momentum_drift"] < 1 and -4 <= last["uniformity"] <= 0 and 0 <= last["alignment"] <= 4

@@ -41,6 +41,7 @@ class MoCoOutput:
     labels: torch.Tensor | None = None
     queries: torch.Tensor | None = None
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    positives: torch.Tensor | None = None  # each query's positive key, detached and L2-normalised (alignment)
 
 
 class MoCo(nn.Module):
@@ -163,7 +164,7 @@ class MoCo(nn.Module):
             logits = self.logits(q, k)
             self.enqueue(k)
             labels = positive_first_labels(logits)
-            return MoCoOutput(F.cross_entropy(logits, labels), logits, labels, q.detach())
+            return MoCoOutput(F.cross_entropy(logits, labels), logits, labels, q.detach(), positives=k)
         n = x1.shape[0]
         q1 = self.encode_query(x1)
         q2 = self.encode_query(x2) if symmetric else None
@@ -180,4 +181,4 @@ class MoCo(nn.Module):
             all_logits.append(logits)
         self.enqueue(*([k1, k2] if symmetric else [k2]))
         logits = torch.cat(all_logits)
-        return MoCoOutput(loss, logits, positive_first_labels(logits), q1.detach())
+        return MoCoOutput(loss, logits, positive_first_labels(logits), q1.detach(), positives=k2)

@@ -44,6 +44,52 @@ def feature_spread(q: torch.Tensor) -> torch.Tensor:
     return torch.stack([std, cosine])
 
 
+def alignment(x: torch.Tensor, y: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
+    """Wang & Isola (2020): mean ``||x_i − y_i||^alpha`` over positive pairs of unit vectors (lower:
+    positives closer). 0-d tensor."""
+    return (x.detach().float() - y.detach().float()).norm(dim=1).pow(alpha).mean()
+
+
+def uniformity(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """Wang & Isola (2020): ``log mean_{i<j} exp(−t ||x_i − x_j||²)`` of unit vectors (lower: more
+    uniform on the sphere; 0 when all are equal). 0-d tensor; NaN for fewer than two rows."""
+    x = x.detach().float()
+    if x.shape[0] < 2:
+        return x.new_tensor(float("nan"))
+    return torch.pdist(x).pow(2).mul(-t).exp().mean().log()
+
+
+def logit_stats(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[mean positive logit, mean negative logit]`` (q·k / T; columns at −inf, a row's own
+    column in SimCLR, are left out)."""
+    logits = logits.detach().float()
+    positive = logits.gather(1, labels.view(-1, 1))
+    negatives = logits.scatter(1, labels.view(-1, 1), float("-inf"))
+    finite = torch.isfinite(negatives)
+    return torch.stack([positive.mean(), negatives.where(finite, 0.0).sum() / finite.sum().clamp_min(1)])
+
+
+def queue_age(step: int, queue_size: int, keys_per_step: int) -> float:
+    """Mean age in steps of a FIFO queue's entries after ``step`` steps of ``keys_per_step`` keys:
+    each step overwrites the oldest keys, so a full queue holds the last K / keys_per_step steps
+    (ages 0 .. K/B − 1, mean (K/B − 1) / 2); before that, the random initial keys are ``step`` old."""
+    slots = queue_size // keys_per_step
+    written = min(step, slots)
+    return (written * (written - 1) / 2 + (slots - written) * step) / slots
+
+
+@torch.no_grad()
+def momentum_drift(pairs: Sequence[tuple[torch.nn.Module, torch.nn.Module]]) -> float:
+    """``||θ_target − θ_online|| / ||θ_online||`` over all (target, online) pairs' parameters: how far the
+    momentum encoder lags the one being trained (NaN without pairs)."""
+    difference = total = 0.0
+    for target, online in pairs:
+        for t, o in zip(target.parameters(), online.parameters()):
+            difference += float((t.float() - o.float()).pow(2).sum())
+            total += float(o.float().pow(2).sum())
+    return math.sqrt(difference / total) if pairs and total else float("nan")
+
+
 def chance_loss(num_logits: int, terms: int = 1) -> float:
     """The loss when every logit ties: ``terms`` cross-entropies over ``num_logits`` columns each."""
     return terms * math.log(num_logits)
@@ -58,10 +104,16 @@ class StepStats:
     feature_std: float
     mean_cosine: float
     chance_loss: float
+    uniformity: float = float("nan")
+    alignment: float = float("nan")
+    positive_logit: float = float("nan")
+    negative_logit: float = float("nan")
 
     def fields(self) -> dict[str, float]:
         """The metrics.jsonl fields (the accuracy is logged as ``pretext_acc`` by the loop)."""
-        values = {"feature_std": self.feature_std, "mean_cosine": self.mean_cosine, "chance_loss": self.chance_loss}
+        values = {"feature_std": self.feature_std, "mean_cosine": self.mean_cosine, "chance_loss": self.chance_loss,
+                  "uniformity": self.uniformity, "alignment": self.alignment, "positive_logit": self.positive_logit,
+                  "negative_logit": self.negative_logit}
         return {k: v for k, v in values.items() if math.isfinite(v)}  # NaN: the method has no such number
 
 

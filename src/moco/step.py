@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from moco import distributed as dist_utils
-from moco.diagnostics import StepStats, feature_spread
+from moco.diagnostics import StepStats, alignment, feature_spread, logit_stats, uniformity
 from moco.loss import pretext_accuracy
 from moco.methods import Batch, Method, StepContext, StepOutput
 from moco.momentum import momentum_update
@@ -38,7 +38,7 @@ class _MethodStep(nn.Module):
 
     def forward(self, views: tuple[torch.Tensor, ...], indices: torch.Tensor | None, ctx: StepContext) -> tuple:
         out = self.method.training_step(Batch(tuple(views), indices), ctx)
-        return out.loss, out.logits, out.labels, out.queries, out.metrics
+        return out.loss, out.logits, out.labels, out.queries, out.metrics, out.positives
 
 
 def step_function(method: Method, device: torch.device) -> StepFunction:
@@ -87,8 +87,14 @@ def step_stats(out: StepOutput, method: Method) -> StepStats:
     chance loss for these logits."""
     device = out.loss.device
     nan = torch.full((1,), float("nan"), device=device)
-    spread = feature_spread(out.queries).to(device) if out.queries is not None else nan.repeat(2)
-    accuracy = pretext_accuracy(out.logits, out.labels).view(1) * 100 if out.logits is not None else nan
-    acc, feature_std, mean_cosine = dist_utils.mean_over_ranks(torch.cat([accuracy, spread])).tolist()
-    chance = method.chance_loss(out.logits.shape[1]) if out.logits is not None else math.nan
-    return StepStats(acc, feature_std, mean_cosine, chance)
+    queries, positives, logits = out.queries, out.positives, out.logits
+    spread = feature_spread(queries).to(device) if queries is not None else nan.repeat(2)
+    spread_of_all = uniformity(queries).to(device).view(1) if queries is not None else nan
+    aligned = (alignment(queries, positives).to(device).view(1)
+               if queries is not None and positives is not None and positives.shape == queries.shape else nan)
+    accuracy = pretext_accuracy(logits, out.labels).view(1) * 100 if logits is not None else nan
+    logit_means = logit_stats(logits, out.labels) if logits is not None else nan.repeat(2)
+    values = dist_utils.mean_over_ranks(torch.cat([accuracy, spread, spread_of_all, aligned, logit_means])).tolist()
+    chance = method.chance_loss(logits.shape[1]) if logits is not None else math.nan
+    acc, feature_std, mean_cosine, uniform, align, positive, negative = values
+    return StepStats(acc, feature_std, mean_cosine, chance, uniform, align, positive, negative)

@@ -26,7 +26,7 @@ from moco.data.augment import BatchAugment
 from moco.data.datasets import aspect_ratios_of, make_loader
 from moco.data.splits import Data, augment_spec, build_data, index_range, local_augment_spec
 from moco.derive import check_queue_fits
-from moco.diagnostics import CollapseMonitor, StepStats
+from moco.diagnostics import CollapseMonitor, StepStats, momentum_drift
 from moco.methods import Batch, Method, StepContext, build_method
 from moco.methods.base import same_views
 from moco.monitor import KnnScores, knn_eval, test_knn_fields, test_knn_line, val_knn_text
@@ -294,8 +294,9 @@ def train_step(run: Run, epoch: int, images: torch.Tensor, indices: torch.Tensor
     state.batch += 1
     stats = step_stats(out, method)
     img_s = images.shape[0] * dist_utils.world_size() / (time.perf_counter() - tic)
+    extra = _logged_metrics(out, method) if state.step % config.train.log_every == 0 or state.step == 1 else {}
     _log_step(run.log, show_progress, state, epoch, loss, finite, stats, lr, img_s, config.train.log_every,
-              run.guard.skipped)
+              run.guard.skipped, extra)
     if finite and run.monitor.due(state.batch):  # so a long first epoch is covered too
         _check_collapse(run, epoch)
 
@@ -401,8 +402,18 @@ def _collapse_settings(config: Config, method: Method, images: int) -> str:
     return ", ".join([text, *method.collapse_settings(images)])
 
 
+def _logged_metrics(out: Any, method: Method) -> dict[str, float]:
+    """What a logged step adds: the method's own metrics and, for momentum methods, the drift
+    ||θ_target − θ_online|| / ||θ_online||."""
+    values = {name: float(value) for name, value in out.metrics.items()}
+    if method.momentum_pairs():
+        values["momentum_drift"] = momentum_drift(method.momentum_pairs())
+    return values
+
+
 def _log_step(log: Any, show_progress: Callable[..., None], state: LoopState, epoch: int, loss: torch.Tensor,
-              finite: bool, stats: StepStats, lr: float, img_s: float, log_every: int, skipped: int) -> None:
+              finite: bool, stats: StepStats, lr: float, img_s: float, log_every: int, skipped: int,
+              extra: dict[str, float] | None = None) -> None:
     if not finite:
         log.write({"kind": "nonfinite", "step": state.step, "epoch": epoch + 1, "loss": str(loss.float().item()),
                    "skipped_steps": skipped})
@@ -417,7 +428,7 @@ def _log_step(log: Any, show_progress: Callable[..., None], state: LoopState, ep
     if state.step % log_every == 0 or state.step == 1:
         accuracy = {"pretext_acc": stats.acc} if math.isfinite(stats.acc) else {}
         log.write({"kind": "train", "step": state.step, "epoch": epoch + 1, "loss": state.last_loss,
-                   **accuracy, **stats.fields(), "lr": lr, "img_s": img_s})
+                   **accuracy, **stats.fields(), **(extra or {}), "lr": lr, "img_s": img_s})
     show_progress(loss=f"{state.last_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{img_s:.0f}")
 
 

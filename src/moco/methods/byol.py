@@ -83,4 +83,5 @@ class BYOL(Method):
         with torch.no_grad():
             z1, z2 = self.encoder_k(x1), self.encoder_k(x2)
         loss = regression_loss(p1, z2) + regression_loss(p2, z1)
-        return StepOutput(loss, queries=F.normalize(p1.detach().float(), dim=1))
+        return StepOutput(loss, queries=F.normalize(p1.detach().float(), dim=1),
+                          positives=F.normalize(z2.float(), dim=1))

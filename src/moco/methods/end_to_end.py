@@ -81,7 +81,7 @@ class EndToEnd(Method):
         loss = F.cross_entropy(logits[:n], labels[:n])
         if symmetric:
             loss = loss + F.cross_entropy(logits[n:], labels[n:])
-        return StepOutput(loss, logits, labels, q.detach())
+        return StepOutput(loss, logits, labels, q.detach(), positives=k.detach())
 
     def training_step(self, batch: Batch, ctx: StepContext) -> StepOutput:
         return self.contrastive_loss(*batch.global_views, self.symmetric, batch.indices, batch.local_views)

@@ -111,7 +111,7 @@ class MemoryBankContrast(Method):
         if self.proximal:
             loss = loss + self.proximal * (q - positives).pow(2).sum(dim=1).mean()
         self.bank.update(concat_all_gather(indices), concat_all_gather(q.detach()))
-        return StepOutput(loss, logits, labels, q.detach())
+        return StepOutput(loss, logits, labels, q.detach(), positives=positives)
 
     def training_step(self, batch: Batch, ctx: StepContext) -> StepOutput:
         return self.contrastive_loss(*batch.global_views, False, batch.indices, batch.local_views)

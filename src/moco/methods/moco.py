@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from moco.builder import MoCo
+from moco.diagnostics import queue_age
+from moco.distributed import world_size
 from moco.errors import ConfigError
 from moco.methods.base import Batch, EncoderFactory, Method, StepContext, StepOutput, Traits
 
@@ -69,4 +71,7 @@ class MoCoMethod(MoCo, Method):
 
     def training_step(self, batch: Batch, ctx: StepContext) -> StepOutput:
         x1, x2 = batch.global_views
-        return self.loss_with_current_keys(x1, x2, self.symmetric, batch.local_views)
+        out = self.loss_with_current_keys(x1, x2, self.symmetric, batch.local_views)
+        keys_per_step = x2.shape[0] * world_size() * (2 if self.symmetric else 1)
+        out.metrics["queue_age"] = torch.tensor(queue_age(ctx.step + 1, self.K, keys_per_step))
+        return out

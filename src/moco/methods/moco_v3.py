@@ -117,4 +117,4 @@ class MoCoV3(Method):
         loss_12, logits_12, labels_12 = contrast_in_batch(q1, k2, self.T)
         loss_21, logits_21, labels_21 = contrast_in_batch(q2, k1, self.T)
         return StepOutput(loss_12 + loss_21, torch.cat([logits_12, logits_21]), torch.cat([labels_12, labels_21]),
-                          F.normalize(q1.detach().float(), dim=1))
+                          F.normalize(q1.detach().float(), dim=1), positives=F.normalize(k2.float(), dim=1))

@@ -74,4 +74,5 @@ class SimCLR(Method):
         x1, x2 = batch.global_views
         z1, z2 = self.encoder_q(x1), self.encoder_q(x2)
         loss, logits, labels = nt_xent(z1, z2, self.T)
-        return StepOutput(loss, logits, labels, F.normalize(z1.detach().float(), dim=1))
+        return StepOutput(loss, logits, labels, F.normalize(z1.detach().float(), dim=1),
+                          positives=F.normalize(z2.detach().float(), dim=1))

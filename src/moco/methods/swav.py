@@ -117,7 +117,7 @@ class SwAV(Method):
                 loss = loss - (codes * F.log_softmax(scores[w] / self.T, dim=1)).sum(dim=1).mean()
         loss = loss / (2 * (len(z) - 1))
         self._enqueue(global_z.detach().split(n))
-        return StepOutput(loss, queries=z[0].detach())
+        return StepOutput(loss, queries=z[0].detach(), positives=z[1].detach())
 
     def _codes(self, scores: torch.Tensor, view: int, epoch: int) -> torch.Tensor:
         """Sinkhorn codes of this batch's view; once the queue runs, its projections share the balance."""
