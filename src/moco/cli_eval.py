@@ -286,8 +286,20 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _page(args: argparse.Namespace) -> int:
+    from moco.page import write_page
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    path = write_page(args.run_dir, args.checkpoint, points=args.points, device=args.device)
+    print(f"wrote {path} (open it in a browser)")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register lincls, knn, finetune, report, embed, search and export on the ``moco`` parser."""
+    """Register lincls, knn, finetune, report, embed, search, page and export on the ``moco`` parser."""
     p = sub.add_parser("lincls", help="linear classification protocol on the frozen backbone")
     _add_common(p)
     p.add_argument("--mode", choices=(*MODES, "both"), default="cached",
@@ -357,6 +369,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="--duplicates: also write the groups to this JSON file")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.set_defaults(func=_search)
+
+    p = sub.add_parser("page", help="one HTML page for a run: config, curves, embedding map, neighbours, tables")
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", help="default: RUN_DIR/checkpoint_last.pth")
+    p.add_argument("--points", type=_positive(int), default=1500, help="held-out images in the embedding map")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = all cores")
+    p.set_defaults(func=_page)
 
     p = sub.add_parser("export", help="write the backbone for torchvision, timm (ViT) or detectron2")
     p.add_argument("checkpoint")

@@ -42,6 +42,7 @@ class Embeddings:
     root: str = ""            # the folder the paths are relative to ("" for a dataset split)
     checkpoint: str = ""
     feature: str = "backbone"
+    dataset: Any = None       # where the images are (not saved): thumbnails of in-memory datasets
 
     def save(self, path: str | os.PathLike, fmt: str = "npz") -> Path:
         path = Path(path)
@@ -110,7 +111,7 @@ def embed(checkpoint: str | os.PathLike, data: str, feature: str = "backbone", b
         batches = tqdm(batches, desc="embedding", leave=False, disable=None)
     features, labels = extract_features(model.to(target), batches, EvalTransform(config.data.image_size, mean, std),
                                         target, head=True, normalize=True)
-    return Embeddings(features, paths, labels.long(), classes, root, str(checkpoint), feature)
+    return Embeddings(features, paths, labels.long(), classes, root, str(checkpoint), feature, dataset)
 
 
 # --- search -----------------------------------------------------------------------------------------
@@ -168,14 +169,18 @@ def load_thumbnail(index: Embeddings, i: int, size: int = 96) -> np.ndarray:
     """An RGB thumbnail of image ``i`` (its file for a folder index), ``size`` pixels on the long side."""
     from PIL import Image
 
-    if not index.root:
+    if index.root:
+        with Image.open(Path(index.root) / index.paths[i]) as opened:
+            image = opened.convert("RGB")
+    elif index.dataset is not None:  # an in-memory split: its uint8 C x H x W tensor
+        pixels = index.dataset[i][0].numpy()
+        image = Image.fromarray(np.repeat(pixels, 3, axis=0).transpose(1, 2, 0) if pixels.shape[0] == 1
+                                else pixels.transpose(1, 2, 0))
+    else:
         return np.zeros((size, size, 3), dtype=np.uint8)
-    with Image.open(Path(index.root) / index.paths[i]) as image:
-        image = image.convert("RGB")
-        scale = size / max(image.size)
-        resample = Image.NEAREST if scale >= 2 else Image.BILINEAR  # 28 px stays sharp when enlarged
-        return np.asarray(image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                                       resample))
+    scale = size / max(image.size)
+    resample = Image.NEAREST if scale >= 2 else Image.BILINEAR  # 28 px stays sharp when enlarged
+    return np.asarray(image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), resample))
 
 
 def neighbour_grid(queries: Sequence[np.ndarray], query_names: Sequence[str], index: Embeddings,
