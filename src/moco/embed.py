@@ -85,7 +85,8 @@ def _dataset_for(data: str, config: Any, channels: int, workers: int) -> tuple[A
         raise ConfigError(f"{data}: neither a folder nor a dataset ({', '.join(d for d in DATASETS if d != 'folder')}"
                           f", optionally with :train or :test)")
     dataset = load_dataset(name, split or "test", config.data.root, False, image_size, channels)
-    return dataset, [f"{name}:{split or 'test'}/{i}" for i in range(len(dataset))], "", []
+    classes = [str(c) for c in (getattr(dataset, "classes", None) or ())]
+    return dataset, [f"{name}:{split or 'test'}/{i}" for i in range(len(dataset))], "", classes
 
 
 def embed(checkpoint: str | os.PathLike, data: str, feature: str = "backbone", batch_size: int = 256,

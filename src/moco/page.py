@@ -38,8 +38,12 @@ def _plot_series(rows: list[dict[str, Any]], series: tuple[tuple[str, str], ...]
     present = [(key, label) for key, label in series if any(key in r for r in rows)]
     if not present:
         return None
-    fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.0), squeeze=False)
-    for ax, (key, label) in zip(axes[0], present):
+    cols = min(3, len(present))
+    rows_of_plots = -(-len(present) // cols)
+    fig, axes = plt.subplots(rows_of_plots, cols, figsize=(4.2 * cols, 3.0 * rows_of_plots), squeeze=False)
+    for ax in axes.flat[len(present):]:
+        ax.set_visible(False)
+    for ax, (key, label) in zip(axes.flat, present):
         points = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
         ax.plot([p[0] for p in points], [p[1] for p in points], lw=0.9, label=key)
         ax.set(xlabel="step", ylabel=label, title=label)
