@@ -60,7 +60,7 @@ def test_unsafe_or_foreign_files_are_one_line_errors(tmp_path: Path) -> None:
         load_pretrained(unsafe)
     foreign = tmp_path / "foreign.pth"
     torch.save({"state_dict": {"module.linear.weight": torch.zeros(2, 2)}}, foreign)
-    with pytest.raises(CheckpointFormatError, match="no ResNet encoder weights"):
+    with pytest.raises(CheckpointFormatError, match="no ResNet or ViT encoder weights"):
         load_pretrained(foreign)
     not_torch = tmp_path / "model.pkl"
     not_torch.write_bytes(pickle.dumps({"model": 1}))
