@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moco.diagnostics import chance_loss
 from moco.distributed import all_reduce_sum, world_size
 from moco.errors import ConfigError
 from moco.methods.base import Batch, EncoderFactory, Method, StepContext, StepOutput, Traits
@@ -110,14 +111,21 @@ class SwAV(Method):
         if batch.local_views:
             z += F.normalize(self.encoder_q(torch.cat(batch.local_views)).float(), dim=1).split(n)
         scores = [view @ weight.T for view in z]
-        loss = global_z.new_zeros(())
+        loss, first_codes = global_z.new_zeros(()), None
         for v in range(2):
             codes = self._codes(scores[v].detach(), v, ctx.epoch)
+            first_codes = codes if first_codes is None else first_codes
             for w in (w for w in range(len(z)) if w != v):
                 loss = loss - (codes * F.log_softmax(scores[w] / self.T, dim=1)).sum(dim=1).mean()
         loss = loss / (2 * (len(z) - 1))
         self._enqueue(global_z.detach().split(n))
-        return StepOutput(loss, queries=z[0].detach(), positives=z[1].detach())
+        # For the monitors: view 2's prediction of view 1's cluster (pretext accuracy), at chance log(K).
+        return StepOutput(loss, (scores[1] / self.T).detach(), first_codes.argmax(dim=1), queries=z[0].detach(),
+                          positives=z[1].detach())
+
+    def chance_loss(self, num_logits: int) -> float:
+        """Uniform predictions of the codes: log(prototypes) (the loss is a mean over view pairs)."""
+        return chance_loss(num_logits)
 
     def _codes(self, scores: torch.Tensor, view: int, epoch: int) -> torch.Tensor:
         """Sinkhorn codes of this batch's view; once the queue runs, its projections share the balance."""
