@@ -167,20 +167,31 @@ def search_table(index: Embeddings, query_names: Sequence[str], scores: torch.Te
 
 
 def load_thumbnail(index: Embeddings, i: int, size: int = 96) -> np.ndarray:
-    """An RGB thumbnail of image ``i`` (its file for a folder index), ``size`` pixels on the long side."""
+    """An RGB thumbnail of image ``i`` of the index (its file, or its in-memory pixels)."""
     from PIL import Image
 
     if index.root:
-        with Image.open(Path(index.root) / index.paths[i]) as opened:
-            image = opened.convert("RGB")
-    elif index.dataset is not None:  # an in-memory split: its uint8 C x H x W tensor
-        pixels = index.dataset[i][0].numpy()
-        image = Image.fromarray(np.repeat(pixels, 3, axis=0).transpose(1, 2, 0) if pixels.shape[0] == 1
-                                else pixels.transpose(1, 2, 0))
-    else:
+        return thumbnail_of_file(Path(index.root) / index.paths[i], size)
+    if index.dataset is None:
         return np.zeros((size, size, 3), dtype=np.uint8)
+    pixels = index.dataset[i][0].numpy()  # uint8 C x H x W
+    rgb = np.repeat(pixels, 3, axis=0) if pixels.shape[0] == 1 else pixels
+    return _thumbnail(Image.fromarray(rgb.transpose(1, 2, 0)), size)
+
+
+def thumbnail_of_file(path: str | os.PathLike, size: int = 96) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as opened:
+        return _thumbnail(opened.convert("RGB"), size)
+
+
+def _thumbnail(image: Any, size: int) -> np.ndarray:
+    """``size`` pixels on the long side; small images are enlarged without blurring (28 px stays sharp)."""
+    from PIL import Image
+
     scale = size / max(image.size)
-    resample = Image.NEAREST if scale >= 2 else Image.BILINEAR  # 28 px stays sharp when enlarged
+    resample = Image.NEAREST if scale >= 2 else Image.BILINEAR
     return np.asarray(image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), resample))
 
 
@@ -209,11 +220,6 @@ def neighbour_grid(queries: Sequence[np.ndarray], query_names: Sequence[str], in
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return Path(out)
-
-
-def thumbnail_of_file(path: str | os.PathLike, size: int = 96) -> np.ndarray:
-    return load_thumbnail(Embeddings(torch.zeros(1, 1), [Path(path).name], torch.zeros(1), root=str(Path(path).parent)),
-                          0, size)
 
 
 def embed_files(checkpoint: str, files: Sequence[str], feature: str, device: str = "auto") -> torch.Tensor:

@@ -165,7 +165,7 @@ def write_page(run_dir: str | Path, checkpoint: str | Path | None = None, points
     train_rows = [r for r in rows if r.get("kind") == "train"]
     figures = [_plot_series(train_rows, CURVES, "training", out / "curves.png"), _plot_knn(rows, out / "knn.png"),
                _plot_series(train_rows, DIAGNOSTICS, "collapse and consistency diagnostics", out / "diagnostics.png")]
-    sections = [f'<h2>Curves</h2>' + "".join(f'<img src="{f.name}" alt="{f.stem}">' for f in figures if f)]
+    sections = ['<h2>Curves</h2>' + "".join(f'<img src="{f.name}" alt="{f.stem}">' for f in figures if f)]
     config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
     if ckpt.is_file():
         from moco.pretrained import load_pretrained
