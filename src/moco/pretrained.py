@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -28,7 +27,7 @@ from torch import nn
 
 from moco.checkpoint import load_checkpoint
 from moco.config import ConfigError
-from moco.models.heads import bn_mlp, mlp_head
+from moco.models.heads import bn_mlp, describe_head, mlp_head
 from moco.models.resnet import ARCHS, TORCHVISION_WIDTHS, resnet
 from moco.models.vit import VIT_ARCHS, VisionTransformer, default_patch_size
 
@@ -189,23 +188,7 @@ def infer_spec(state: Mapping[str, torch.Tensor], path: str | os.PathLike = "che
     stem = state["conv1.weight"]
     small_images = stem.shape[-1] == 3
     return EncoderSpec(arch=arch, widths=widths, small_images=small_images,  # type: ignore[arg-type]
-                       in_channels=int(stem.shape[1]), stem_stride=stem_stride if small_images else 1, **_head_of(state))
-
-
-def _head_of(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """The head in ``fc`` as ``EncoderSpec`` fields, from its weights."""
-    linear_keys = sorted((k for k in state if re.fullmatch(r"fc\.\d+\.weight", k) and state[k].ndim == 2),
-                         key=lambda k: int(k.split(".")[1]))
-    linears = [state[k] for k in linear_keys]
-    if "fc.weight" in state:
-        return {"head": "linear", "dim": int(state["fc.weight"].shape[0])}
-    if "fc.1.running_mean" in state and linears:  # Linear -> BN -> ReLU ... (MoCo v3's projector)
-        last = int(linear_keys[-1].split(".")[1])
-        return {"head": "bn_mlp", "dim": int(linears[-1].shape[0]), "head_layers": len(linears),
-                "head_hidden": int(linears[0].shape[0]), "head_last_bn": f"fc.{last + 1}.running_mean" in state}
-    if "fc.0.weight" in state and "fc.2.weight" in state:
-        return {"head": "mlp", "dim": int(state["fc.2.weight"].shape[0])}
-    return {"head": "none", "dim": 0}
+                       in_channels=int(stem.shape[1]), stem_stride=stem_stride if small_images else 1, **describe_head(state))
 
 
 def _infer_vit_spec(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> EncoderSpec:
@@ -219,7 +202,7 @@ def _infer_vit_spec(state: Mapping[str, torch.Tensor], path: str | os.PathLike) 
     grid = math.isqrt(int(state["pos_embed"].shape[1]) - 1)
     patch = int(proj.shape[-1])
     return EncoderSpec(arch=arch, widths=(), small_images=False, in_channels=int(proj.shape[1]),  # type: ignore[arg-type]
-                       family="vit", image_size=grid * patch, patch_size=patch, **_head_of(state))
+                       family="vit", image_size=grid * patch, patch_size=patch, **describe_head(state))
 
 
 def encoder_spec(config: "Config", channels: int, **head: Any) -> EncoderSpec:

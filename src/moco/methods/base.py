@@ -28,6 +28,7 @@ from torch import nn
 
 from moco.builder import MoCoOutput
 from moco.diagnostics import chance_loss
+from moco.models.heads import describe_head
 from moco.models.resnet import backbone_features
 
 if TYPE_CHECKING:
@@ -118,11 +119,9 @@ class Method(nn.Module):
         return self.encoder.fc
 
     def head_spec(self) -> dict[str, Any]:
-        """How the projector in ``encoder.fc`` is built, for the backbone spec checkpoints store."""
-        head = self.projector
-        if isinstance(head, nn.Linear):
-            return {"head": "linear", "dim": head.out_features}
-        return {"head": "mlp", "dim": head[-1].out_features}
+        """How the projector in ``encoder.fc`` is built (read off its weights), for the backbone
+        spec that checkpoints store."""
+        return describe_head(self.encoder.state_dict())
 
     def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's pooled features (the encoder without its projector), no gradient."""

@@ -46,7 +46,7 @@ class BYOL(Method):
     def __init__(self, base_encoder: EncoderFactory | nn.Module, dim: int = 256,
                  options: BYOLOptions | None = None) -> None:
         super().__init__()
-        self.dim, self.options = dim, options or BYOLOptions()
+        self.options = options or BYOLOptions()
         encoder = base_encoder if isinstance(base_encoder, nn.Module) else base_encoder(num_classes=dim)
         encoder.fc = bn_mlp(2, feature_dim(encoder), self.options.mlp_dim, dim, last_bn=False)
         self.encoder_q = encoder
@@ -65,10 +65,6 @@ class BYOL(Method):
     def view_augmentations(self, spec: "AugmentSpec", local_spec: "AugmentSpec | None",
                            local_crops: int) -> list["AugmentSpec"]:
         return asymmetric_views(spec, self.options.blur_p, self.options.solarize_p)
-
-    def head_spec(self) -> dict:
-        return {"head": "bn_mlp", "dim": self.dim, "head_layers": 2, "head_hidden": self.options.mlp_dim,
-                "head_last_bn": False}
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         params = [p for p in (*self.encoder_q.parameters(), *self.predictor.parameters()) if p.requires_grad]

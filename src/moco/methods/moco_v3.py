@@ -65,7 +65,7 @@ class MoCoV3(Method):
         super().__init__()
         check_temperature(T)
         options = options or MoCoV3Options()
-        self.T, self.dim, self.options = T, dim, options
+        self.T, self.options = T, options
         encoder = base_encoder if isinstance(base_encoder, nn.Module) else base_encoder(num_classes=dim)
         encoder.fc = bn_mlp(options.projector_layers, feature_dim(encoder), options.mlp_dim, dim)
         self.encoder_q = encoder
@@ -95,10 +95,6 @@ class MoCoV3(Method):
         """Encoder and predictor; LARS itself exempts biases and BN parameters from decay."""
         params = [p for p in (*self.encoder_q.parameters(), *self.predictor.parameters()) if p.requires_grad]
         return [{"params": params, "weight_decay": weight_decay}]
-
-    def head_spec(self) -> dict:
-        return {"head": "bn_mlp", "dim": self.dim, "head_layers": self.options.projector_layers,
-                "head_hidden": self.options.mlp_dim}
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.encoder_k, self.encoder_q)]

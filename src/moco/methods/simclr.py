@@ -54,7 +54,7 @@ class SimCLR(Method):
                  options: SimCLROptions | None = None) -> None:
         super().__init__()
         check_temperature(T)
-        self.T, self.dim, self.options = T, dim, options or SimCLROptions()
+        self.T, self.options = T, options or SimCLROptions()
         encoder = base_encoder if isinstance(base_encoder, nn.Module) else base_encoder(num_classes=dim)
         encoder.fc = bn_mlp(2, feature_dim(encoder), self.options.mlp_dim, dim, last_bn=False)
         self.encoder_q = encoder
@@ -62,10 +62,6 @@ class SimCLR(Method):
     @classmethod
     def build(cls, config: "Config", encoder_factory: EncoderFactory, bank_size: int = 0) -> "SimCLR":
         return cls(encoder_factory, dim=config.model.dim, T=config.model.T, options=cls.options_of(config))
-
-    def head_spec(self) -> dict:
-        return {"head": "bn_mlp", "dim": self.dim, "head_layers": 2, "head_hidden": self.options.mlp_dim,
-                "head_last_bn": False}
 
     def chance_loss(self, num_logits: int) -> float:
         return chance_loss(num_logits - 1)  # the own column never counts

@@ -66,7 +66,7 @@ class SwAV(Method):
                  options: SwAVOptions | None = None) -> None:
         super().__init__()
         check_temperature(T)
-        self.T, self.dim, self.options = T, dim, options or SwAVOptions()
+        self.T, self.options = T, options or SwAVOptions()
         encoder = base_encoder if isinstance(base_encoder, nn.Module) else base_encoder(num_classes=dim)
         encoder.fc = bn_mlp(2, feature_dim(encoder), self.options.mlp_dim, dim, last_bn=False)
         self.encoder_q = encoder
@@ -87,10 +87,6 @@ class SwAV(Method):
         if o.queue_length and o.queue_length % config.optim.batch_size:
             raise ConfigError(f"swav.queue_length: {o.queue_length} must be a multiple of optim.batch_size "
                               f"({config.optim.batch_size})")
-
-    def head_spec(self) -> dict:
-        return {"head": "bn_mlp", "dim": self.dim, "head_layers": 2, "head_hidden": self.options.mlp_dim,
-                "head_last_bn": False}
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         params = [p for p in (*self.encoder_q.parameters(), *self.prototypes.parameters()) if p.requires_grad]

@@ -6,6 +6,10 @@ torchvision's and export only has to drop ``fc.*``.
 
 from __future__ import annotations
 
+import re
+from typing import Any, Mapping
+
+import torch
 from torch import nn
 
 
@@ -45,3 +49,21 @@ def bn_mlp(layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_bn: boo
         elif last_bn:
             modules.append(nn.BatchNorm1d(last, affine=False))
     return nn.Sequential(*modules)
+
+
+def describe_head(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The head in an encoder's ``fc``, from its state dict, as ``moco.pretrained.EncoderSpec`` fields:
+    ``linear`` (v1), ``mlp`` (v2), ``bn_mlp`` (v3, SimCLR, BYOL, SwAV; its layers, width and whether a BN
+    ends it) or ``none``. Training stores it; loading reads it from files that carry no spec."""
+    linear_keys = sorted((k for k in state if re.fullmatch(r"fc\.\d+\.weight", k) and state[k].ndim == 2),
+                         key=lambda k: int(k.split(".")[1]))
+    linears = [state[k] for k in linear_keys]
+    if "fc.weight" in state:
+        return {"head": "linear", "dim": int(state["fc.weight"].shape[0])}
+    if "fc.1.running_mean" in state and linears:  # Linear -> BN -> ReLU ... (MoCo v3's projector)
+        last = int(linear_keys[-1].split(".")[1])
+        return {"head": "bn_mlp", "dim": int(linears[-1].shape[0]), "head_layers": len(linears),
+                "head_hidden": int(linears[0].shape[0]), "head_last_bn": f"fc.{last + 1}.running_mean" in state}
+    if "fc.0.weight" in state and "fc.2.weight" in state:
+        return {"head": "mlp", "dim": int(state["fc.2.weight"].shape[0])}
+    return {"head": "none", "dim": 0}
