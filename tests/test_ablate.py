@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moco.ablate import (Point, diagnose, load_preset, plan, plot_results, resolve_preset, results_markdown, run_point,
-                         sweep)
+from moco.ablate import (Point, chance_of, diagnose, load_preset, plan, plot_results, queue_of, resolve_preset,
+                         results_markdown, run_point, sweep)
 from moco.checkpoint import load_checkpoint
 from moco.cli import main
 from moco.config import ConfigError, load_config
@@ -22,18 +22,27 @@ TINY = ["model.widths=[4,8,8,8]", "model.bn_splits=2", "data.train_subset=400", 
         "train.knn_k=20", "ablate.dictionary.K=[16]"]
 
 
-def test_diagnose_flags_nan_and_loss_stuck_at_log_k_plus_1() -> None:
-    K = 4096
-    chance = math.log(K + 1)
-    assert diagnose([8.0, 7.5, float("nan"), 7.0], K)[0] == "diverged"
-    assert diagnose([8.0, float("inf")], K)[0] == "diverged"
-    status, reason = diagnose([chance + 0.01 * (-1) ** i for i in range(40)], K)
-    assert status == "failed" and "stuck at log(K+1)" in reason
-    status, reason = diagnose([5.0 + 0.3 * (-1) ** i for i in range(40)], K)  # oscillating, not at chance
+def test_diagnose_flags_nan_and_loss_stuck_at_chance() -> None:
+    chance = math.log(4096 + 1)
+    assert diagnose([8.0, 7.5, float("nan"), 7.0], chance)[0] == "diverged"
+    assert diagnose([8.0, float("inf")], chance)[0] == "diverged"
+    status, reason = diagnose([chance + 0.01 * (-1) ** i for i in range(40)], chance)
+    assert status == "failed" and f"stuck at chance = {chance:.2f}" in reason
+    status, reason = diagnose([5.0 + 0.3 * (-1) ** i for i in range(40)], chance)  # oscillating, not at chance
     assert status == "failed" and "not decreasing" in reason
-    assert diagnose([8.3 - 0.1 * i for i in range(40)], K)[0] == "ok"
+    assert diagnose([8.3 - 0.1 * i for i in range(40)], chance)[0] == "ok"
     # A memory bank's loss rises while random entries are replaced, then falls: fine.
-    assert diagnose([6.0, 8.0, 10.0, 10.5, 10.0, 9.5, 9.0, 8.5, 8.0, 7.5], 256)[0] == "ok"
+    assert diagnose([6.0, 8.0, 10.0, 10.5, 10.0, 9.5, 9.0, 8.5, 8.0, 7.5], math.log(257))[0] == "ok"
+    # SwAV's chance is log(prototypes); BYOL has none, so a flat curve is only "not decreasing".
+    assert "stuck at chance = 4.61" in diagnose([math.log(100)] * 40, math.log(100))[1]
+    assert "not decreasing" in diagnose([1.0] * 40, None)[1]
+
+
+def test_the_chance_a_point_is_judged_against_is_the_one_its_method_logged() -> None:
+    rows = [{"kind": "train", "loss": 4.0, "chance_loss": math.log(100)}, {"kind": "epoch", "loss": 4.0}]
+    assert chance_of(rows, 0) == pytest.approx(math.log(100))
+    assert chance_of([{"kind": "train", "loss": 1.0}], 4096) == pytest.approx(math.log(4097))
+    assert chance_of([{"kind": "train", "loss": 1.0}], 0) is None
 
 
 def test_end_to_end_points_use_batch_k_and_are_capped() -> None:
@@ -143,8 +152,21 @@ def test_tiny_methods_sweep_compares_at_equal_epochs_and_equal_time(tmp_path: Pa
     assert points["moco_time"]["test_knn_top1"] == points["moco_epochs"]["test_knn_top1"]  # the reference: one run
     assert not (out / "moco_time").exists()
     md = (out / "results.md").read_text()
-    assert "## Equal epochs" in md and "## Equal wall-clock" in md and "| BYOL | none | yes | yes |" in md
+    assert "## Equal epochs" in md and "## Equal wall-clock" in md and "| BYOL | none | yes | yes | no |" in md
+    assert "| MoCo | queue | yes | no | 16 keys |" in md
+    baselines = summary["baselines"]
+    assert set(baselines) == {"random init", "raw pixels (centred)"}
+    assert all(0 <= v <= 100 for v in baselines["random init"].values()) and len(baselines["random init"]) == 3
+    assert "## Baselines" in md and "| raw pixels (centred) |" in md
+    assert json.loads((out / "baselines.json").read_text())["baselines"] == baselines  # kept for a re-run
     assert (out / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_queue_column_names_what_a_method_keeps_from_earlier_batches() -> None:
+    config = {"model": {"K": 4096}, "swav": {"queue_length": 0}}
+    assert queue_of("moco", config) == "4096 keys"
+    assert queue_of("swav", config) == "no" and queue_of("memory_bank", config) == "no"
+    assert queue_of("swav", {**config, "swav": {"queue_length": 3840}}) == "3840 features"
 
 
 def test_cli_lists_presets_and_rejects_unknown_ones(capsys) -> None:

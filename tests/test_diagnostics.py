@@ -3,8 +3,10 @@ monitor's rules, and tiny runs that collapse, lose or never start learning again
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 import signal
 import warnings
 from pathlib import Path
@@ -16,8 +18,9 @@ import torch.nn.functional as F
 from moco import cli
 from moco.builder import MoCo
 from moco.config import load_config
-from moco.methods import EndToEnd, MemoryBankContrast
-from moco.diagnostics import CollapseMonitor, CollapseWarning, TrainingCollapsed, chance_loss, feature_spread
+from moco.diagnostics import (CollapseMonitor, CollapseWarning, TrainingCollapsed, chance_loss, collapse_advice,
+                              feature_spread)
+from moco.methods import METHODS, EndToEnd, MemoryBankContrast
 from moco.loss import pretext_accuracy
 from moco.train import pretrain, read_metrics
 from tests.conftest import LinearEncoder
@@ -250,3 +253,21 @@ def test_training_logs_the_consistency_diagnostics(tmp_path: Path) -> None:
         assert key in last and math.isfinite(last[key]), key
     assert last["queue_age"] == pytest.approx((64 / 16 - 1) / 2)  # K 64, batch 16, 10 steps: a full queue
     assert 0 < last["momentum_drift"] < 1 and -4 <= last["uniformity"] <= 0 and 0 <= last["alignment"] <= 4
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_each_methods_collapse_advice_names_only_options_that_exist(name: str) -> None:
+    """The warning suggests this method's own options, each a real config key; MoCo's queue
+    options only where there is a queue or bank."""
+    advice = collapse_advice(METHODS[name].collapse_advice)
+    defaults = load_config(None).to_dict()
+    defaults.update({n: {f.name: None for f in dataclasses.fields(m.Options)} for n, m in METHODS.items()})
+    named = set(re.findall(r"\b([a-z][a-z_0-9]*)\.([a-z][a-z_0-9]*)\b", advice))
+    assert named, advice
+    for section, key in named:
+        assert key in defaults.get(section, {}), f"{name}'s advice names {section}.{key}, which is no option"
+    assert ("model.K" in advice) == (name in ("moco", "memory_bank"))
+    assert advice.startswith("lower optim.lr") and "aug.crop_scale" in advice
+    monitor = CollapseMonitor(advice=advice)
+    with pytest.warns(CollapseWarning, match=re.escape(advice[:60])):
+        monitor.act(monitor.check([4.0] * 5, 4.2, [0.01] * 5, [1.0] * 5, 5, "epoch 1 step 5"), "none")

@@ -71,6 +71,7 @@ class MethodsSweep:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     reference: str = "moco"            # equal wall-clock: the training time of this method's equal-epoch run
     equal_time: bool = True
+    baselines: bool = True             # random-init encoder (kNN, linear, fine-tune) and raw-pixel kNN on the same evaluation
     linear_epochs: int = 30            # linear probe on cached backbone features (lr chosen on a holdout); 0 = none
     linear_lrs: list[float] = field(default_factory=lambda: [30.0, 3.0, 0.3])
     finetune_fraction: float = 0.01    # fine-tuning on this fraction of the labels; 0 = none
@@ -255,15 +256,16 @@ def equal_time_epochs(results: dict[str, dict[str, Any]], reference: str) -> dic
 
 
 # --- divergence ------------------------------------------------------------------------------------
-def diagnose(losses: list[float], negatives: int, windows: int = 5, min_drop: float = 0.02,
+def diagnose(losses: list[float], chance: float | None, windows: int = 5, min_drop: float = 0.02,
              stuck_tolerance: float = 0.03) -> tuple[str, str]:
     """("ok" | "failed" | "diverged", reason) from a run's loss curve.
 
     Non-finite loss: diverged. The mean of the last fifth of the curve not at least ``min_drop``
-    (relative) below the highest earlier fifth: failed, as "stuck at log(K+1)" when it sits within
-    ``stuck_tolerance`` of log(K+1) (the loss of a uniform guess), else "not decreasing". Using the
-    highest earlier window, not the first, tolerates curves that rise before they fall (a memory
-    bank starts from random entries).
+    (relative) below the highest earlier fifth: failed, as "stuck at chance" when it sits within
+    ``stuck_tolerance`` of ``chance`` (the method's loss when every logit ties: log(K+1) for
+    InfoNCE, log(prototypes) for SwAV; None for a method without one, such as BYOL), else "not
+    decreasing". Using the highest earlier window, not the first, tolerates curves that rise
+    before they fall (a memory bank starts from random entries).
     """
     if any(not math.isfinite(x) for x in losses):
         return "diverged", "non-finite loss"
@@ -275,12 +277,19 @@ def diagnose(losses: list[float], negatives: int, windows: int = 5, min_drop: fl
         chunks[-2] += chunks.pop()
     means = [sum(c) / len(c) for c in chunks]
     tail, head = means[-1], max(means[:-1])
-    chance = math.log(negatives + 1)
     if tail > head * (1 - min_drop):
-        if abs(tail - chance) <= stuck_tolerance * chance:
-            return "failed", f"loss stuck at log(K+1) = {chance:.2f} (last {tail:.2f})"
+        if chance and math.isfinite(chance) and abs(tail - chance) <= stuck_tolerance * chance:
+            return "failed", f"loss stuck at chance = {chance:.2f} (last {tail:.2f})"
         return "failed", f"loss not decreasing ({head:.2f} -> {tail:.2f})"
     return "ok", f"loss {head:.2f} -> {tail:.2f}"
+
+
+def chance_of(rows: list[dict[str, Any]], negatives: int) -> float | None:
+    """The chance loss the run logged (its method's), else log(negatives + 1) for an InfoNCE point."""
+    logged = [r["chance_loss"] for r in rows if r.get("kind") == "train" and "chance_loss" in r]
+    if logged:
+        return logged[-1]
+    return math.log(negatives + 1) if negatives else None
 
 
 # --- running one point -----------------------------------------------------------------------------
@@ -367,7 +376,8 @@ def run_point(point: Point, run_dir: str) -> dict[str, Any]:
     peak_memory_mb = _peak_memory_mb()
     rows = _read_rows(directory)
     if status == "ok":
-        status, reason = diagnose([r["loss"] for r in rows if r.get("kind") == "train"], point.negatives)
+        status, reason = diagnose([r["loss"] for r in rows if r.get("kind") == "train"],
+                                  chance_of(rows, point.negatives))
     evaluation = (_evaluate_point(directory, point.evaluate, config["train"].get("threads", 0))
                   if point.evaluate and status in ("ok", "failed") else {})  # failed: finished, not learning
     epochs = [{k: r[k] for k in ("epoch", "loss", "pretext_acc", "val_knn_top1", "elapsed_s") if k in r}
@@ -430,6 +440,41 @@ def _evaluate_point(directory: Path, settings: dict[str, Any], threads: int) -> 
     return out
 
 
+def method_baselines(reference_dir: Path, settings: dict[str, Any], knn_k: int, knn_t: float,
+                     threads: int) -> dict[str, Any]:
+    """What the methods must beat, on the same data and evaluation as the points: a randomly
+    initialised encoder of the same backbone (kNN, linear probe, fine-tuning from it) and raw
+    pixels centred on the training mean (kNN). Built from the reference point's checkpoint, which
+    carries the backbone's spec and the data config."""
+    from moco.evaluate.common import extract_feature_set, make_context, pixel_feature_set
+    from moco.evaluate.finetune import FinetuneOptions, run_finetune
+    from moco.evaluate.linear import LinclsOptions, run_lincls
+    from moco.evaluate.report import KnnOptions, knn_rows
+
+    ctx = make_context(reference_dir / "checkpoint_last.pth", output_dir=str(reference_dir.parent / "baselines"),
+                       threads=threads)
+    knn = KnnOptions(ks=(knn_k,), temperature=knn_t)
+    import torch
+
+    torch.manual_seed(0)
+    random_backbone = ctx.pretrained.spec.build_backbone().eval()
+    random_features = extract_feature_set(random_backbone, ctx)
+    n = ctx.data.num_classes
+    out: dict[str, Any] = {
+        "random init": {"test_knn_top1": knn_rows(random_features, "random init", knn, n)[0]["top1"]},
+        "raw pixels (centred)": {"test_knn_top1": knn_rows(pixel_feature_set(ctx), "raw pixels", knn, n)[0]["top1"]}}
+    if settings["linear_epochs"]:
+        options = LinclsOptions(epochs=settings["linear_epochs"], schedule="cosine")
+        rows = run_lincls(ctx, random_backbone, ["cached"], options, random_features, "random init",
+                          lr_candidates=settings["linear_lrs"])
+        out["random init"]["linear_top1"] = rows[0]["top1"]
+    if settings["finetune_fraction"]:
+        options = FinetuneOptions(steps=settings["finetune_steps"], val_size=settings["finetune_val_size"])
+        rows = run_finetune(ctx, options, fractions=(settings["finetune_fraction"],), inits=("random",))
+        out["random init"]["finetune_top1"] = rows[0]["top1"]
+    return out
+
+
 # --- the sweep ---------------------------------------------------------------------------------------
 def available_cores() -> int:
     try:
@@ -487,13 +532,38 @@ def sweep(ablation: str, preset: str, overrides: list[str] = (), output: str | N
             points += timed
 
     ordered = [results[p.name] for p in points]
+    baselines = (_sweep_baselines(out_dir, results, sweep_config.methods, threads * jobs)
+                 if ablation == "methods" and sweep_config.methods.baselines else None)
     summary = {"ablation": ablation, "preset": str(path), "overrides": list(overrides), "notes": notes,
-               "points": [{k: v for k, v in r.items() if k not in ("config", "train_losses")} for r in ordered]}
+               "points": [{k: v for k, v in r.items() if k not in ("config", "train_losses")} for r in ordered],
+               **({"baselines": baselines} if baselines else {})}
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
     plots = plot_results(ablation, ordered, out_dir)
-    (out_dir / "results.md").write_text(results_markdown(ablation, ordered, notes, path, overrides, plots))
+    (out_dir / "results.md").write_text(results_markdown(ablation, ordered, notes, path, overrides, plots, baselines))
     print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}, {', '.join(str(p) for p in plots)}", flush=True)
     return summary
+
+
+def _sweep_baselines(out_dir: Path, results: dict[str, dict[str, Any]], s: MethodsSweep,
+                     threads: int) -> dict[str, Any] | None:
+    """The methods sweep's baselines, computed once from the reference point's checkpoint and kept
+    in ``baselines.json`` beside it (recomputed when that point's config changes)."""
+    reference = results.get(f"{s.reference}_epochs")
+    if reference is None or reference["status"] not in ("ok", "failed"):
+        return None
+    path, config = out_dir / "baselines.json", json.loads(json.dumps(_comparable(reference["config"])))
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("config") == config:
+            return stored["baselines"]
+    settings = {"linear_epochs": s.linear_epochs, "linear_lrs": list(s.linear_lrs),
+                "finetune_fraction": s.finetune_fraction, "finetune_steps": s.finetune_steps,
+                "finetune_val_size": s.finetune_val_size}
+    train = reference["config"]["train"]
+    print("baselines: a random-init encoder and raw pixels, on the same evaluation", flush=True)
+    baselines = method_baselines(out_dir / f"{s.reference}_epochs", settings, train["knn_k"], train["knn_t"], threads)
+    path.write_text(json.dumps({"config": config, "baselines": baselines}, indent=2))
+    return baselines
 
 
 def _run_points(points: list[Point], out_dir: Path, jobs: int, results: dict[str, dict[str, Any]],
@@ -553,7 +623,7 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def results_markdown(ablation: str, results: list[dict[str, Any]], notes: list[str], preset: Path,
-                     overrides: list[str] = (), plots: list[Path] = ()) -> str:
+                     overrides: list[str] = (), plots: list[Path] = (), baselines: dict[str, Any] | None = None) -> str:
     """results.md: the command, what the numbers are, the ablation's table, every point, the plots."""
     first = results[0]["config"]
     t = first["train"]
@@ -561,7 +631,8 @@ def results_markdown(ablation: str, results: list[dict[str, Any]], notes: list[s
               "training split after the last epoch (validation split where there is no test split)")
     lines = [f"# Ablation: {ablation} (preset `{preset.stem}`)", "",
              f"Command: `moco ablate {ablation} {preset.stem}{''.join(' ' + o for o in overrides)}`", "",
-             f"Numbers: {metric}. Status: ok; **failed** = loss not decreasing or stuck at log(K+1); "
+             f"Numbers: {metric}. Status: ok; **failed** = loss not decreasing or stuck at chance "
+             "(log(K+1), or log(prototypes) for SwAV); "
              "**diverged** = non-finite loss (training stopped there); **error** = the run crashed (see its log.txt).",
              ""]
     lines += [f"- {note}" for note in notes] + ([""] if notes else [])
@@ -577,7 +648,7 @@ def results_markdown(ablation: str, results: list[dict[str, Any]], notes: list[s
         lines += ["## kNN top-1 (%) vs momentum m", "", "| m | " + " | ".join(f"{r['m']:g}" for r in results) + " |",
                   "|---|" + "---|" * len(results), "| kNN top-1 | " + " | ".join(_cell(r) for r in results) + " |"]
     elif ablation == "methods":
-        lines += _methods_tables(results)
+        lines += _methods_tables(results, baselines or {})
     else:
         by_name = {r["name"]: r for r in results}
         with_, without = by_name["shuffle_bn"], by_name["no_shuffle_bn"]
@@ -608,21 +679,36 @@ def results_markdown(ablation: str, results: list[dict[str, Any]], notes: list[s
     return "\n".join(lines)
 
 
-def _methods_tables(results: list[dict[str, Any]]) -> list[str]:
-    """One table per budget: what each method uses, and what it reaches at what cost."""
+def queue_of(method: str, config: dict[str, Any]) -> str:
+    """What a point keeps from earlier batches in a FIFO queue: MoCo's keys, SwAV's optional features."""
+    if method == "moco":
+        return f"{config['model']['K']} keys"
+    queue_length = config.get("swav", {}).get("queue_length", 0) if method == "swav" else 0
+    return f"{queue_length} features" if queue_length else "no"
+
+
+def _methods_tables(results: list[dict[str, Any]], baselines: dict[str, Any]) -> list[str]:
+    """One table per budget: what each method uses, and what it reaches at what cost; then the
+    baselines every method should beat."""
     lines = []
     titles = {"epochs": "Equal epochs", "time": "Equal wall-clock (the reference method's training time)"}
     for budget in dict.fromkeys(r["budget"] for r in results):
         lines += [f"## {titles[budget]}", "",
-                  "| method | negatives | momentum encoder | predictor | epochs | kNN top-1 | linear top-1 | "
+                  "| method | negatives | momentum encoder | predictor | queue | epochs | kNN top-1 | linear top-1 | "
                   "fine-tune top-1 | img/s | peak memory (MiB) | training time | status |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in results if r["budget"] == budget):
             lines.append(f"| {METHOD_LABELS[r['method']]} | {r['negatives_from']} | "
                          f"{'yes' if r['momentum_encoder'] else 'no'} | {'yes' if r['predictor'] else 'no'} | "
-                         f"{r['config']['optim']['epochs']} | {_cell(r)} | {_fmt(r.get('linear_top1'))} | "
+                         f"{queue_of(r['method'], r['config'])} | {r['config']['optim']['epochs']} | {_cell(r)} | {_fmt(r.get('linear_top1'))} | "
                          f"{_fmt(r.get('finetune_top1'))} | {_fmt(r.get('img_s'), 0)} | "
                          f"{_fmt(r.get('peak_memory_mb'), 0)} | {_duration(r.get('training_seconds'))} | {r['status']} |")
+        lines.append("")
+    if baselines:
+        lines += ["## Baselines (no pretraining; the same data and evaluation)", "",
+                  "| features | kNN top-1 | linear top-1 | fine-tune top-1 |", "|---|---|---|---|"]
+        lines += [f"| {name} | {_fmt(b.get('test_knn_top1'))} | {_fmt(b.get('linear_top1'))} | "
+                  f"{_fmt(b.get('finetune_top1'))} |" for name, b in baselines.items()]
         lines.append("")
     first = results[0]["config"]
     lines += ["Linear top-1: a linear classifier on cached backbone features of the whole labelled training "

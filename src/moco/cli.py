@@ -64,6 +64,43 @@ def _add_ablate_parser(sub: argparse._SubParsersAction) -> None:
     a.set_defaults(func=_ablate)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from moco.bench import Setting, Timing, run_bench, write_json
+
+    config = resolve_config_path(args.config) if args.config else None
+    timing = Timing(args.warmup, args.steps, args.repeats)
+    if min(args.steps, args.repeats) < 1 or args.warmup < 0:
+        raise ConfigError("--steps and --repeats must be >= 1 and --warmup >= 0")
+    setting = Setting(str(config) if config else None, list(args.overrides), timing, args.compile)
+    summary = run_bench(setting, args.cases.split(","), args.queue_sizes, isolate=not args.same_process)
+    print(f"wrote {write_json(summary, args.out)}")
+    return 0
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    from moco.bench import CASES, DEFAULT_CASES
+
+    b = sub.add_parser("bench", help="img/s and peak memory of the encoder, the step, the data and the loop",
+                       description="Time each case (median of --repeats blocks of --steps steps after --warmup), "
+                                   "each in a process of its own, and print the performance issue's ratios. "
+                                   f"Cases: {', '.join(CASES)} (lightly needs pip install -e '.[bench]'). "
+                                   "Any config and overrides: backbone, image size, batch, device, precision.")
+    b.add_argument("config", nargs="?", default="fmnist_v2", help="YAML file or shipped config (default fmnist_v2)")
+    b.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.batch_size=256 train.device=cuda")
+    b.add_argument("--cases", default=",".join(DEFAULT_CASES), help="comma-separated (default: all but lightly)")
+    b.add_argument("--queue-sizes", type=int, nargs="+", default=[4096, 16384, 65536],
+                   help="K of the MoCo step cases (default 4096 16384 65536)")
+    b.add_argument("--steps", type=int, default=10, help="steps per timed block (default 10)")
+    b.add_argument("--repeats", type=int, default=5, help="timed blocks; the median is reported (default 5)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    b.add_argument("--out", default="runs/bench/bench.json", help="the JSON (default runs/bench/bench.json)")
+    b.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoders in the encoder, step and lightly cases (warm-up includes compiling)")
+    b.add_argument("--same-process", action="store_true",
+                   help="run every case in this process (faster to start; peak memory is then cumulative)")
+    b.set_defaults(func=_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moco", description="Momentum Contrast: pretrain and evaluate encoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "events, then start afresh (without it, or --resume, such a directory is refused)")
     p.set_defaults(func=_pretrain)
     _add_ablate_parser(sub)
+    _add_bench_parser(sub)
     c = sub.add_parser("configs", help="list the shipped configs")
     c.set_defaults(func=lambda _: print("\n".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))) or 0)
     from moco.cli_eval import add_commands  # lincls, knn, finetune, report, export

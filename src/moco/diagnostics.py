@@ -127,10 +127,20 @@ class Finding:
     numbers: dict[str, float] = field(default_factory=dict)
 
 
-ADVICE = ("lower optim.lr; keep model.T in the usual 0.07-0.2 (very low values destabilise training, very high "
-          "ones leave nothing to learn); use a larger optim.batch_size or fewer model.bn_splits (split-BN groups "
-          "of fewer than ~16 images); lower model.K (it must stay well below the number of images); keep "
-          "model.m near 0.99; or weaken the augmentation (aug.crop_scale, aug.erase_p, aug.brightness, aug.contrast)")
+def collapse_advice(method_options: Sequence[str] = ()) -> str:
+    """What to change when a run collapses or stops learning: the options every method shares,
+    with the method's own (``Method.collapse_advice``) after the learning rate."""
+    return "; ".join([
+        "lower optim.lr", *method_options,
+        "use a larger optim.batch_size or fewer model.bn_splits (split-BN groups of fewer than ~16 images)",
+        "or weaken the augmentation (aug.crop_scale, aug.erase_p, aug.brightness, aug.contrast)"])
+
+
+# MoCo's (v1/v2) options; other methods name theirs through Method.collapse_advice.
+CONTRAST_TEMPERATURE = ("keep model.T in the usual 0.07-0.2 (very low values destabilise training, very high ones "
+                        "leave nothing to learn)")
+ADVICE = collapse_advice([CONTRAST_TEMPERATURE, "lower model.K (it must stay well below the number of images)",
+                          "keep model.m near 0.99"])
 
 
 class CollapseMonitor:
@@ -173,10 +183,10 @@ class CollapseMonitor:
 
     def __init__(self, policy: str = "warn", *, warmup_steps: int = 0, patience_steps: int = 0,
                  check_every: int = 200, window: int = 50, settings: str = "", lowest_ratio: float = math.inf,
-                 warned: Sequence[str] = ()) -> None:
+                 warned: Sequence[str] = (), advice: str = ADVICE) -> None:
         if policy not in ("warn", "stop"):
             raise ValueError(f"policy must be 'warn' or 'stop', got {policy!r}")
-        self.policy, self.settings = policy, settings
+        self.policy, self.settings, self.advice = policy, settings, advice
         self.warmup_steps, self.patience_steps = warmup_steps, patience_steps
         self.check_every, self.window = check_every, window
         self.lowest_ratio = lowest_ratio  # lowest windowed loss / chance loss seen by any check
@@ -222,7 +232,7 @@ class CollapseMonitor:
         """Warn about (``announce``: on this process) or stop for what :meth:`check` found."""
         for finding in findings:
             settings = f" This run: {self.settings}." if self.settings else ""
-            message = f"{finding.message}. Options: {ADVICE}.{settings}"
+            message = f"{finding.message}. Options: {self.advice}.{settings}"
             if self.policy == "stop":
                 raise TrainingCollapsed(f"{message} Stopped by train.on_collapse=stop; last good checkpoint: "
                                         f"{last_checkpoint}")

@@ -26,7 +26,7 @@ from moco.data.augment import BatchAugment
 from moco.data.datasets import aspect_ratios_of, make_loader
 from moco.data.splits import Data, augment_spec, build_data, index_range, local_augment_spec
 from moco.derive import check_queue_fits
-from moco.diagnostics import CollapseMonitor, StepStats, momentum_drift
+from moco.diagnostics import CollapseMonitor, StepStats, collapse_advice, momentum_drift
 from moco.methods import Batch, Method, StepContext, build_method
 from moco.methods.base import same_views
 from moco.monitor import KnnScores, knn_eval, test_knn_fields, test_knn_line, val_knn_text
@@ -221,7 +221,8 @@ def set_up(config: Config, resume: str | None, overwrite: bool) -> Run:
                               warmup_steps=method.dictionary_warmup_steps(steps_per_epoch, config.optim.batch_size),
                               patience_steps=3 * steps_per_epoch,
                               settings=_collapse_settings(config, method, len(data.pretrain)),
-                              lowest_ratio=state.collapse_lowest_ratio, warned=state.collapse_warned)
+                              lowest_ratio=state.collapse_lowest_ratio, warned=state.collapse_warned,
+                              advice=collapse_advice(method.collapse_advice))
     if dist_utils.is_main_process():
         save_config(config, run_dir / "config.yaml")
         (run_dir / "resolved.json").write_text(json.dumps({"device": str(device), "precision": precision,

@@ -42,6 +42,8 @@ class BYOL(Method):
     label = "BYOL"
     Options = BYOLOptions
     traits = Traits(negatives="none", momentum_encoder=True, predictor=True)
+    collapse_advice = ("keep model.m near 0.996 with model.m_schedule=cosine (a target that follows the online "
+                       "network too closely lets both collapse)", "keep the predictor (byol.mlp_dim)")
 
     def __init__(self, base_encoder: EncoderFactory | nn.Module, dim: int = 256,
                  options: BYOLOptions | None = None) -> None:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moco.diagnostics import CONTRAST_TEMPERATURE
 from moco.distributed import world_size
 from moco.methods.base import Batch, EncoderFactory, Method, StepContext, StepOutput, Traits
 from moco.methods.common import check_temperature, make_encoder, no_local_views
@@ -40,6 +41,7 @@ class EndToEnd(Method):
     name = "end_to_end"
     label = "end-to-end"
     traits = Traits(negatives="batch", momentum_encoder=False)
+    collapse_advice = (CONTRAST_TEMPERATURE,)
 
     def __init__(self, base_encoder: EncoderFactory | nn.Module, dim: int = 128, T: float = 0.07,
                  mlp: bool = False, *, shuffle_bn: bool = True, symmetric: bool = False) -> None:

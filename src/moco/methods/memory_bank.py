@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moco.diagnostics import CONTRAST_TEMPERATURE
 from moco.dictionary import MemoryBank
 from moco.distributed import concat_all_gather
 from moco.errors import ConfigError
@@ -46,6 +47,7 @@ class MemoryBankContrast(Method):
     label = "memory bank"
     Options = MemoryBankOptions
     traits = Traits(negatives="memory bank", momentum_encoder=False)
+    collapse_advice = (CONTRAST_TEMPERATURE, "lower model.K (it must stay well below the number of images)")
 
     def __init__(self, base_encoder: EncoderFactory | nn.Module, bank_size: int, dim: int = 128,
                  K: int = 4096, T: float = 0.07, mlp: bool = False, *, bank_momentum: float = 0.5,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from moco.builder import MoCo
-from moco.diagnostics import queue_age
+from moco.diagnostics import CONTRAST_TEMPERATURE, queue_age
 from moco.distributed import world_size
 from moco.errors import ConfigError
 from moco.methods.base import Batch, EncoderFactory, Method, StepContext, StepOutput, Traits
@@ -30,6 +30,8 @@ class MoCoMethod(MoCo, Method):
     name = "moco"
     label = "MoCo"
     traits = Traits(negatives="queue", momentum_encoder=True)
+    collapse_advice = (CONTRAST_TEMPERATURE, "lower model.K (it must stay well below the number of images)",
+                       "keep model.m near 0.99")
     supports_local_views = True
 
     def __init__(self, base_encoder: EncoderFactory | nn.Module, *, dim: int, K: int, m: float, T: float,

@@ -59,6 +59,8 @@ class MoCoV3(Method):
     label = "MoCo v3"
     Options = MoCoV3Options
     traits = Traits(negatives="batch", momentum_encoder=True, predictor=True)
+    collapse_advice = ("keep model.T near 0.2 (v3's in-batch keys)", "keep model.m near 0.99 with model.m_schedule=cosine",
+                       "for a ViT keep model.stop_grad_conv1=true (the frozen patch projection is v3's stability fix)")
 
     def __init__(self, base_encoder: EncoderFactory | nn.Module, dim: int = 256, T: float = 1.0,
                  options: MoCoV3Options | None = None) -> None:

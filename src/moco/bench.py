@@ -1,0 +1,449 @@
+"""``moco bench``: where a training step's time goes, on this machine, for any config.
+
+Each case times ``repeats`` blocks of ``steps`` steps after ``warmup`` steps and reports the
+median images per second with the slowest and fastest block, and the case's peak memory (GPU
+memory allocated by torch, or the process's resident set on CPU: each case runs in a process of
+its own, so the peak is its own).
+
+- ``encoder``: the raw encoder work every two-view method pays: the query encoder's forward and
+  backward on one view plus the key encoder's forward on the other (synthetic views).
+- ``encoder+sgd``: the same plus the optimiser step.
+- ``moco K=...``: the loop's whole step (:func:`moco.step.optimisation_step`: momentum update,
+  shuffle BN, logits against the queue, backward, the non-finite guard, the optimiser step) for
+  each queue size; its cost over ``encoder`` is what the dictionary costs.
+- ``end_to_end`` and ``memory_bank``: the other two mechanisms' steps, for comparison.
+- ``data``: the loader and the views' augmentation on the config's dataset, no model.
+- ``loop``: the real training loop (:func:`moco.train.train_step`: data, views, step, statistics,
+  logging) on the config's dataset.
+- ``lightly``: lightly's MoCo recipe (its NT-Xent with a memory bank, ``update_momentum``,
+  ``batch_shuffle``) on the same backbone, views, batch, K and device, where lightly is installed.
+
+The ratios the performance issue sets targets for are printed at the end and written to the JSON.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import resource
+import statistics
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from moco.config import Config, ConfigError, load_config
+
+CASES = ("encoder", "encoder+sgd", "moco", "end_to_end", "memory_bank", "data", "loop", "lightly")
+DEFAULT_CASES = ("encoder", "encoder+sgd", "moco", "end_to_end", "memory_bank", "data", "loop")
+_CHANNELS = {"fashion_mnist": 1}  # datasets that are not RGB; a folder's channels come from data.channels
+
+
+@dataclass
+class Timing:
+    """How long ``repeats`` blocks of ``steps`` steps took, each after ``warmup`` untimed steps."""
+
+    warmup: int = 3
+    steps: int = 10
+    repeats: int = 5
+
+
+@dataclass
+class CaseResult:
+    case: str
+    img_s: float | None                 # median over the repeats
+    img_s_min: float | None = None
+    img_s_max: float | None = None
+    repeats: list[float] = field(default_factory=list)
+    peak_memory_mb: float | None = None
+    batch: int = 0
+    K: int | None = None                # negatives per query where the case has a dictionary
+    detail: str = ""                    # what ran, or why the case did not run
+    skipped: bool = False
+
+
+# --- timing ---------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_blocks(step: Callable[[], int], device: torch.device, timing: Timing) -> list[float]:
+    """Images per second of each timed block; ``step`` runs one step and returns its images."""
+    for _ in range(timing.warmup):
+        step()
+    _sync(device)
+    rates = []
+    for _ in range(timing.repeats):
+        start, images = time.perf_counter(), 0
+        for _ in range(timing.steps):
+            images += step()
+        _sync(device)
+        rates.append(images / (time.perf_counter() - start))
+    return rates
+
+
+def summarise(case: str, rates: list[float], batch: int, detail: str = "", K: int | None = None) -> CaseResult:
+    return CaseResult(case, statistics.median(rates), min(rates), max(rates), rates, _peak_memory_mb(), batch, K, detail)
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# --- what the cases share ----------------------------------------------------------------------------
+@dataclass
+class Setting:
+    """The config a case is built from, and where it runs."""
+
+    config_path: str | None
+    overrides: list[str]
+    timing: Timing
+    compile: bool = False   # torch.compile the encoders (nn.Module.compile: state_dict keys unchanged)
+
+    def config(self, *extra: str) -> Config:
+        return load_config(self.config_path, [*self.overrides, *extra])
+
+
+def _runtime(config: Config) -> tuple[torch.device, str, torch.memory_format]:
+    from moco.runtime import resolve_device, resolve_memory_format, resolve_precision
+
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    device = resolve_device(config.train.device)
+    return device, resolve_precision(config.train.precision, device), resolve_memory_format(config, device)
+
+
+def channels_of(config: Config) -> int:
+    return config.data.channels or _CHANNELS.get(config.data.dataset, 3)
+
+
+def synthetic_views(config: Config, device: torch.device, memory_format: torch.memory_format,
+                    local: bool) -> tuple[torch.Tensor, ...]:
+    """Two global views (and the local views multi-crop asks for) of random images at the
+    training size: what the step sees after augmentation."""
+    generator = torch.Generator().manual_seed(0)
+    batch, channels, size = config.optim.batch_size, channels_of(config), config.data.image_size
+    shapes = [size, size] + ([config.aug.local_size] * config.aug.local_crops if local else [])
+    return tuple(torch.randn(batch, channels, s, s, generator=generator).to(device).contiguous(memory_format=memory_format)
+                 for s in shapes)
+
+
+def _method(setting: Setting, config: Config, device: torch.device, memory_format: torch.memory_format,
+            bank_size: int = 0) -> nn.Module:
+    from moco.methods import build_method
+
+    torch.manual_seed(0)
+    method = build_method(config, channels_of(config), device, bank_size=bank_size)
+    method = method.to(device).to(memory_format=memory_format).train()
+    if setting.compile:
+        for module in {id(m): m for m in (method.encoder, getattr(method, "encoder_k", None)) if m is not None}.values():
+            module.compile()
+    return method
+
+
+# --- the cases ------------------------------------------------------------------------------------------
+def bench_encoder(setting: Setting, with_optimizer: bool) -> CaseResult:
+    """Query forward + backward on one view, key forward on the other (+ the optimiser step)."""
+    from moco.optim import build_optimizer
+    from moco.runtime import autocast
+
+    config = setting.config("model.method=moco")
+    device, precision, memory_format = _runtime(config)
+    method = _method(setting, config, device, memory_format)
+    query_encoder, key_encoder = method.encoder_q, method.encoder_k
+    optimizer = build_optimizer(config, method.parameter_groups(config.optim.weight_decay))
+    x1, x2 = synthetic_views(config, device, memory_format, local=False)[:2]
+
+    def step() -> int:
+        with autocast(device, precision):
+            q = query_encoder(x1)
+            with torch.no_grad():
+                key_encoder(x2)
+        optimizer.zero_grad(set_to_none=True)
+        q.float().square().mean().backward()
+        if with_optimizer:
+            optimizer.step()
+        return x1.shape[0]
+
+    name = "encoder+sgd" if with_optimizer else "encoder"
+    return summarise(name, time_blocks(step, device, setting.timing), x1.shape[0],
+                     f"{config.model.arch} {list(config.model.widths)}, {precision}")
+
+
+def bench_method_step(setting: Setting, method_name: str, K: int | None = None) -> CaseResult:
+    """The loop's whole optimisation step for ``method_name`` on synthetic views."""
+    from moco.methods import Batch, StepContext
+    from moco.optim import build_optimizer
+    from moco.reliability import NonFiniteGuard
+    from moco.runtime import autocast
+    from moco.step import optimisation_step, step_function
+
+    extra = [f"model.method={method_name}"] + ([f"model.K={K}"] if K is not None else [])
+    if method_name == "end_to_end":
+        extra.append(f"model.K={setting.config().optim.batch_size - 1}")
+    config = setting.config(*extra)
+    device, precision, memory_format = _runtime(config)
+    bank_size = max(config.model.K, config.optim.batch_size) * 4
+    method = _method(setting, config, device, memory_format, bank_size=bank_size)
+    optimizer = build_optimizer(config, method.parameter_groups(config.optim.weight_decay))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    guard = NonFiniteGuard(method, "stop", check_gradients=not scaler.is_enabled())
+    views = synthetic_views(config, device, memory_format, local=method.supports_local_views)
+    batch_size = views[0].shape[0]
+    generator = torch.Generator().manual_seed(1)
+    run_step = step_function(method, device)
+    counter = {"step": 0}
+
+    def step() -> int:
+        indices = torch.randperm(bank_size, generator=generator)[:batch_size].to(device)
+        ctx = StepContext(counter["step"], 10_000, config.model.m, 0)
+        optimisation_step(run_step, method, Batch(views, indices), ctx, optimizer, scaler, guard,
+                          autocast(device, precision), "bench", "none")
+        counter["step"] += 1
+        return batch_size
+
+    K = config.model.K if method_name in ("moco", "memory_bank") else batch_size - 1
+    return summarise(method_name, time_blocks(step, device, setting.timing), batch_size, precision, K)
+
+
+def _loop_run(setting: Setting, workdir: str) -> Any:
+    """The training loop's :class:`moco.train.Run` on the config's data, writing into ``workdir``."""
+    from moco.train import set_up
+
+    config = setting.config(f"train.output_dir={workdir}", "train.knn_every=0", "train.test_knn=false",
+                            "train.progress=false", "train.checkpoint_every_steps=0")
+    return set_up(config, resume=None, overwrite=False)
+
+
+def _batches(run: Any) -> Callable[[], tuple[int, Any, Any]]:
+    """An endless supply of the loader's batches, epoch after epoch: (epoch, images, indices)."""
+    state = {"epoch": 0, "iterator": None}
+
+    def next_batch() -> tuple[int, Any, Any]:
+        while True:
+            if state["iterator"] is None:
+                run.loader.set_epoch(state["epoch"], 0)
+                state["iterator"] = iter(run.loader)
+            try:
+                images, _, indices = next(state["iterator"])
+                return state["epoch"], images, indices
+            except StopIteration:
+                state["epoch"] += 1
+                state["iterator"] = None
+
+    return next_batch
+
+
+def bench_data(setting: Setting) -> CaseResult:
+    """The loader and every view's augmentation, on the training device, without a model."""
+    from moco.data.datasets import aspect_ratios_of
+    from moco.train import make_views
+
+    with tempfile.TemporaryDirectory() as workdir:
+        run = _loop_run(setting, workdir)
+        next_batch = _batches(run)
+
+        def step() -> int:
+            _, images, indices = next_batch()
+            make_views(images, run.view_augments, run.device, run.memory_format,
+                       aspect_ratios_of(run.data.pretrain, indices))
+            return images.shape[0]
+
+        rates = time_blocks(step, run.device, setting.timing)
+        detail = f"{run.config.data.dataset}, {len(run.view_augments)} augmentation(s), workers={run.config.data.workers}"
+        run.log.close()
+    return summarise("data", rates, run.config.optim.batch_size, detail)
+
+
+def bench_loop(setting: Setting) -> CaseResult:
+    """The real loop's steps (:func:`moco.train.train_step`), loader included."""
+    from moco.train import train_step
+
+    with tempfile.TemporaryDirectory() as workdir:
+        run = _loop_run(setting, workdir)
+        run.method.train()
+        next_batch = _batches(run)
+
+        def step() -> int:
+            epoch, images, indices = next_batch()
+            train_step(run, epoch, images, indices, lambda **_: None)
+            return images.shape[0]
+
+        rates = time_blocks(step, run.device, setting.timing)
+        detail = f"{run.config.data.dataset}, {run.config.model.method}, {run.precision}"
+        run.log.close()
+    return summarise("loop", rates, run.config.optim.batch_size, detail, run.config.model.K)
+
+
+def bench_lightly(setting: Setting, K: int) -> CaseResult:
+    """lightly's MoCo recipe on our backbone (same widths, split BN, views, batch, K, device)."""
+    try:
+        from lightly.loss import NTXentLoss
+        from lightly.models.modules.heads import MoCoProjectionHead
+        from lightly.models.utils import batch_shuffle, batch_unshuffle, deactivate_requires_grad, update_momentum
+    except ImportError:
+        return CaseResult("lightly", None, detail="lightly is not installed (pip install -e '.[bench]')", skipped=True)
+    from moco.runtime import autocast
+
+    config = setting.config("model.method=moco", f"model.K={K}")
+    device, precision, memory_format = _runtime(config)
+    method = _method(replace(setting, compile=False), config, device, memory_format)
+    backbone = copy.deepcopy(method.encoder_q)
+    features = backbone.fc[0].in_features if isinstance(backbone.fc, nn.Sequential) else backbone.fc.in_features
+    backbone.fc = nn.Identity()
+    head = MoCoProjectionHead(features, features, config.model.dim).to(device)
+    backbone_momentum, head_momentum = copy.deepcopy(backbone), copy.deepcopy(head)
+    deactivate_requires_grad(backbone_momentum)
+    deactivate_requires_grad(head_momentum)
+    if setting.compile:
+        backbone.compile()
+        backbone_momentum.compile()
+    criterion = NTXentLoss(temperature=config.model.T, memory_bank_size=(K, config.model.dim))
+    optimizer = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=config.optim.lr, momentum=0.9,
+                                weight_decay=config.optim.weight_decay)
+    x_query, x_key = synthetic_views(config, device, memory_format, local=False)[:2]
+
+    def step() -> int:
+        update_momentum(backbone, backbone_momentum, m=config.model.m)
+        update_momentum(head, head_momentum, m=config.model.m)
+        with autocast(device, precision):
+            query = head(backbone(x_query).flatten(start_dim=1))
+            with torch.no_grad():
+                shuffled, shuffle = batch_shuffle(x_key)
+                key = head_momentum(backbone_momentum(shuffled).flatten(start_dim=1))
+                key = batch_unshuffle(key, shuffle)
+            loss = criterion(query.float(), key.float())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return x_query.shape[0]
+
+    return summarise("lightly", time_blocks(step, device, setting.timing), x_query.shape[0],
+                     f"{precision}; lightly's NTXentLoss(memory_bank_size), MoCoProjectionHead", K)
+
+
+def run_case(setting: Setting, case: str, K: int | None = None) -> CaseResult:
+    """One case in this process."""
+    if case in ("encoder", "encoder+sgd"):
+        return bench_encoder(setting, with_optimizer=case == "encoder+sgd")
+    if case in ("moco", "memory_bank"):
+        return bench_method_step(setting, case, K)
+    if case == "end_to_end":
+        return bench_method_step(setting, "end_to_end")
+    if case == "data":
+        return bench_data(setting)
+    if case == "loop":
+        return bench_loop(setting)
+    if case == "lightly":
+        return bench_lightly(setting, K or setting.config().model.K)
+    raise ConfigError(f"--cases: unknown case {case!r}; choose from {', '.join(CASES)}")
+
+
+def _run_isolated(setting: Setting, case: str, K: int | None) -> CaseResult:
+    """One case in a fresh process, so its peak memory is its own."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(run_case, setting, case, K).result()
+
+
+# --- the whole bench --------------------------------------------------------------------------------------
+def plan(cases: list[str], queue_sizes: list[int], config_K: int) -> list[tuple[str, int | None]]:
+    """(case, K) pairs in the order they run: the MoCo step once per queue size (the config's K
+    included, the loop's comparison), lightly at the first queue size."""
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        raise ConfigError(f"--cases: unknown case {unknown[0]!r}; choose from {', '.join(CASES)}")
+    sizes = list(dict.fromkeys([*queue_sizes, *([config_K] if "loop" in cases else [])]))
+    if any(k < 1 for k in sizes):
+        raise ConfigError(f"--queue-sizes: must be positive, got {queue_sizes}")
+    pairs: list[tuple[str, int | None]] = []
+    for case in cases:
+        if case == "moco":
+            pairs += [("moco", k) for k in sizes]
+        elif case in ("memory_bank", "lightly"):
+            pairs.append((case, queue_sizes[0]))
+        else:
+            pairs.append((case, None))
+    return pairs
+
+
+def ratios(results: list[CaseResult], config_K: int) -> dict[str, float]:
+    """The performance issue's ratios: times per image, except the loop's, which is a speed
+    (the issue asks for the loop at >= 0.9x the step's speed)."""
+    rate = {r.case: r.img_s for r in results if r.img_s and r.case not in ("moco", "lightly")}
+    moco = {r.K: r.img_s for r in results if r.case == "moco" and r.img_s}
+    out: dict[str, float] = {}
+    if moco and rate.get("encoder"):
+        smallest = min(moco)
+        out[f"moco step (K={smallest}) / raw encoder work"] = rate["encoder"] / moco[smallest]
+        if rate.get("encoder+sgd"):
+            out[f"moco step (K={smallest}) / encoder work + optimiser step"] = rate["encoder+sgd"] / moco[smallest]
+    if len(moco) > 1:
+        small, large = min(moco), max(moco)
+        out[f"moco step K={large} / K={small}"] = moco[small] / moco[large]
+    if rate.get("loop") and config_K in moco:
+        out[f"real loop's speed / isolated moco step's (K={config_K})"] = rate["loop"] / moco[config_K]
+    for r in results:
+        if r.case == "lightly" and r.img_s and r.K in moco:
+            out[f"moco step / lightly's MoCo step (K={r.K})"] = r.img_s / moco[r.K]
+    return out
+
+
+def environment(setting: Setting) -> dict[str, Any]:
+    from moco.runtime import resolve_device
+
+    config = setting.config()
+    device = resolve_device(config.train.device)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    return {"torch": torch.__version__, "device": str(device), "device_name": where,
+            "threads": config.train.threads or torch.get_num_threads(), "config": setting.config_path,
+            "overrides": setting.overrides, "timing": asdict(setting.timing), "compile": setting.compile}
+
+
+def run_bench(setting: Setting, cases: list[str], queue_sizes: list[int], isolate: bool = True,
+              report: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every case of ``cases``, one line each as it finishes; returns the JSON-ready summary."""
+    config = setting.config()
+    env = environment(setting)
+    report(f"torch {env['torch']} on {env['device']} ({env['device_name']}), {env['threads']} thread(s); "
+           f"{config.model.arch} {list(config.model.widths)} on {channels_of(config)}x{config.data.image_size}"
+           f"x{config.data.image_size}, batch {config.optim.batch_size}; "
+           f"{setting.timing.repeats} x {setting.timing.steps} steps after {setting.timing.warmup}")
+    results = []
+    for case, K in plan(cases, queue_sizes, config.model.K):
+        try:
+            result = _run_isolated(setting, case, K) if isolate else run_case(setting, case, K)
+        except (ConfigError, FileNotFoundError, ValueError) as err:
+            result = CaseResult(case, None, detail=f"not run: {err}", skipped=True)
+        results.append(result)
+        report(format_line(result))
+    found = ratios(results, config.model.K)
+    for name, value in found.items():
+        report(f"ratio  {name}: {value:.3f}")
+    return {"environment": env, "results": [asdict(r) for r in results], "ratios": found}
+
+
+def format_line(r: CaseResult) -> str:
+    if r.img_s is None:
+        return f"{r.case:12s} {'-':>9s}        {r.detail}"
+    K = f", K {r.K}" if r.K is not None else ""
+    return (f"{r.case:12s} {r.img_s:9.1f} img/s ({r.img_s_min:.1f}-{r.img_s_max:.1f}), "
+            f"peak {r.peak_memory_mb:.0f} MiB, batch {r.batch}{K}; {r.detail}")
+
+
+def write_json(summary: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,88 @@
+"""``moco bench``: the cases time what they say, the ratios are the issue's, the JSON is complete."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moco.bench import CaseResult, Setting, Timing, plan, ratios, run_bench, time_blocks
+from moco.cli import main
+from moco.config import ConfigError
+from tests.tiny import tiny_config
+
+
+def test_time_blocks_runs_warmup_then_repeats_of_steps() -> None:
+    calls = []
+    rates = time_blocks(lambda: calls.append(1) or 4, torch.device("cpu"), Timing(warmup=2, steps=3, repeats=4))
+    assert len(calls) == 2 + 3 * 4
+    assert len(rates) == 4 and all(r > 0 for r in rates)
+
+
+def test_plan_times_the_moco_step_once_per_queue_size_and_at_the_loops_K() -> None:
+    pairs = plan(["encoder", "moco", "memory_bank", "loop"], [4096, 65536], config_K=1024)
+    assert pairs == [("encoder", None), ("moco", 4096), ("moco", 65536), ("moco", 1024), ("memory_bank", 4096),
+                     ("loop", None)]
+    assert plan(["moco"], [4096, 4096], config_K=4096) == [("moco", 4096)]
+    with pytest.raises(ConfigError, match="--cases: unknown case 'simclr'"):
+        plan(["simclr"], [4096], 4096)
+    with pytest.raises(ConfigError, match="--queue-sizes"):
+        plan(["moco"], [0], 4096)
+
+
+def test_ratios_are_times_per_image_and_the_loop_a_speed() -> None:
+    results = [CaseResult("encoder", 1000.0), CaseResult("encoder+sgd", 900.0),
+               CaseResult("moco", 800.0, K=4096), CaseResult("moco", 640.0, K=65536),
+               CaseResult("loop", 720.0, K=4096), CaseResult("lightly", 400.0, K=4096)]
+    found = ratios(results, config_K=4096)
+    assert found["moco step (K=4096) / raw encoder work"] == pytest.approx(1.25)
+    assert found["moco step (K=4096) / encoder work + optimiser step"] == pytest.approx(1.125)
+    assert found["moco step K=65536 / K=4096"] == pytest.approx(1.25)
+    assert found["real loop's speed / isolated moco step's (K=4096)"] == pytest.approx(0.9)
+    assert found["moco step / lightly's MoCo step (K=4096)"] == pytest.approx(0.5)
+
+
+def test_bench_runs_every_case_on_the_tiny_config(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path)
+    lines: list[str] = []
+    summary = run_bench(Setting(str(config), [], Timing(1, 2, 2)),
+                        ["encoder", "encoder+sgd", "moco", "end_to_end", "memory_bank", "data", "loop"], [32, 128],
+                        isolate=False, report=lines.append)
+    cases = [(r["case"], r["K"]) for r in summary["results"]]
+    assert cases == [("encoder", None), ("encoder+sgd", None), ("moco", 32), ("moco", 128), ("moco", 64),
+                     ("end_to_end", 15), ("memory_bank", 32), ("data", None), ("loop", 64)]
+    for result in summary["results"]:
+        assert not result["skipped"], result
+        assert len(result["repeats"]) == 2 and result["img_s_min"] <= result["img_s"] <= result["img_s_max"]
+        assert result["batch"] == 16 and result["peak_memory_mb"] > 0
+    assert set(summary["ratios"]) == {"moco step (K=32) / raw encoder work",
+                                      "moco step (K=32) / encoder work + optimiser step", "moco step K=128 / K=32",
+                                      "real loop's speed / isolated moco step's (K=64)"}
+    assert summary["environment"]["threads"] == 1 and summary["environment"]["timing"]["steps"] == 2
+    assert lines[0].startswith("torch ") and len(lines) == 1 + 9 + 4
+
+
+def test_bench_command_writes_its_json_and_isolates_the_cases(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = tiny_config(tmp_path)
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(config), "--cases", "moco", "--queue-sizes", "32", "--steps", "1",
+                 "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert [(r["case"], r["K"]) for r in summary["results"]] == [("moco", 32)]
+    assert summary["results"][0]["img_s"] > 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert main(["bench", str(config), "--cases", "encoder", "--steps", "0"]) == 2
+
+
+def test_lightly_case_runs_where_lightly_is_installed_and_says_how_to_get_it_elsewhere(tmp_path: Path) -> None:
+    summary = run_bench(Setting(str(tiny_config(tmp_path)), [], Timing(0, 1, 1)), ["moco", "lightly"], [32],
+                        isolate=False, report=lambda _: None)
+    lightly = summary["results"][1]
+    if importlib.util.find_spec("lightly") is None:
+        assert lightly["skipped"] and "pip install -e '.[bench]'" in lightly["detail"]
+    else:
+        assert lightly["img_s"] > 0 and lightly["K"] == 32
+        assert "moco step / lightly's MoCo step (K=32)" in summary["ratios"]
