@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from moco.ablate import (Point, chance_of, diagnose, load_preset, plan, plot_results, queue_of, resolve_preset,
-                         results_markdown, run_point, sweep)
+from moco.ablate import (METHOD_LABELS, Point, chance_of, diagnose, load_preset, plan, plot_results, queue_of,
+                         resolve_preset, results_markdown, run_point, sweep)
 from moco.checkpoint import load_checkpoint
 from moco.cli import main
 from moco.config import ConfigError, load_config
+from moco.methods import METHODS
 from tests.conftest import needs_fashion_mnist
 
 # One tiny point per mechanism: 4-8-8-8 ResNet, 300 pretraining images (400 - 100 held out), batch 16, one epoch.
@@ -159,6 +160,27 @@ def test_tiny_methods_sweep_compares_at_equal_epochs_and_equal_time(tmp_path: Pa
     assert all(0 <= v <= 100 for v in baselines["random init"].values()) and len(baselines["random init"]) == 3
     assert "## Baselines" in md and "| raw pixels (centred) |" in md
     assert json.loads((out / "baselines.json").read_text())["baselines"] == baselines  # kept for a re-run
+    assert (out / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_fashion_mnist
+def test_every_registered_method_runs_as_a_tiny_sweep_point(tmp_path: Path) -> None:
+    """Each method of the registry, with the preset's own settings for it, trains as a sweep point
+    in a process of its own and lands in the tables."""
+    out = tmp_path / "all"
+    overrides = TINY + ["model.K=16", f"ablate.methods.methods=[{','.join(METHODS)}]",
+                        "ablate.methods.equal_time=false", "ablate.methods.baselines=false",
+                        "ablate.methods.linear_epochs=0", "ablate.methods.finetune_fraction=0"]
+    summary = sweep("methods", "fmnist_cpu", overrides, output=str(out), jobs=2, threads=1)
+    points = {p["method"]: p for p in summary["points"]}
+    assert list(points) == list(METHODS)
+    md = (out / "results.md").read_text()
+    for method, point in points.items():
+        assert point["status"] in ("ok", "failed"), (method, point["reason"])  # 18 steps may not lower the loss
+        assert 0 <= point["test_knn_top1"] <= 100 and point["img_s"] > 0 and point["peak_memory_mb"] > 50
+        for artifact in ("point.json", "log.txt", "checkpoint_last.pth", "metrics.jsonl"):
+            assert (out / point["name"] / artifact).is_file(), (method, artifact)
+        assert f"| {METHOD_LABELS[method]} |" in md
     assert (out / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
