@@ -166,9 +166,10 @@ def test_tiny_methods_sweep_compares_at_equal_epochs_and_equal_time(tmp_path: Pa
 @needs_fashion_mnist
 def test_every_registered_method_runs_as_a_tiny_sweep_point(tmp_path: Path) -> None:
     """Each method of the registry, with the preset's own settings for it, trains as a sweep point
-    in a process of its own and lands in the tables."""
+    in a process of its own and lands in the tables (2 epochs: the preset's LARS warm-up is 1)."""
     out = tmp_path / "all"
-    overrides = TINY + ["model.K=16", f"ablate.methods.methods=[{','.join(METHODS)}]",
+    overrides = TINY + ["data.train_subset=200", "data.test_subset=100", "train.knn_bank_size=100",
+                        "optim.epochs=2", "model.K=16", f"ablate.methods.methods=[{','.join(METHODS)}]",
                         "ablate.methods.equal_time=false", "ablate.methods.baselines=false",
                         "ablate.methods.linear_epochs=0", "ablate.methods.finetune_fraction=0"]
     summary = sweep("methods", "fmnist_cpu", overrides, output=str(out), jobs=2, threads=1)
@@ -176,7 +177,7 @@ def test_every_registered_method_runs_as_a_tiny_sweep_point(tmp_path: Path) -> N
     assert list(points) == list(METHODS)
     md = (out / "results.md").read_text()
     for method, point in points.items():
-        assert point["status"] in ("ok", "failed"), (method, point["reason"])  # 18 steps may not lower the loss
+        assert point["status"] in ("ok", "failed"), (method, point["reason"])  # 12 steps may not lower the loss
         assert 0 <= point["test_knn_top1"] <= 100 and point["img_s"] > 0 and point["peak_memory_mb"] > 50
         for artifact in ("point.json", "log.txt", "checkpoint_last.pth", "metrics.jsonl"):
             assert (out / point["name"] / artifact).is_file(), (method, artifact)
