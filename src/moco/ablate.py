@@ -80,6 +80,12 @@ class MethodsSweep:
     set: dict[str, Any] = field(default_factory=dict)                 # section.key: value for every point
     per_method: dict[str, dict[str, Any]] = field(default_factory=dict)  # method: {section.key: value}
 
+    def evaluation(self) -> dict[str, Any]:
+        """What every point (and the baselines) gets after pretraining: linear probe and fine-tuning."""
+        return {"linear_epochs": self.linear_epochs, "linear_lrs": list(self.linear_lrs),
+                "finetune_fraction": self.finetune_fraction, "finetune_steps": self.finetune_steps,
+                "finetune_val_size": self.finetune_val_size}
+
 
 @dataclass
 class AblateConfig:
@@ -219,9 +225,7 @@ def _methods_points(base: dict[str, Any], s: MethodsSweep, epochs: dict[str, int
     unknown = [m for m in [*s.methods, s.reference, *s.per_method] if m not in METHODS]
     if unknown:
         raise ConfigError(f"ablate.methods: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    evaluate = {"linear_epochs": s.linear_epochs, "linear_lrs": list(s.linear_lrs),
-                "finetune_fraction": s.finetune_fraction, "finetune_steps": s.finetune_steps,
-                "finetune_val_size": s.finetune_val_size}
+    evaluate = s.evaluation()
     points = []
     for method in s.methods:
         own = {"model.method": method, **s.per_method.get(method, {})}
@@ -446,6 +450,8 @@ def method_baselines(reference_dir: Path, settings: dict[str, Any], knn_k: int, 
     initialised encoder of the same backbone (kNN, linear probe, fine-tuning from it) and raw
     pixels centred on the training mean (kNN). Built from the reference point's checkpoint, which
     carries the backbone's spec and the data config."""
+    import torch
+
     from moco.evaluate.common import extract_feature_set, make_context, pixel_feature_set
     from moco.evaluate.finetune import FinetuneOptions, run_finetune
     from moco.evaluate.linear import LinclsOptions, run_lincls
@@ -454,8 +460,6 @@ def method_baselines(reference_dir: Path, settings: dict[str, Any], knn_k: int, 
     ctx = make_context(reference_dir / "checkpoint_last.pth", output_dir=str(reference_dir.parent / "baselines"),
                        threads=threads)
     knn = KnnOptions(ks=(knn_k,), temperature=knn_t)
-    import torch
-
     torch.manual_seed(0)
     random_backbone = ctx.pretrained.spec.build_backbone().eval()
     random_features = extract_feature_set(random_backbone, ctx)
@@ -556,12 +560,10 @@ def _sweep_baselines(out_dir: Path, results: dict[str, dict[str, Any]], s: Metho
         stored = json.loads(path.read_text())
         if stored.get("config") == config:
             return stored["baselines"]
-    settings = {"linear_epochs": s.linear_epochs, "linear_lrs": list(s.linear_lrs),
-                "finetune_fraction": s.finetune_fraction, "finetune_steps": s.finetune_steps,
-                "finetune_val_size": s.finetune_val_size}
     train = reference["config"]["train"]
     print("baselines: a random-init encoder and raw pixels, on the same evaluation", flush=True)
-    baselines = method_baselines(out_dir / f"{s.reference}_epochs", settings, train["knn_k"], train["knn_t"], threads)
+    baselines = method_baselines(out_dir / f"{s.reference}_epochs", s.evaluation(), train["knn_k"], train["knn_t"],
+                                 threads)
     path.write_text(json.dumps({"config": config, "baselines": baselines}, indent=2))
     return baselines
 
