@@ -35,6 +35,7 @@ import yaml
 
 from moco.config import ConfigError, _build, from_dict, parse_override
 from moco.methods import METHODS
+from moco.runtime import peak_memory_mb_of_process
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs" / "ablate"
 ABLATIONS = ("dictionary", "momentum", "shuffle-bn", "methods")
@@ -377,7 +378,7 @@ def run_point(point: Point, run_dir: str) -> dict[str, Any]:
             traceback.print_exc()
             status, reason = "error", f"{type(err).__name__}: {err}"
     cpu_seconds = time.process_time() - cpu_start
-    peak_memory_mb = _peak_memory_mb()
+    peak_memory_mb = peak_memory_mb_of_process()
     rows = _read_rows(directory)
     if status == "ok":
         status, reason = diagnose([r["loss"] for r in rows if r.get("kind") == "train"],
@@ -405,18 +406,6 @@ def run_point(point: Point, run_dir: str) -> dict[str, Any]:
 
 def _median(values: list[float]) -> float | None:
     return sorted(values)[len(values) // 2] if values else None
-
-
-def _peak_memory_mb() -> float:
-    """This process's peak memory: GPU memory allocated by torch where CUDA ran, else resident set
-    size (a point runs in a process of its own in sweeps that report it)."""
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated():
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _evaluate_point(directory: Path, settings: dict[str, Any], threads: int) -> dict[str, Any]:

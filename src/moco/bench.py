@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import json
-import resource
 import statistics
 import tempfile
 import time
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 from moco.config import Config, ConfigError, load_config
+from moco.runtime import peak_memory_mb_of_process
 
 CASES = ("encoder", "encoder+sgd", "moco", "end_to_end", "memory_bank", "data", "loop", "lightly")
 DEFAULT_CASES = ("encoder", "encoder+sgd", "moco", "end_to_end", "memory_bank", "data", "loop")
@@ -90,13 +90,7 @@ def time_blocks(step: Callable[[], int], device: torch.device, timing: Timing) -
 
 
 def summarise(case: str, rates: list[float], batch: int, detail: str = "", K: int | None = None) -> CaseResult:
-    return CaseResult(case, statistics.median(rates), min(rates), max(rates), rates, _peak_memory_mb(), batch, K, detail)
-
-
-def _peak_memory_mb() -> float:
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return CaseResult(case, statistics.median(rates), min(rates), max(rates), rates, peak_memory_mb_of_process(), batch, K, detail)
 
 
 # --- what the cases share ----------------------------------------------------------------------------

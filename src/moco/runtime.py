@@ -79,3 +79,13 @@ def resolve_memory_format(config: Config, device: torch.device) -> torch.memory_
         say("note: train.channels_last ignored on CPU for stage widths below 8 (torch's oneDNN kernels crash)")
         return torch.contiguous_format
     return torch.channels_last
+
+
+def peak_memory_mb_of_process() -> float:
+    """This process's peak memory: GPU memory allocated by torch where CUDA ran, else its resident
+    set size (sweeps and ``moco bench`` run each point or case in a process of its own)."""
+    import resource
+
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
