@@ -231,8 +231,11 @@ def test_logit_statistics_and_momentum_drift() -> None:
     from moco.diagnostics import logit_stats, momentum_drift
 
     logits = torch.tensor([[5.0, 1.0, 2.0], [float("-inf"), 4.0, 0.0]])
-    positive, negative = logit_stats(logits, torch.tensor([0, 1])).tolist()
+    accuracy, positive, negative = logit_stats(logits, torch.tensor([0, 1])).tolist()
     assert positive == pytest.approx(4.5) and negative == pytest.approx((1 + 2 + 0) / 3)  # -inf left out
+    assert accuracy == 1.0
+    tied = torch.tensor([[3.0, 3.0, 1.0], [0.0, 2.0, 1.0]])
+    assert logit_stats(tied, torch.tensor([0, 1]))[0].item() == 0.5  # a tie at the label is wrong
     online, target = torch.nn.Linear(2, 2, bias=False), torch.nn.Linear(2, 2, bias=False)
     with torch.no_grad():
         online.weight.copy_(torch.tensor([[3.0, 0.0], [0.0, 4.0]]))

@@ -52,3 +52,61 @@ def test_loss_of_perfect_match_is_small_and_random_is_near_log_k() -> None:
     assert info_nce_loss(q, q, queue, 0.05).item() < 0.01
     # With T large every logit is ~equal: loss -> log(K+1).
     assert abs(info_nce_loss(q, q, queue, 1e4).item() - math.log(k + 1)) < 1e-3
+
+
+def test_fused_loss_and_gradients_equal_cross_entropy_of_the_logits() -> None:
+    """info_nce_loss_and_logits computes the gradients in its forward; they must be autograd's."""
+    from moco.loss import info_nce_loss_and_logits, positive_first_labels
+
+    torch.manual_seed(0)
+    for t in (0.05, 0.2, 1.0):
+        q = F.normalize(torch.randn(6, 8), dim=1).requires_grad_()
+        k = F.normalize(torch.randn(6, 8), dim=1).requires_grad_()
+        negatives = F.normalize(torch.randn(8, 20), dim=0).requires_grad_()
+        reference = info_nce_logits(q, k, negatives, t)
+        expected = F.cross_entropy(reference, positive_first_labels(reference))
+        expected_grads = torch.autograd.grad(3 * expected, (q, k, negatives))
+        loss, logits = info_nce_loss_and_logits(q, k, negatives, t)
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(logits, reference.detach())
+        assert not logits.requires_grad
+        for got, want in zip(torch.autograd.grad(3 * loss, (q, k, negatives)), expected_grads):
+            torch.testing.assert_close(got, want)
+
+
+def test_fused_loss_keeps_nothing_of_the_queue_so_it_may_change_before_backward() -> None:
+    """MoCo enqueues right after the loss; the reference path needed a clone of the queue for that."""
+    from moco.loss import info_nce_loss_and_logits
+
+    q = F.normalize(torch.randn(4, 8), dim=1).requires_grad_()
+    k = F.normalize(torch.randn(4, 8), dim=1)
+    queue = F.normalize(torch.randn(8, 16), dim=0)
+    expected = torch.autograd.grad(info_nce_loss(q, k, queue.clone(), 0.1), q)[0]
+    loss, _ = info_nce_loss_and_logits(q, k, queue, 0.1)
+    queue[:, :4] = k.T  # an in-place enqueue
+    torch.testing.assert_close(torch.autograd.grad(loss, q)[0], expected)
+
+
+def test_fused_loss_stays_fp32_under_bf16_autocast() -> None:
+    from moco.loss import info_nce_loss_and_logits
+
+    q = F.normalize(torch.randn(4, 8), dim=1).requires_grad_()
+    k, queue = F.normalize(torch.randn(4, 8), dim=1), F.normalize(torch.randn(8, 16), dim=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logits = info_nce_loss_and_logits(q, k, queue, 0.07)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(loss, info_nce_loss(q, k, queue, 0.07))
+
+
+def test_reference_logits_are_fp32_products_under_bf16_autocast() -> None:
+    """Autocast would run q @ queue in bf16; at T = 0.07 its rounding moves logits by ~0.1."""
+    from moco.loss import in_batch_logits
+
+    torch.manual_seed(0)
+    q, k = F.normalize(torch.randn(16, 64), dim=1), F.normalize(torch.randn(16, 64), dim=1)
+    queue = F.normalize(torch.randn(64, 256), dim=0)
+    expected, expected_in_batch = info_nce_logits(q, k, queue, 0.07), in_batch_logits(q, k, 0.07)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_in_batch = info_nce_logits(q, k, queue, 0.07), in_batch_logits(q, k, 0.07)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got_in_batch, expected_in_batch)

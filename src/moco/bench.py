@@ -108,11 +108,13 @@ class Setting:
 
 
 def _runtime(config: Config) -> tuple[torch.device, str, torch.memory_format]:
-    from moco.runtime import resolve_device, resolve_memory_format, resolve_precision
+    """The device, precision and memory format as training resolves them, and its allocator setting."""
+    from moco.runtime import keep_freed_cpu_memory_mapped, resolve_device, resolve_memory_format, resolve_precision
 
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     device = resolve_device(config.train.device)
+    keep_freed_cpu_memory_mapped(device)
     return device, resolve_precision(config.train.precision, device), resolve_memory_format(config, device)
 
 

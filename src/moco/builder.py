@@ -22,7 +22,7 @@ from torch import nn
 
 from moco.dictionary import check_queue_divisible, enqueue, init_queue
 from moco.distributed import concat_all_gather, encode_with_shuffle_bn, world_size
-from moco.loss import info_nce_logits, positive_first_labels
+from moco.loss import info_nce_logits, info_nce_loss_and_logits, positive_first_labels
 from moco.models.heads import add_mlp_head
 from moco.momentum import make_momentum_copy, momentum_update
 
@@ -107,6 +107,11 @@ class MoCo(nn.Module):
         """N x (1+K) logits against the queue as it was *before* this batch is enqueued."""
         return info_nce_logits(q, k, self.queue.clone().detach(), self.T)
 
+    def loss_and_logits(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """InfoNCE against the queue and the (detached) logits, as cross-entropy of :meth:`logits`
+        would give them; nothing of the queue is kept for the backward, so no clone is needed."""
+        return info_nce_loss_and_logits(q, k, self.queue, self.T)
+
     @torch.no_grad()
     def enqueue(self, *keys: torch.Tensor) -> None:
         """Enqueue this step's keys from every process, so all ranks hold the same queue.
@@ -161,10 +166,9 @@ class MoCo(nn.Module):
             q = self.encode_query(x1)
             with torch.no_grad():
                 k = self.encode_key(x2)
-            logits = self.logits(q, k)
+            loss, logits = self.loss_and_logits(q, k)
             self.enqueue(k)
-            labels = positive_first_labels(logits)
-            return MoCoOutput(F.cross_entropy(logits, labels), logits, labels, q.detach(), positives=k)
+            return MoCoOutput(loss, logits, positive_first_labels(logits), q.detach(), positives=k)
         n = x1.shape[0]
         q1 = self.encode_query(x1)
         q2 = self.encode_query(x2) if symmetric else None
@@ -175,10 +179,10 @@ class MoCo(nn.Module):
         # (key, its queries): the other global view, then every local view.
         terms = [(k2, [q1, *q_local])] + ([(k1, [q2, *q_local])] if symmetric else [])
         loss, all_logits = x1.new_zeros((), dtype=torch.float32), []
-        for key, queries in terms:
-            logits = torch.cat([self.logits(q, key) for q in queries])
-            loss = loss + F.cross_entropy(logits, positive_first_labels(logits))
-            all_logits.append(logits)
+        for key, queries in terms:  # each term: the mean over its queries' rows
+            losses, logits = zip(*(self.loss_and_logits(q, key) for q in queries))
+            loss = loss + torch.stack(losses).mean()
+            all_logits.extend(logits)
         self.enqueue(*([k1, k2] if symmetric else [k2]))
         logits = torch.cat(all_logits)
         return MoCoOutput(loss, logits, positive_first_labels(logits), q1.detach(), positives=k2)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -19,11 +18,12 @@ def info_nce_logits(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, t
     Returns:
         N x (1+K) logits; column 0 holds the positive.
     """
-    # Computed in fp32 even under autocast: T=0.07 amplifies bf16 rounding of q·k.
-    q, k, negatives = q.float(), k.float(), negatives.float()
-    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
-    l_neg = q @ negatives
-    return torch.cat([l_pos, l_neg], dim=1) / temperature
+    # fp32 even under autocast (which would run the product in bf16): T=0.07 amplifies its rounding.
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, negatives = q.float(), k.float(), negatives.float()
+        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+        l_neg = q @ negatives
+        return torch.cat([l_pos, l_neg], dim=1) / temperature
 
 
 def in_batch_logits(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -33,8 +33,9 @@ def in_batch_logits(q: torch.Tensor, k: torch.Tensor, temperature: float) -> tor
     of N gives exactly N−1 negatives per query and the same layout (and labels) as the queue.
     Gradients flow into ``k`` as well as ``q``.
     """
-    q, k = q.float(), k.float()
-    sim = q @ k.T
+    with torch.autocast(q.device.type, enabled=False):  # fp32, as info_nce_logits
+        q, k = q.float(), k.float()
+        sim = q @ k.T
     n = sim.shape[0]
     off_diagonal = ~torch.eye(n, dtype=torch.bool, device=sim.device)
     return torch.cat([sim.diagonal().unsqueeze(1), sim[off_diagonal].view(n, n - 1)], dim=1) / temperature
@@ -45,10 +46,61 @@ def positive_first_labels(logits: torch.Tensor) -> torch.Tensor:
     return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
 
 
+class _InfoNCE(torch.autograd.Function):
+    """``cross_entropy(info_nce_logits(q, k, negatives, T), zeros)`` in fewer passes over the N x (1+K) logits.
+
+    With a queue of 65,536 keys the logits, not the encoder, dominated a small model's step: the
+    concatenation, the division by T and their backward each copied the N x (1+K) matrix, and the
+    queue itself was cloned so that its in-place update could not corrupt the backward. Here the
+    1/T is applied to the N x C queries, the negatives' products are written straight into the
+    logits, and the gradients, ``(softmax − onehot(0)) / (N·T)`` against ``[k, negatives]``, are
+    computed in the forward: nothing of size K is kept for the backward, so the caller may update
+    the queue at once.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor,  # type: ignore[override]
+                temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(q.device.type, enabled=False):
+            q, k, negatives = q.float(), k.float(), negatives.float()
+            scaled = q / temperature
+            logits = q.new_empty(q.shape[0], 1 + negatives.shape[1])
+            torch.sum(scaled * k, dim=1, keepdim=True, out=logits[:, :1])
+            torch.mm(scaled, negatives, out=logits[:, 1:])
+            log_p = torch.log_softmax(logits, dim=1)
+            loss = -log_p[:, 0].mean()
+            need_q, need_k, need_negatives = ctx.needs_input_grad[:3]
+            if need_q or need_k or need_negatives:
+                # d loss / d logits = (softmax − onehot(0)) / N; the logits are (q/T)·[k, negatives].
+                # The 1 / (N·T) scales the small products, not the N x (1+K) matrix.
+                d_logits = log_p.exp_()
+                d_logits[:, 0] -= 1
+                d_pos, d_neg = d_logits[:, :1], d_logits[:, 1:]
+                scale = 1.0 / (q.shape[0] * temperature)
+                ctx.grads = ((d_neg @ negatives.T + d_pos * k) * scale if need_q else None,
+                             d_pos * q * scale if need_k else None,
+                             (q.T @ d_neg) * scale if need_negatives else None)
+        ctx.mark_non_differentiable(logits)
+        return loss, logits
+
+    @staticmethod
+    def backward(ctx, d_loss: torch.Tensor, _d_logits: torch.Tensor):  # type: ignore[override]
+        grads = tuple(None if g is None else g * d_loss for g in ctx.grads)
+        del ctx.grads
+        return (*grads, None)
+
+
+def info_nce_loss_and_logits(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor,
+                             temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean InfoNCE loss and its N x (1+K) logits (detached, positive first), computed as
+    :func:`info_nce_logits` then cross-entropy would, in fewer passes and without keeping
+    ``negatives`` for the backward: a queue may be updated in place right after this call."""
+    return _InfoNCE.apply(q, k, negatives, temperature)
+
+
 def info_nce_loss(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean InfoNCE loss of queries against their positives and a shared set of negatives."""
-    logits = info_nce_logits(q, k, negatives, temperature)
-    return F.cross_entropy(logits, positive_first_labels(logits))
+    return info_nce_loss_and_logits(q, k, negatives, temperature)[0]
 
 
 class InfoNCELoss(nn.Module):

@@ -17,7 +17,15 @@ def build_optimizer(config: Config, parameter_groups: list[dict[str, Any]]) -> t
         return LARS(parameter_groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     if o.optimizer == "adamw":
         return torch.optim.AdamW(parameter_groups, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(parameter_groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.SGD(parameter_groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                           fused=_fused_supported(parameter_groups))
+
+
+def _fused_supported(parameter_groups: list[dict[str, Any]]) -> bool | None:
+    """SGD's fused kernel where PyTorch has one (CPU, CUDA): one pass over all parameters instead of
+    a loop, 0.8 -> 0.3 ms a step for the demo's 64 tensors on a 2-core EPYC (docs/performance.md)."""
+    devices = {p.device.type for group in parameter_groups for p in group["params"]}
+    return True if devices and devices <= {"cpu", "cuda"} else None
 
 
 class LARS(torch.optim.Optimizer):

@@ -89,3 +89,28 @@ def peak_memory_mb_of_process() -> float:
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_KEEP_BELOW_BYTES = 1 << 30
+
+
+def keep_freed_cpu_memory_mapped(device: torch.device) -> bool:
+    """On a CPU run under glibc, let freed blocks of up to 1 GiB stay in the heap for reuse.
+
+    glibc hands blocks above its mmap threshold (at most 32 MiB) straight back to the kernel, so a
+    tensor of that size allocated every step, as MoCo's 128 x 65,537 logits are (33.5 MiB), is
+    page-faulted in afresh each time: on a 2-core EPYC that made the K = 65,536 step 16% slower
+    (docs/performance.md). The memory stays this process's, as its peak does anyway. A no-op (False)
+    off glibc or on an accelerator; True once set."""
+    if device.type != "cpu":
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without mallopt)
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BELOW_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BELOW_BYTES))

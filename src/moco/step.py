@@ -13,7 +13,6 @@ from torch import nn
 
 from moco import distributed as dist_utils
 from moco.diagnostics import StepStats, alignment, feature_spread, logit_stats, uniformity
-from moco.loss import pretext_accuracy
 from moco.methods import Batch, Method, StepContext, StepOutput
 from moco.momentum import momentum_update
 from moco.reliability import NonFiniteGuard
@@ -92,8 +91,8 @@ def step_stats(out: StepOutput, method: Method) -> StepStats:
     spread_of_all = uniformity(queries).to(device).view(1) if queries is not None else nan
     aligned = (alignment(queries, positives).to(device).view(1)
                if queries is not None and positives is not None and positives.shape == queries.shape else nan)
-    accuracy = pretext_accuracy(logits, out.labels).view(1) * 100 if logits is not None else nan
-    logit_means = logit_stats(logits, out.labels) if logits is not None else nan.repeat(2)
+    summary = logit_stats(logits, out.labels) if logits is not None else nan.repeat(3)
+    accuracy, logit_means = summary[:1] * 100, summary[1:]
     values = dist_utils.mean_over_ranks(torch.cat([accuracy, spread, spread_of_all, aligned, logit_means])).tolist()
     chance = method.chance_loss(logits.shape[1]) if logits is not None else math.nan
     acc, feature_std, mean_cosine, uniform, align, positive, negative = values

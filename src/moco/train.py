@@ -35,8 +35,8 @@ from moco.pretrained import encoder_spec
 from moco.reliability import (Checkpointer, NonFiniteGuard, StopSignals, TrainingInterrupted, check_paths, check_resume,
                               clear_run, make_deterministic)
 from moco.run_log import MetricsLog, NullLog, read_metrics
-from moco.runtime import (autocast, resolve_device, resolve_memory_format, resolve_precision, say,
-                          seed_everything)
+from moco.runtime import (autocast, keep_freed_cpu_memory_mapped, resolve_device, resolve_memory_format,
+                          resolve_precision, say, seed_everything)
 from moco.schedule import learning_rate, momentum_at
 from moco.step import StepFunction, optimisation_step, step_function, step_stats
 
@@ -176,6 +176,7 @@ def set_up(config: Config, resume: str | None, overwrite: bool) -> Run:
     if t.deterministic:
         make_deterministic()
     device = resolve_device(t.device)
+    keep_freed_cpu_memory_mapped(device)
     precision = resolve_precision(t.precision, device)
     memory_format = resolve_memory_format(config, device)
     seed_everything(t.seed)

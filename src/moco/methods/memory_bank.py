@@ -15,7 +15,7 @@ from moco.diagnostics import CONTRAST_TEMPERATURE
 from moco.dictionary import MemoryBank
 from moco.distributed import concat_all_gather
 from moco.errors import ConfigError
-from moco.loss import info_nce_logits, positive_first_labels
+from moco.loss import info_nce_loss_and_logits, positive_first_labels
 from moco.methods.base import Batch, EncoderFactory, Method, StepContext, StepOutput, Traits
 from moco.methods.common import check_temperature, make_encoder, no_local_views
 
@@ -107,9 +107,8 @@ class MemoryBankContrast(Method):
         q = self.encode_query(x1)
         positives = self.bank.entries(indices)
         negatives, _ = self.bank.sample(self.K)
-        logits = info_nce_logits(q, positives, negatives, self.T)
+        loss, logits = info_nce_loss_and_logits(q, positives, negatives, self.T)
         labels = positive_first_labels(logits)
-        loss = F.cross_entropy(logits, labels)
         if self.proximal:
             loss = loss + self.proximal * (q - positives).pow(2).sum(dim=1).mean()
         self.bank.update(concat_all_gather(indices), concat_all_gather(q.detach()))
