@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moco.bench import CaseResult, Setting, Timing, plan, ratios, run_bench, time_blocks
+from moco.bench import (CaseResult, Setting, Timing, plan, pool_rounds, ratios, ratios_over_rounds, run_bench,
+                        time_blocks)
 from moco.cli import main
 from moco.config import ConfigError
 from tests.tiny import tiny_config
@@ -45,6 +46,23 @@ def test_ratios_are_times_per_image_and_the_loop_a_speed() -> None:
     assert found["moco step / lightly's MoCo step (K=4096)"] == pytest.approx(0.5)
 
 
+
+def test_rounds_pool_every_block_and_take_each_ratio_within_its_round() -> None:
+    """On a shared host a whole round may run at half speed: the ratio of each round still holds."""
+    fast = [CaseResult("encoder", 1000.0, repeats=[1000.0, 1000.0], peak_memory_mb=10.0),
+            CaseResult("moco", 800.0, K=4096, repeats=[800.0, 800.0], peak_memory_mb=12.0)]
+    slow = [CaseResult("encoder", 500.0, repeats=[500.0, 500.0], peak_memory_mb=11.0),
+            CaseResult("moco", 400.0, K=4096, repeats=[400.0, 400.0], peak_memory_mb=9.0)]
+    pooled = pool_rounds([fast, slow, fast])
+    assert [r.img_s for r in pooled] == [1000.0, 800.0]
+    assert (pooled[0].img_s_min, pooled[0].img_s_max, len(pooled[0].repeats)) == (500.0, 1000.0, 6)
+    assert [r.peak_memory_mb for r in pooled] == [11.0, 12.0] and pooled[1].K == 4096
+    found, per_round = ratios_over_rounds([fast, slow, fast], config_K=4096)
+    assert per_round["moco step (K=4096) / raw encoder work"] == pytest.approx([1.25, 1.25, 1.25])
+    assert found["moco step (K=4096) / raw encoder work"] == pytest.approx(1.25)
+    skipped = [CaseResult("lightly", None, detail="not run", skipped=True)]
+    assert pool_rounds([skipped, skipped])[0].detail == "not run"
+
 def test_bench_runs_every_case_on_the_tiny_config(tmp_path: Path) -> None:
     config = tiny_config(tmp_path)
     lines: list[str] = []
@@ -75,6 +93,7 @@ def test_bench_command_writes_its_json_and_isolates_the_cases(tmp_path: Path, ca
     assert summary["results"][0]["img_s"] > 0
     assert f"wrote {out}" in capsys.readouterr().out
     assert main(["bench", str(config), "--cases", "encoder", "--steps", "0"]) == 2
+    assert main(["bench", str(config), "--cases", "encoder", "--rounds", "0"]) == 2
 
 
 def test_lightly_case_runs_where_lightly_is_installed_and_says_how_to_get_it_elsewhere(tmp_path: Path) -> None:

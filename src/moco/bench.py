@@ -405,27 +405,64 @@ def environment(setting: Setting) -> dict[str, Any]:
             "overrides": setting.overrides, "timing": asdict(setting.timing), "compile": setting.compile}
 
 
+def pool_rounds(rounds: list[list[CaseResult]]) -> list[CaseResult]:
+    """One result per case from several rounds of the same plan: the median over every block of
+    every round, the slowest and fastest block, the highest peak memory."""
+    pooled = []
+    for same_case in zip(*rounds):
+        ran = [r for r in same_case if r.img_s is not None]
+        if not ran:
+            pooled.append(same_case[0])
+            continue
+        rates = [rate for r in ran for rate in r.repeats]
+        first = ran[0]
+        pooled.append(CaseResult(first.case, statistics.median(rates), min(rates), max(rates), rates,
+                                 max(r.peak_memory_mb or 0.0 for r in ran), first.batch, first.K, first.detail))
+    return pooled
+
+
+def ratios_over_rounds(rounds: list[list[CaseResult]], config_K: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Each ratio computed within each round (its cases ran minutes apart, so a host that slows
+    down and speeds up moves both sides alike), then its median and its values over the rounds."""
+    per_round = [ratios(results, config_K) for results in rounds]
+    names = list(dict.fromkeys(name for found in per_round for name in found))
+    values = {name: [found[name] for found in per_round if name in found] for name in names}
+    return {name: statistics.median(v) for name, v in values.items()}, values
+
+
 def run_bench(setting: Setting, cases: list[str], queue_sizes: list[int], isolate: bool = True,
-              report: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every case of ``cases``, one line each as it finishes; returns the JSON-ready summary."""
+              report: Callable[[str], None] = print, rounds: int = 1) -> dict[str, Any]:
+    """Every case of ``cases``, one line each as it finishes, ``rounds`` times over (round-robin,
+    so that a shared host's slow and fast minutes fall on every case); returns the JSON-ready summary."""
     config = setting.config()
-    env = environment(setting)
+    env = {**environment(setting), "rounds": rounds}
     report(f"torch {env['torch']} on {env['device']} ({env['device_name']}), {env['threads']} thread(s); "
            f"{config.model.arch} {list(config.model.widths)} on {channels_of(config)}x{config.data.image_size}"
            f"x{config.data.image_size}, batch {config.optim.batch_size}; "
-           f"{setting.timing.repeats} x {setting.timing.steps} steps after {setting.timing.warmup}")
-    results = []
-    for case, K in plan(cases, queue_sizes, config.model.K):
-        try:
-            result = _run_isolated(setting, case, K) if isolate else run_case(setting, case, K)
-        except (ConfigError, FileNotFoundError, ValueError) as err:
-            result = CaseResult(case, None, detail=f"not run: {err}", skipped=True)
-        results.append(result)
-        report(format_line(result))
-    found = ratios(results, config.model.K)
+           f"{setting.timing.repeats} x {setting.timing.steps} steps after {setting.timing.warmup}"
+           + (f"; {rounds} rounds" if rounds > 1 else ""))
+    all_rounds = []
+    for round_number in range(rounds):
+        results = []
+        for case, K in plan(cases, queue_sizes, config.model.K):
+            try:
+                result = _run_isolated(setting, case, K) if isolate else run_case(setting, case, K)
+            except (ConfigError, FileNotFoundError, ValueError) as err:
+                result = CaseResult(case, None, detail=f"not run: {err}", skipped=True)
+            results.append(result)
+            report((f"[round {round_number + 1}] " if rounds > 1 else "") + format_line(result))
+        all_rounds.append(results)
+    results = pool_rounds(all_rounds)
+    if rounds > 1:
+        report("pooled over the rounds:")
+        for result in results:
+            report(format_line(result))
+    found, per_round = ratios_over_rounds(all_rounds, config.model.K)
     for name, value in found.items():
-        report(f"ratio  {name}: {value:.3f}")
-    return {"environment": env, "results": [asdict(r) for r in results], "ratios": found}
+        spread = f" (rounds: {', '.join(f'{v:.3f}' for v in per_round[name])})" if rounds > 1 else ""
+        report(f"ratio  {name}: {value:.3f}{spread}")
+    return {"environment": env, "results": [asdict(r) for r in results], "ratios": found,
+            "ratios_per_round": per_round, "rounds": [[asdict(r) for r in rr] for rr in all_rounds]}
 
 
 def format_line(r: CaseResult) -> str:

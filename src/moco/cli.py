@@ -69,10 +69,11 @@ def _bench(args: argparse.Namespace) -> int:
 
     config = resolve_config_path(args.config) if args.config else None
     timing = Timing(args.warmup, args.steps, args.repeats)
-    if min(args.steps, args.repeats) < 1 or args.warmup < 0:
-        raise ConfigError("--steps and --repeats must be >= 1 and --warmup >= 0")
+    if min(args.steps, args.repeats, args.rounds) < 1 or args.warmup < 0:
+        raise ConfigError("--steps, --repeats and --rounds must be >= 1 and --warmup >= 0")
     setting = Setting(str(config) if config else None, list(args.overrides), timing, args.compile)
-    summary = run_bench(setting, args.cases.split(","), args.queue_sizes, isolate=not args.same_process)
+    summary = run_bench(setting, args.cases.split(","), args.queue_sizes, isolate=not args.same_process,
+                        rounds=args.rounds)
     print(f"wrote {write_json(summary, args.out)}")
     return 0
 
@@ -93,6 +94,8 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--steps", type=int, default=10, help="steps per timed block (default 10)")
     b.add_argument("--repeats", type=int, default=5, help="timed blocks; the median is reported (default 5)")
     b.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    b.add_argument("--rounds", type=int, default=1,
+                   help="run every case this many times, round-robin; ratios are medians of each round's (default 1)")
     b.add_argument("--out", default="runs/bench/bench.json", help="the JSON (default runs/bench/bench.json)")
     b.add_argument("--compile", action="store_true",
                    help="torch.compile the encoders in the encoder, step and lightly cases (warm-up includes compiling)")
