@@ -63,6 +63,22 @@ def test_rounds_pool_every_block_and_take_each_ratio_within_its_round() -> None:
     skipped = [CaseResult("lightly", None, detail="not run", skipped=True)]
     assert pool_rounds([skipped, skipped])[0].detail == "not run"
 
+
+def test_interleaved_bench_times_one_block_of_every_case_per_round_in_one_process(tmp_path: Path) -> None:
+    lines: list[str] = []
+    summary = run_bench(Setting(str(tiny_config(tmp_path)), [], Timing(1, 2, 3)), ["encoder", "moco", "loop"], [32],
+                        report=lines.append, interleave=True)
+    assert len(summary["rounds"]) == 3
+    assert all([(r["case"], r["K"]) for r in one] == [("encoder", None), ("moco", 32), ("moco", 64), ("loop", 64)]
+               and all(len(r["repeats"]) == 1 and r["img_s"] > 0 for r in one) for one in summary["rounds"])
+    assert all(len(r["repeats"]) == 3 for r in summary["results"])  # pooled: one block per round
+    name = "moco step (K=32) / raw encoder work"
+    assert len(summary["ratios_per_round"][name]) == 3
+    assert summary["ratios"][name] == pytest.approx(sorted(summary["ratios_per_round"][name])[1])
+    assert summary["environment"]["interleave"] and "interleaved in one process" in lines[0]
+    assert not list(tmp_path.glob("moco-bench-*"))  # the loop's scratch folder lives in the system's temp
+
+
 def test_bench_runs_every_case_on_the_tiny_config(tmp_path: Path) -> None:
     config = tiny_config(tmp_path)
     lines: list[str] = []

@@ -19,6 +19,10 @@ its own, so the peak is its own).
   ``batch_shuffle``) on the same backbone, views, batch, K and device, where lightly is installed.
 
 The ratios the performance issue sets targets for are printed at the end and written to the JSON.
+On a shared host whose speed drifts by 2x within a minute, separate processes minutes apart say
+little about a ratio: ``--interleave`` builds every case in one process and times one block of
+each in turn, so each round's ratios compare blocks seconds apart; the median over rounds is
+reported.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import copy
 import json
 import statistics
+import shutil
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -66,6 +71,23 @@ class CaseResult:
     K: int | None = None                # negatives per query where the case has a dictionary
     detail: str = ""                    # what ran, or why the case did not run
     skipped: bool = False
+
+
+@dataclass
+class Prepared:
+    """A case built and ready to time: ``step()`` runs one step and returns its images."""
+
+    case: str
+    step: Callable[[], int]
+    device: torch.device
+    batch: int
+    detail: str = ""
+    K: int | None = None
+    close: Callable[[], None] = lambda: None
+
+
+class CaseUnavailable(Exception):
+    """The case cannot run here (a missing optional package); the message says how to get it."""
 
 
 # --- timing ---------------------------------------------------------------------------------------
@@ -147,7 +169,7 @@ def _method(setting: Setting, config: Config, device: torch.device, memory_forma
 
 
 # --- the cases ------------------------------------------------------------------------------------------
-def bench_encoder(setting: Setting, with_optimizer: bool) -> CaseResult:
+def prepare_encoder(setting: Setting, with_optimizer: bool) -> Prepared:
     """Query forward + backward on one view, key forward on the other (+ the optimiser step)."""
     from moco.optim import build_optimizer
     from moco.runtime import autocast
@@ -170,12 +192,11 @@ def bench_encoder(setting: Setting, with_optimizer: bool) -> CaseResult:
             optimizer.step()
         return x1.shape[0]
 
-    name = "encoder+sgd" if with_optimizer else "encoder"
-    return summarise(name, time_blocks(step, device, setting.timing), x1.shape[0],
-                     f"{config.model.arch} {list(config.model.widths)}, {precision}")
+    return Prepared("encoder+sgd" if with_optimizer else "encoder", step, device, x1.shape[0],
+                    f"{config.model.arch} {list(config.model.widths)}, {precision}")
 
 
-def bench_method_step(setting: Setting, method_name: str, K: int | None = None) -> CaseResult:
+def prepare_method_step(setting: Setting, method_name: str, K: int | None = None) -> Prepared:
     """The loop's whole optimisation step for ``method_name`` on synthetic views."""
     from moco.methods import Batch, StepContext
     from moco.optim import build_optimizer
@@ -208,7 +229,7 @@ def bench_method_step(setting: Setting, method_name: str, K: int | None = None) 
         return batch_size
 
     K = config.model.K if method_name in ("moco", "memory_bank") else batch_size - 1
-    return summarise(method_name, time_blocks(step, device, setting.timing), batch_size, precision, K)
+    return Prepared(method_name, step, device, batch_size, precision, K)
 
 
 def _loop_run(setting: Setting, workdir: str) -> Any:
@@ -239,55 +260,59 @@ def _batches(run: Any) -> Callable[[], tuple[int, Any, Any]]:
     return next_batch
 
 
-def bench_data(setting: Setting) -> CaseResult:
+def _loop_case(setting: Setting) -> tuple[Any, Callable[[], tuple[int, Any, Any]], Callable[[], None]]:
+    """The loop's Run in a scratch folder, its batches, and what removes both."""
+    workdir = tempfile.mkdtemp(prefix="moco-bench-")
+    run = _loop_run(setting, workdir)
+
+    def close() -> None:
+        run.log.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    return run, _batches(run), close
+
+
+def prepare_data(setting: Setting) -> Prepared:
     """The loader and every view's augmentation, on the training device, without a model."""
     from moco.data.datasets import aspect_ratios_of
     from moco.train import make_views
 
-    with tempfile.TemporaryDirectory() as workdir:
-        run = _loop_run(setting, workdir)
-        next_batch = _batches(run)
+    run, next_batch, close = _loop_case(setting)
 
-        def step() -> int:
-            _, images, indices = next_batch()
-            make_views(images, run.view_augments, run.device, run.memory_format,
-                       aspect_ratios_of(run.data.pretrain, indices))
-            return images.shape[0]
+    def step() -> int:
+        _, images, indices = next_batch()
+        make_views(images, run.view_augments, run.device, run.memory_format,
+                   aspect_ratios_of(run.data.pretrain, indices))
+        return images.shape[0]
 
-        rates = time_blocks(step, run.device, setting.timing)
-        detail = f"{run.config.data.dataset}, {len(run.view_augments)} augmentation(s), workers={run.config.data.workers}"
-        run.log.close()
-    return summarise("data", rates, run.config.optim.batch_size, detail)
+    detail = f"{run.config.data.dataset}, {len(run.view_augments)} augmentation(s), workers={run.config.data.workers}"
+    return Prepared("data", step, run.device, run.config.optim.batch_size, detail, close=close)
 
 
-def bench_loop(setting: Setting) -> CaseResult:
+def prepare_loop(setting: Setting) -> Prepared:
     """The real loop's steps (:func:`moco.train.train_step`), loader included."""
     from moco.train import train_step
 
-    with tempfile.TemporaryDirectory() as workdir:
-        run = _loop_run(setting, workdir)
-        run.method.train()
-        next_batch = _batches(run)
+    run, next_batch, close = _loop_case(setting)
+    run.method.train()
 
-        def step() -> int:
-            epoch, images, indices = next_batch()
-            train_step(run, epoch, images, indices, lambda **_: None)
-            return images.shape[0]
+    def step() -> int:
+        epoch, images, indices = next_batch()
+        train_step(run, epoch, images, indices, lambda **_: None)
+        return images.shape[0]
 
-        rates = time_blocks(step, run.device, setting.timing)
-        detail = f"{run.config.data.dataset}, {run.config.model.method}, {run.precision}"
-        run.log.close()
-    return summarise("loop", rates, run.config.optim.batch_size, detail, run.config.model.K)
+    detail = f"{run.config.data.dataset}, {run.config.model.method}, {run.precision}"
+    return Prepared("loop", step, run.device, run.config.optim.batch_size, detail, run.config.model.K, close)
 
 
-def bench_lightly(setting: Setting, K: int) -> CaseResult:
+def prepare_lightly(setting: Setting, K: int) -> Prepared:
     """lightly's MoCo recipe on our backbone (same widths, split BN, views, batch, K, device)."""
     try:
         from lightly.loss import NTXentLoss
         from lightly.models.modules.heads import MoCoProjectionHead
         from lightly.models.utils import batch_shuffle, batch_unshuffle, deactivate_requires_grad, update_momentum
     except ImportError:
-        return CaseResult("lightly", None, detail="lightly is not installed (pip install -e '.[bench]')", skipped=True)
+        raise CaseUnavailable("lightly is not installed (pip install -e '.[bench]')") from None
     from moco.runtime import autocast
 
     config = setting.config("model.method=moco", f"model.K={K}")
@@ -323,25 +348,64 @@ def bench_lightly(setting: Setting, K: int) -> CaseResult:
         optimizer.step()
         return x_query.shape[0]
 
-    return summarise("lightly", time_blocks(step, device, setting.timing), x_query.shape[0],
-                     f"{precision}; lightly's NTXentLoss(memory_bank_size), MoCoProjectionHead", K)
+    return Prepared("lightly", step, device, x_query.shape[0],
+                    f"{precision}; lightly's NTXentLoss(memory_bank_size), MoCoProjectionHead", K)
+
+
+def prepare(setting: Setting, case: str, K: int | None = None) -> Prepared:
+    """Build one case in this process; raises :class:`CaseUnavailable` where it cannot run here."""
+    if case in ("encoder", "encoder+sgd"):
+        return prepare_encoder(setting, with_optimizer=case == "encoder+sgd")
+    if case in ("moco", "memory_bank"):
+        return prepare_method_step(setting, case, K)
+    if case == "end_to_end":
+        return prepare_method_step(setting, "end_to_end")
+    if case == "data":
+        return prepare_data(setting)
+    if case == "loop":
+        return prepare_loop(setting)
+    if case == "lightly":
+        return prepare_lightly(setting, K or setting.config().model.K)
+    raise ConfigError(f"--cases: unknown case {case!r}; choose from {', '.join(CASES)}")
 
 
 def run_case(setting: Setting, case: str, K: int | None = None) -> CaseResult:
-    """One case in this process."""
-    if case in ("encoder", "encoder+sgd"):
-        return bench_encoder(setting, with_optimizer=case == "encoder+sgd")
-    if case in ("moco", "memory_bank"):
-        return bench_method_step(setting, case, K)
-    if case == "end_to_end":
-        return bench_method_step(setting, "end_to_end")
-    if case == "data":
-        return bench_data(setting)
-    if case == "loop":
-        return bench_loop(setting)
-    if case == "lightly":
-        return bench_lightly(setting, K or setting.config().model.K)
-    raise ConfigError(f"--cases: unknown case {case!r}; choose from {', '.join(CASES)}")
+    """One case in this process: built, timed (warm-up, then the repeats), closed."""
+    try:
+        prepared = prepare(setting, case, K)
+    except CaseUnavailable as why:
+        return CaseResult(case, None, detail=str(why), skipped=True)
+    try:
+        rates = time_blocks(prepared.step, prepared.device, setting.timing)
+    finally:
+        prepared.close()
+    return summarise(prepared.case, rates, prepared.batch, prepared.detail, prepared.K)
+
+
+def run_interleaved(setting: Setting, pairs: list[tuple[str, int | None]]) -> list[list[CaseResult]]:
+    """Every case built in this process, warmed up, then timed one block each in turn, ``repeats``
+    times: one round per repeat. On a host whose speed drifts within seconds (a shared VM), the
+    cases of a round see the same host, so each round's ratios hold even when its speeds do not.
+    Peak memory is then the process's, over every case."""
+    built: list[Prepared | CaseResult] = []
+    for case, K in pairs:
+        try:
+            built.append(prepare(setting, case, K))
+        except CaseUnavailable as why:
+            built.append(CaseResult(case, None, detail=str(why), skipped=True))
+    ready = [p for p in built if isinstance(p, Prepared)]
+    try:
+        for p in ready:
+            time_blocks(p.step, p.device, Timing(setting.timing.warmup, 1, 0))
+        rounds = []
+        for _ in range(setting.timing.repeats):
+            one_block = Timing(warmup=0, steps=setting.timing.steps, repeats=1)
+            rounds.append([summarise(p.case, time_blocks(p.step, p.device, one_block), p.batch, p.detail, p.K)
+                           if isinstance(p, Prepared) else p for p in built])
+    finally:
+        for p in ready:
+            p.close()
+    return rounds
 
 
 def _run_isolated(setting: Setting, case: str, K: int | None) -> CaseResult:
@@ -431,38 +495,54 @@ def ratios_over_rounds(rounds: list[list[CaseResult]], config_K: int) -> tuple[d
 
 
 def run_bench(setting: Setting, cases: list[str], queue_sizes: list[int], isolate: bool = True,
-              report: Callable[[str], None] = print, rounds: int = 1) -> dict[str, Any]:
-    """Every case of ``cases``, one line each as it finishes, ``rounds`` times over (round-robin,
-    so that a shared host's slow and fast minutes fall on every case); returns the JSON-ready summary."""
+              report: Callable[[str], None] = print, rounds: int = 1, interleave: bool = False) -> dict[str, Any]:
+    """Every case of ``cases``, ``rounds`` times over (round-robin, each case in a fresh process
+    unless ``isolate`` is off), or with ``interleave`` all in this process, one block of each in
+    turn (:func:`run_interleaved`); prints a line per case and the ratios; returns the JSON-ready
+    summary."""
     config = setting.config()
-    env = {**environment(setting), "rounds": rounds}
+    pairs = plan(cases, queue_sizes, config.model.K)
+    env = {**environment(setting), "rounds": rounds, "interleave": interleave}
+    timing = setting.timing
     report(f"torch {env['torch']} on {env['device']} ({env['device_name']}), {env['threads']} thread(s); "
            f"{config.model.arch} {list(config.model.widths)} on {channels_of(config)}x{config.data.image_size}"
            f"x{config.data.image_size}, batch {config.optim.batch_size}; "
-           f"{setting.timing.repeats} x {setting.timing.steps} steps after {setting.timing.warmup}"
-           + (f"; {rounds} rounds" if rounds > 1 else ""))
-    all_rounds = []
-    for round_number in range(rounds):
-        results = []
-        for case, K in plan(cases, queue_sizes, config.model.K):
-            try:
-                result = _run_isolated(setting, case, K) if isolate else run_case(setting, case, K)
-            except (ConfigError, FileNotFoundError, ValueError) as err:
-                result = CaseResult(case, None, detail=f"not run: {err}", skipped=True)
-            results.append(result)
-            report((f"[round {round_number + 1}] " if rounds > 1 else "") + format_line(result))
-        all_rounds.append(results)
+           + (f"interleaved in one process: {timing.repeats} rounds of one {timing.steps}-step block per case "
+              f"after {timing.warmup} warm-up steps each" if interleave else
+              f"{timing.repeats} x {timing.steps} steps after {timing.warmup}" + (f"; {rounds} rounds" if rounds > 1 else "")))
+    if interleave:
+        all_rounds = run_interleaved(setting, pairs)
+    else:
+        all_rounds = []
+        for round_number in range(rounds):
+            results = []
+            for case, K in pairs:
+                try:
+                    result = _run_isolated(setting, case, K) if isolate else run_case(setting, case, K)
+                except (ConfigError, FileNotFoundError, ValueError) as err:
+                    result = CaseResult(case, None, detail=f"not run: {err}", skipped=True)
+                results.append(result)
+                report((f"[round {round_number + 1}] " if rounds > 1 else "") + format_line(result))
+            all_rounds.append(results)
     results = pool_rounds(all_rounds)
-    if rounds > 1:
-        report("pooled over the rounds:")
+    if len(all_rounds) > 1:
+        report("pooled over the rounds:" if not interleave else "each case over its blocks:")
         for result in results:
             report(format_line(result))
     found, per_round = ratios_over_rounds(all_rounds, config.model.K)
     for name, value in found.items():
-        spread = f" (rounds: {', '.join(f'{v:.3f}' for v in per_round[name])})" if rounds > 1 else ""
+        values = per_round[name]
+        spread = (f" (rounds: {', '.join(f'{v:.3f}' for v in values)})" if 1 < len(values) <= 5 else
+                  f" (over {len(values)} rounds: {min(values):.3f}-{max(values):.3f}, "
+                  f"middle half {_quartiles(values)})" if len(values) > 5 else "")
         report(f"ratio  {name}: {value:.3f}{spread}")
     return {"environment": env, "results": [asdict(r) for r in results], "ratios": found,
             "ratios_per_round": per_round, "rounds": [[asdict(r) for r in rr] for rr in all_rounds]}
+
+
+def _quartiles(values: list[float]) -> str:
+    low, _, high = statistics.quantiles(values, n=4)
+    return f"{low:.3f}-{high:.3f}"
 
 
 def format_line(r: CaseResult) -> str:

@@ -73,7 +73,7 @@ def _bench(args: argparse.Namespace) -> int:
         raise ConfigError("--steps, --repeats and --rounds must be >= 1 and --warmup >= 0")
     setting = Setting(str(config) if config else None, list(args.overrides), timing, args.compile)
     summary = run_bench(setting, args.cases.split(","), args.queue_sizes, isolate=not args.same_process,
-                        rounds=args.rounds)
+                        rounds=args.rounds, interleave=args.interleave)
     print(f"wrote {write_json(summary, args.out)}")
     return 0
 
@@ -96,6 +96,9 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     b.add_argument("--rounds", type=int, default=1,
                    help="run every case this many times, round-robin; ratios are medians of each round's (default 1)")
+    b.add_argument("--interleave", action="store_true",
+                   help="build every case in this process and time one block of each in turn, --repeats rounds: "
+                        "ratios that hold on a host whose speed drifts (a shared VM); peak memory is cumulative")
     b.add_argument("--out", default="runs/bench/bench.json", help="the JSON (default runs/bench/bench.json)")
     b.add_argument("--compile", action="store_true",
                    help="torch.compile the encoders in the encoder, step and lightly cases (warm-up includes compiling)")
