@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import copy
 import json
-import statistics
 import shutil
+import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -369,12 +369,19 @@ def prepare(setting: Setting, case: str, K: int | None = None) -> Prepared:
     raise ConfigError(f"--cases: unknown case {case!r}; choose from {', '.join(CASES)}")
 
 
-def run_case(setting: Setting, case: str, K: int | None = None) -> CaseResult:
-    """One case in this process: built, timed (warm-up, then the repeats), closed."""
+def _prepare_or_skip(setting: Setting, case: str, K: int | None) -> Prepared | CaseResult:
+    """The built case, or its skipped result saying why it cannot run here."""
     try:
-        prepared = prepare(setting, case, K)
+        return prepare(setting, case, K)
     except CaseUnavailable as why:
         return CaseResult(case, None, detail=str(why), skipped=True)
+
+
+def run_case(setting: Setting, case: str, K: int | None = None) -> CaseResult:
+    """One case in this process: built, timed (warm-up, then the repeats), closed."""
+    prepared = _prepare_or_skip(setting, case, K)
+    if isinstance(prepared, CaseResult):
+        return prepared
     try:
         rates = time_blocks(prepared.step, prepared.device, setting.timing)
     finally:
@@ -387,16 +394,12 @@ def run_interleaved(setting: Setting, pairs: list[tuple[str, int | None]]) -> li
     times: one round per repeat. On a host whose speed drifts within seconds (a shared VM), the
     cases of a round see the same host, so each round's ratios hold even when its speeds do not.
     Peak memory is then the process's, over every case."""
-    built: list[Prepared | CaseResult] = []
-    for case, K in pairs:
-        try:
-            built.append(prepare(setting, case, K))
-        except CaseUnavailable as why:
-            built.append(CaseResult(case, None, detail=str(why), skipped=True))
+    built = [_prepare_or_skip(setting, case, K) for case, K in pairs]
     ready = [p for p in built if isinstance(p, Prepared)]
     try:
         for p in ready:
-            time_blocks(p.step, p.device, Timing(setting.timing.warmup, 1, 0))
+            for _ in range(setting.timing.warmup):
+                p.step()
         rounds = []
         for _ in range(setting.timing.repeats):
             one_block = Timing(warmup=0, steps=setting.timing.steps, repeats=1)

@@ -44,7 +44,7 @@ def in_batch_logits(q: torch.Tensor, k: torch.Tensor, temperature: float) -> tor
     of N gives exactly N−1 negatives per query and the same layout (and labels) as the queue.
     Gradients flow into ``k`` as well as ``q``.
     """
-    with torch.autocast(q.device.type, enabled=False):  # fp32, as info_nce_logits
+    with torch.autocast(q.device.type, enabled=False):  # fp32: N x N is small, bf16 would save nothing
         q, k = q.float(), k.float()
         sim = q @ k.T
     n = sim.shape[0]
