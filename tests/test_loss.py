@@ -87,27 +87,18 @@ def test_fused_loss_keeps_nothing_of_the_queue_so_it_may_change_before_backward(
     torch.testing.assert_close(torch.autograd.grad(loss, q)[0], expected)
 
 
-def test_under_bf16_autocast_the_positive_is_fp32_and_the_negatives_product_bf16() -> None:
-    """Fused and reference paths agree; the positive logit is exact fp32, the negatives' product bf16
-    (autocast's own choice for a matrix product, and ~3x faster on CPU at K = 65,536)."""
-    from moco.loss import in_batch_logits, info_nce_loss_and_logits, positive_first_labels
+def test_under_bf16_autocast_the_logits_stay_fp32_products() -> None:
+    """bf16 products cost the demo 1.7 points of validation kNN: both paths stay fp32 under autocast."""
+    from moco.loss import in_batch_logits, info_nce_loss_and_logits
 
     torch.manual_seed(0)
     q = F.normalize(torch.randn(16, 64), dim=1).requires_grad_()
     k, queue = F.normalize(torch.randn(16, 64), dim=1), F.normalize(torch.randn(64, 256), dim=0)
-    fp32 = info_nce_logits(q, k, queue, 0.07)
+    fp32, in_batch = info_nce_logits(q, k, queue, 0.07), in_batch_logits(q, k, 0.07)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         reference = info_nce_logits(q, k, queue, 0.07)
-        loss, logits = info_nce_loss_and_logits(q, k, queue, 0.07)
-    assert reference.dtype == logits.dtype == torch.float32
-    torch.testing.assert_close(logits, reference.detach())
-    torch.testing.assert_close(logits[:, 0], fp32[:, 0].detach())  # the positive: fp32
-    error = (logits[:, 1:] - fp32[:, 1:].detach()).abs().max().item()
-    assert 0 < error < 0.1  # bf16 products: rounded, but well inside a logit's range at T = 0.07
-    expected = F.cross_entropy(reference, positive_first_labels(reference))
-    torch.testing.assert_close(loss, expected)
-    torch.testing.assert_close(torch.autograd.grad(loss, q)[0], torch.autograd.grad(expected, q)[0],
-                               rtol=0.02, atol=1e-4)
-    in_batch = in_batch_logits(q, k, 0.07)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # in-batch keys: fp32 throughout
+        _, logits = info_nce_loss_and_logits(q, k, queue, 0.07)
         torch.testing.assert_close(in_batch_logits(q, k, 0.07), in_batch)
+    assert reference.dtype == logits.dtype == torch.float32
+    torch.testing.assert_close(reference, fp32)
+    torch.testing.assert_close(logits, fp32.detach())
