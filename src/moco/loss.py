@@ -18,23 +18,13 @@ def info_nce_logits(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, t
     Returns:
         N x (1+K) logits; column 0 holds the positive.
     """
-    product_dtype = negatives_product_dtype(q.device.type)
+    # fp32 also under autocast: bf16 products ran ~3x faster at K = 65,536 on an AVX-512 CPU but
+    # cost the demo 1.7 points of validation kNN (docs/performance.md).
     with torch.autocast(q.device.type, enabled=False):
         scaled = q.float() / temperature
         l_pos = (scaled * k.float()).sum(dim=1, keepdim=True)
-        l_neg = (scaled.to(product_dtype) @ negatives.to(product_dtype)).float()
+        l_neg = scaled @ negatives.float()
         return torch.cat([l_pos, l_neg], dim=1)
-
-
-def negatives_product_dtype(device_type: str) -> torch.dtype:
-    """The dtype of the N x K product of the queries with the negatives: fp32, also under autocast.
-
-    bf16 runs it ~3x faster on a CPU with AVX-512 bf16 (26 -> 8.5 ms at N = 128, K = 65,536), but
-    the demo trained with bf16 products ended 1.7 points lower in validation kNN (82.24 / 84.18
-    against 83.90 / 85.60, backbone / encoder output; docs/performance.md), so the product stays
-    fp32 on every device. ``device_type`` is kept for a device where a low-precision product is
-    shown not to cost accuracy."""
-    return torch.float32
 
 
 def in_batch_logits(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -66,23 +56,18 @@ class _InfoNCE(torch.autograd.Function):
     1/T is applied to the N x C queries, the negatives' products are written straight into the
     logits, and the gradients, ``(softmax − onehot(0)) / (N·T)`` against ``[k, negatives]``, are
     computed in the forward: nothing of size K is kept for the backward, so the caller may update
-    the queue at once. The two N x K products run in :func:`negatives_product_dtype`.
+    the queue at once. Everything runs in fp32, as :func:`info_nce_logits`.
     """
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor,  # type: ignore[override]
                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        product_dtype = negatives_product_dtype(q.device.type)
         with torch.autocast(q.device.type, enabled=False):
-            q, k = q.float(), k.float()
+            q, k, negatives = q.float(), k.float(), negatives.float()
             scaled = q / temperature
             logits = q.new_empty(q.shape[0], 1 + negatives.shape[1])
             torch.sum(scaled * k, dim=1, keepdim=True, out=logits[:, :1])
-            negatives = negatives.to(product_dtype)
-            if product_dtype == torch.float32:
-                torch.mm(scaled, negatives, out=logits[:, 1:])
-            else:
-                logits[:, 1:] = scaled.to(product_dtype) @ negatives
+            torch.mm(scaled, negatives, out=logits[:, 1:])
             log_p = torch.log_softmax(logits, dim=1)
             loss = -log_p[:, 0].mean()
             need_q, need_k, need_negatives = ctx.needs_input_grad[:3]
@@ -93,10 +78,9 @@ class _InfoNCE(torch.autograd.Function):
                 d_logits[:, 0] -= 1
                 d_pos, d_neg = d_logits[:, :1], d_logits[:, 1:]
                 scale = 1.0 / (q.shape[0] * temperature)
-                d_neg = d_neg.to(product_dtype)
-                ctx.grads = (((d_neg @ negatives.T).float() + d_pos * k) * scale if need_q else None,
+                ctx.grads = ((d_neg @ negatives.T + d_pos * k) * scale if need_q else None,
                              d_pos * q * scale if need_k else None,
-                             (q.to(product_dtype).T @ d_neg).float() * scale if need_negatives else None)
+                             (q.T @ d_neg) * scale if need_negatives else None)
         ctx.mark_non_differentiable(logits)
         return loss, logits
 
