@@ -76,8 +76,9 @@ def test_memory_bank_contrast_uses_stored_positive_then_refreshes_only_the_batch
     idx = torch.tensor([4, 0, 9])
     out = model.contrastive_loss(x1, x2, indices=idx)
     q = F.normalize(model.encoder_q(x1), dim=1).detach()
-    assert out.logits.shape == (3, 1 + 5)
-    torch.testing.assert_close(out.logits[:, 0], (q * old[idx]).sum(1) / 0.1)  # positive = entry before refresh
+    assert out.num_logits == 1 + 5
+    torch.testing.assert_close(out.positives, old[idx])  # the positive is the entry before its refresh
+    torch.testing.assert_close(out.logit_stats[1], ((q * old[idx]).sum(1) / 0.1).mean())
     torch.testing.assert_close(model.bank.features[idx], F.normalize(0.5 * old[idx] + 0.5 * q, dim=1))
     rest = [i for i in range(12) if i not in (0, 4, 9)]
     assert torch.equal(model.bank.features[rest], old[rest])

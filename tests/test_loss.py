@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -54,51 +55,70 @@ def test_loss_of_perfect_match_is_small_and_random_is_near_log_k() -> None:
     assert abs(info_nce_loss(q, q, queue, 1e4).item() - math.log(k + 1)) < 1e-3
 
 
-def test_fused_loss_and_gradients_equal_cross_entropy_of_the_logits() -> None:
-    """info_nce_loss_and_logits computes the gradients in its forward; they must be autograd's."""
-    from moco.loss import info_nce_loss_and_logits, positive_first_labels
+@pytest.mark.parametrize("columns_per_block", [3, 7, 1 << 62])
+def test_streamed_loss_gradients_and_stats_equal_cross_entropy_of_the_logits(
+        monkeypatch: pytest.MonkeyPatch, columns_per_block: int) -> None:
+    """info_nce_loss_and_stats visits the negatives a block at a time with a running-max softmax and
+    computes the gradients in its forward; loss, gradients and statistics must be autograd's and
+    logit_stats' on the whole matrix, however the columns are split (3 and 7 do not divide 20)."""
+    from moco.diagnostics import logit_stats
+    from moco.loss import info_nce_loss_and_stats, positive_first_labels
 
+    monkeypatch.setattr("moco.loss._columns_per_block", lambda rows, device: columns_per_block)
     torch.manual_seed(0)
     for t in (0.05, 0.2, 1.0):
         q = F.normalize(torch.randn(6, 8), dim=1).requires_grad_()
         k = F.normalize(torch.randn(6, 8), dim=1).requires_grad_()
         negatives = F.normalize(torch.randn(8, 20), dim=0).requires_grad_()
         reference = info_nce_logits(q, k, negatives, t)
-        expected = F.cross_entropy(reference, positive_first_labels(reference))
+        labels = positive_first_labels(reference)
+        expected = F.cross_entropy(reference, labels)
         expected_grads = torch.autograd.grad(3 * expected, (q, k, negatives))
-        loss, logits = info_nce_loss_and_logits(q, k, negatives, t)
+        loss, stats = info_nce_loss_and_stats(q, k, negatives, t)
         torch.testing.assert_close(loss, expected)
-        torch.testing.assert_close(logits, reference.detach())
-        assert not logits.requires_grad
+        torch.testing.assert_close(stats, logit_stats(reference, labels))
+        assert not stats.requires_grad
         for got, want in zip(torch.autograd.grad(3 * loss, (q, k, negatives)), expected_grads):
             torch.testing.assert_close(got, want)
 
 
-def test_fused_loss_keeps_nothing_of_the_queue_so_it_may_change_before_backward() -> None:
+def test_streamed_stats_count_a_tie_with_the_hardest_negative_as_wrong() -> None:
+    from moco.loss import info_nce_loss_and_stats
+
+    q = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    k = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    negatives = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # row 0: positive 0 < negative 1; row 1: a tie at 1
+    _, stats = info_nce_loss_and_stats(q, k, negatives, 1.0)
+    torch.testing.assert_close(stats, torch.tensor([0.0, 0.5, 0.5]))
+
+
+def test_streamed_loss_keeps_nothing_of_the_queue_so_it_may_change_before_backward() -> None:
     """MoCo enqueues right after the loss; the reference path needed a clone of the queue for that."""
-    from moco.loss import info_nce_loss_and_logits
+    from moco.loss import info_nce_loss_and_stats
 
     q = F.normalize(torch.randn(4, 8), dim=1).requires_grad_()
     k = F.normalize(torch.randn(4, 8), dim=1)
     queue = F.normalize(torch.randn(8, 16), dim=0)
     expected = torch.autograd.grad(info_nce_loss(q, k, queue.clone(), 0.1), q)[0]
-    loss, _ = info_nce_loss_and_logits(q, k, queue, 0.1)
+    loss, _ = info_nce_loss_and_stats(q, k, queue, 0.1)
     queue[:, :4] = k.T  # an in-place enqueue
     torch.testing.assert_close(torch.autograd.grad(loss, q)[0], expected)
 
 
 def test_under_bf16_autocast_the_logits_stay_fp32_products() -> None:
-    """bf16 products cost the demo 1.7 points of validation kNN: both paths stay fp32 under autocast."""
-    from moco.loss import in_batch_logits, info_nce_loss_and_logits
+    """bf16 products cost the demo 1.7 points of validation kNN: every path stays fp32 under autocast."""
+    from moco.loss import in_batch_logits, info_nce_loss_and_stats
 
     torch.manual_seed(0)
     q = F.normalize(torch.randn(16, 64), dim=1).requires_grad_()
     k, queue = F.normalize(torch.randn(16, 64), dim=1), F.normalize(torch.randn(64, 256), dim=0)
     fp32, in_batch = info_nce_logits(q, k, queue, 0.07), in_batch_logits(q, k, 0.07)
+    fp32_loss, fp32_stats = info_nce_loss_and_stats(q, k, queue, 0.07)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         reference = info_nce_logits(q, k, queue, 0.07)
-        _, logits = info_nce_loss_and_logits(q, k, queue, 0.07)
+        loss, stats = info_nce_loss_and_stats(q, k, queue, 0.07)
         torch.testing.assert_close(in_batch_logits(q, k, 0.07), in_batch)
-    assert reference.dtype == logits.dtype == torch.float32
+    assert reference.dtype == loss.dtype == stats.dtype == torch.float32
     torch.testing.assert_close(reference, fp32)
-    torch.testing.assert_close(logits, fp32.detach())
+    torch.testing.assert_close(loss, fp32_loss)
+    torch.testing.assert_close(stats, fp32_stats)

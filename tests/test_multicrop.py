@@ -39,7 +39,7 @@ def test_local_views_are_queries_against_the_global_key_and_only_global_keys_are
     queries = [model.encode_query(v) for v in (x1, *local)]
     expected = torch.stack([info_nce_loss(q, k2, queue, 0.2) for q in queries]).mean()
     torch.testing.assert_close(out.loss, expected, rtol=1e-4, atol=1e-4)
-    assert out.logits.shape == (12, 33) and out.labels.tolist() == [0] * 12
+    assert out.num_logits == 33 and out.logit_stats.shape == (3,)  # 1 positive + K = 32 negatives per query
     assert int(model.queue_ptr) == 4  # one key per image, from the global view
     torch.testing.assert_close(model.queue[:, :4].T, k2, rtol=1e-4, atol=1e-4)
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from moco.dictionary import check_queue_divisible, enqueue, init_queue
 from moco.distributed import concat_all_gather, encode_with_shuffle_bn, world_size
-from moco.loss import info_nce_logits, info_nce_loss_and_logits, positive_first_labels
+from moco.loss import info_nce_logits, info_nce_loss_and_stats, positive_first_labels
 from moco.models.heads import add_mlp_head
 from moco.momentum import make_momentum_copy, momentum_update
 
@@ -34,7 +34,12 @@ class MoCoOutput:
     """What one training step needs: the loss plus the logits behind it and their labels (the
     positive's column: pretext accuracy, chance loss), the step's detached, L2-normalised queries
     of the first view (the collapse statistics of :mod:`moco.diagnostics`) and further 0-d metric
-    tensors; None where a method has none. Every method's step returns it (``moco.methods.StepOutput``)."""
+    tensors; None where a method has none. Every method's step returns it (``moco.methods.StepOutput``).
+
+    A dictionary of K negatives never forms its N x (1+K) logits (:func:`moco.loss.info_nce_loss_and_stats`):
+    it gives their statistics instead, ``logit_stats`` (``[pretext accuracy, mean positive, mean
+    negative]``, as :func:`moco.diagnostics.logit_stats`) and ``num_logits`` (1+K, for the chance loss).
+    """
 
     loss: torch.Tensor
     logits: torch.Tensor | None = None
@@ -42,6 +47,8 @@ class MoCoOutput:
     queries: torch.Tensor | None = None
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     positives: torch.Tensor | None = None  # each query's positive key, detached and L2-normalised (alignment)
+    logit_stats: torch.Tensor | None = None
+    num_logits: int | None = None
 
 
 class MoCo(nn.Module):
@@ -107,10 +114,10 @@ class MoCo(nn.Module):
         """N x (1+K) logits against the queue as it was *before* this batch is enqueued."""
         return info_nce_logits(q, k, self.queue.clone().detach(), self.T)
 
-    def loss_and_logits(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """InfoNCE against the queue and the (detached) logits, as cross-entropy of :meth:`logits`
-        would give them; nothing of the queue is kept for the backward, so no clone is needed."""
-        return info_nce_loss_and_logits(q, k, self.queue, self.T)
+    def loss_and_stats(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """InfoNCE against the queue, as cross-entropy of :meth:`logits` would give it, and the logits'
+        statistics; nothing of the queue is kept for the backward, so no clone is needed."""
+        return info_nce_loss_and_stats(q, k, self.queue, self.T)
 
     @torch.no_grad()
     def enqueue(self, *keys: torch.Tensor) -> None:
@@ -166,9 +173,9 @@ class MoCo(nn.Module):
             q = self.encode_query(x1)
             with torch.no_grad():
                 k = self.encode_key(x2)
-            loss, logits = self.loss_and_logits(q, k)
+            loss, stats = self.loss_and_stats(q, k)
             self.enqueue(k)
-            return MoCoOutput(loss, logits, positive_first_labels(logits), q.detach(), positives=k)
+            return MoCoOutput(loss, queries=q.detach(), positives=k, logit_stats=stats, num_logits=1 + self.K)
         n = x1.shape[0]
         q1 = self.encode_query(x1)
         q2 = self.encode_query(x2) if symmetric else None
@@ -178,11 +185,12 @@ class MoCo(nn.Module):
             k2 = self.encode_key(x2)
         # (key, its queries): the other global view, then every local view.
         terms = [(k2, [q1, *q_local])] + ([(k1, [q2, *q_local])] if symmetric else [])
-        loss, all_logits = x1.new_zeros((), dtype=torch.float32), []
+        loss, all_stats = x1.new_zeros((), dtype=torch.float32), []
         for key, queries in terms:  # each term: the mean over its queries' rows
-            losses, logits = zip(*(self.loss_and_logits(q, key) for q in queries))
+            losses, stats = zip(*(self.loss_and_stats(q, key) for q in queries))
             loss = loss + torch.stack(losses).mean()
-            all_logits.extend(logits)
+            all_stats.extend(stats)
         self.enqueue(*([k1, k2] if symmetric else [k2]))
-        logits = torch.cat(all_logits)
-        return MoCoOutput(loss, logits, positive_first_labels(logits), q1.detach(), positives=k2)
+        # Every term has N rows and 1+K columns, so the mean of their statistics is that of all rows.
+        return MoCoOutput(loss, queries=q1.detach(), positives=k2, logit_stats=torch.stack(all_stats).mean(dim=0),
+                          num_logits=1 + self.K)

@@ -47,16 +47,29 @@ def positive_first_labels(logits: torch.Tensor) -> torch.Tensor:
     return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
 
 
-class _InfoNCE(torch.autograd.Function):
-    """``cross_entropy(info_nce_logits(q, k, negatives, T), zeros)`` in fewer passes over the N x (1+K) logits.
+def _columns_per_block(rows: int, device: torch.device) -> int:
+    """Negatives visited per block: about 2 MiB of fp32 logits on a CPU, so a block's logits stay in
+    cache from their product through the exp to the product back; all at once on an accelerator,
+    where each block costs kernel launches and memory traffic is cheap."""
+    if device.type != "cpu":
+        return 1 << 62
+    return max(256, (2 << 20) // (4 * max(rows, 1)))
 
-    With a queue of 65,536 keys the logits, not the encoder, dominated a small model's step: the
-    concatenation, the division by T and their backward each copied the N x (1+K) matrix, and the
-    queue itself was cloned so that its in-place update could not corrupt the backward. Here the
-    1/T is applied to the N x C queries, the negatives' products are written straight into the
-    logits, and the gradients, ``(softmax − onehot(0)) / (N·T)`` against ``[k, negatives]``, are
-    computed in the forward: nothing of size K is kept for the backward, so the caller may update
-    the queue at once. Everything runs in fp32, as :func:`info_nce_logits`.
+
+class _StreamedInfoNCE(torch.autograd.Function):
+    """``cross_entropy(info_nce_logits(q, k, negatives, T), zeros)`` without the N x (1+K) logits.
+
+    With a queue of 65,536 keys the logits, not the encoder, dominated a small model's step: on a
+    CPU each pass over the 33 MB matrix (product, softmax, its gradient, the product back, the
+    statistics) went to memory. Here the negatives are visited a block of columns at a time with a
+    running-max (online) softmax: a block's logits are computed, exponentiated and multiplied back
+    against the block while in cache, accumulating per row the normaliser ``Σ exp(l − max)`` and
+    ``Σ exp(l − max)·n``, which at the end give the loss and the queries' gradient
+    ``(softmax − onehot(0)) / (N·T)`` against ``[k, negatives]``. Gradients are computed in the
+    forward, so nothing of size K is kept and the caller may update the queue at once. fp32
+    throughout, as :func:`info_nce_logits`. Also returns the logits' statistics
+    ``[pretext accuracy, mean positive logit, mean negative logit]`` (ties count as wrong), the
+    layout of :func:`moco.diagnostics.logit_stats`.
     """
 
     @staticmethod
@@ -64,44 +77,67 @@ class _InfoNCE(torch.autograd.Function):
                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(q.device.type, enabled=False):
             q, k, negatives = q.float(), k.float(), negatives.float()
+            n = q.shape[0]
             scaled = q / temperature
-            logits = q.new_empty(q.shape[0], 1 + negatives.shape[1])
-            torch.sum(scaled * k, dim=1, keepdim=True, out=logits[:, :1])
-            torch.mm(scaled, negatives, out=logits[:, 1:])
-            log_p = torch.log_softmax(logits, dim=1)
-            loss = -log_p[:, 0].mean()
+            positive = (scaled * k).sum(dim=1)
+            running_max = positive.clone()  # the shift of each row's exponentials
+            normaliser = torch.ones_like(positive)  # Σ exp(l − running_max), the positive's term included
+            weighted = torch.zeros_like(q)  # Σ exp(l − running_max) · negative, over the negatives
+            hardest = torch.full_like(positive, float("-inf"))
+            negative_sum = q.new_zeros(())
+            for block in negatives.split(_columns_per_block(n, q.device), dim=1):
+                logits = scaled @ block
+                block_max = logits.amax(dim=1)
+                hardest = torch.maximum(hardest, block_max)
+                negative_sum += logits.sum()
+                new_max = torch.maximum(running_max, block_max)
+                rescale = (running_max - new_max).exp_()
+                exponentials = logits.sub_(new_max.unsqueeze(1)).exp_()
+                normaliser.mul_(rescale).add_(exponentials.sum(dim=1))
+                weighted.mul_(rescale.unsqueeze(1)).addmm_(exponentials, block.T)
+                running_max = new_max
+            log_normaliser = running_max + normaliser.log()
+            loss = (log_normaliser - positive).mean()
+            stats = torch.stack([(positive > hardest).float().mean(), positive.mean(),
+                                 negative_sum / max(n * negatives.shape[1], 1)])
             need_q, need_k, need_negatives = ctx.needs_input_grad[:3]
-            if need_q or need_k or need_negatives:
-                # d loss / d logits = (softmax − onehot(0)) / N; the logits are (q/T)·[k, negatives].
-                # The 1 / (N·T) scales the small products, not the N x (1+K) matrix.
-                d_logits = log_p.exp_()
-                d_logits[:, 0] -= 1
-                d_pos, d_neg = d_logits[:, :1], d_logits[:, 1:]
-                scale = 1.0 / (q.shape[0] * temperature)
-                ctx.grads = ((d_neg @ negatives.T + d_pos * k) * scale if need_q else None,
-                             d_pos * q * scale if need_k else None,
-                             (q.T @ d_neg) * scale if need_negatives else None)
-        ctx.mark_non_differentiable(logits)
-        return loss, logits
+            scale = 1.0 / (n * temperature)  # d loss / d logits = (softmax − onehot(0)) / N; logits = (q/T)·[k, n]
+            d_positive = ((positive - log_normaliser).exp() - 1).unsqueeze(1)
+            ctx.grads = ((weighted / normaliser.unsqueeze(1) + d_positive * k) * scale if need_q else None,
+                         d_positive * q * scale if need_k else None,
+                         _negatives_gradient(scaled, q, negatives, log_normaliser, scale) if need_negatives else None)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
 
     @staticmethod
-    def backward(ctx, d_loss: torch.Tensor, _d_logits: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, d_loss: torch.Tensor, _d_stats: torch.Tensor):  # type: ignore[override]
         grads = tuple(None if g is None else g * d_loss for g in ctx.grads)
         del ctx.grads
         return (*grads, None)
 
 
-def info_nce_loss_and_logits(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor,
-                             temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean InfoNCE loss and its N x (1+K) logits (detached, positive first), computed as
-    :func:`info_nce_logits` then cross-entropy would, in fewer passes and without keeping
-    ``negatives`` for the backward: a queue may be updated in place right after this call."""
-    return _InfoNCE.apply(q, k, negatives, temperature)
+def _negatives_gradient(scaled: torch.Tensor, q: torch.Tensor, negatives: torch.Tensor,
+                        log_normaliser: torch.Tensor, scale: float) -> torch.Tensor:
+    """``q^T · softmax / (N·T)`` over the negatives' columns: a second pass, as it needs each row's
+    final normaliser. MoCo's queue and the memory bank take no gradient; in-batch uses may."""
+    blocks = negatives.split(_columns_per_block(q.shape[0], q.device), dim=1)
+    return torch.cat([q.T @ (scaled @ block).sub_(log_normaliser.unsqueeze(1)).exp_() for block in blocks],
+                     dim=1).mul_(scale)
+
+
+def info_nce_loss_and_stats(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor,
+                            temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean InfoNCE loss and its logits' ``[pretext accuracy, mean positive, mean negative]``
+    (detached), as cross-entropy of :func:`info_nce_logits` and
+    :func:`moco.diagnostics.logit_stats` would give them, without forming the N x (1+K) logits
+    and without keeping ``negatives`` for the backward: a queue may be updated in place right
+    after this call."""
+    return _StreamedInfoNCE.apply(q, k, negatives, temperature)
 
 
 def info_nce_loss(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean InfoNCE loss of queries against their positives and a shared set of negatives."""
-    return info_nce_loss_and_logits(q, k, negatives, temperature)[0]
+    return info_nce_loss_and_stats(q, k, negatives, temperature)[0]
 
 
 class InfoNCELoss(nn.Module):

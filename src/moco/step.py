@@ -37,7 +37,8 @@ class _MethodStep(nn.Module):
 
     def forward(self, views: tuple[torch.Tensor, ...], indices: torch.Tensor | None, ctx: StepContext) -> tuple:
         out = self.method.training_step(Batch(tuple(views), indices), ctx)
-        return out.loss, out.logits, out.labels, out.queries, out.metrics, out.positives
+        return (out.loss, out.logits, out.labels, out.queries, out.metrics, out.positives, out.logit_stats,
+                out.num_logits)
 
 
 def step_function(method: Method, device: torch.device) -> StepFunction:
@@ -91,9 +92,14 @@ def step_stats(out: StepOutput, method: Method) -> StepStats:
     spread_of_all = uniformity(queries).to(device).view(1) if queries is not None else nan
     aligned = (alignment(queries, positives).to(device).view(1)
                if queries is not None and positives is not None and positives.shape == queries.shape else nan)
-    summary = logit_stats(logits, out.labels) if logits is not None else nan.repeat(3)
+    if out.logit_stats is not None:  # a dictionary's loss summarised its logits without forming them
+        summary, num_logits = out.logit_stats.to(device), out.num_logits
+    elif logits is not None:
+        summary, num_logits = logit_stats(logits, out.labels), logits.shape[1]
+    else:
+        summary, num_logits = nan.repeat(3), None
     accuracy, logit_means = summary[:1] * 100, summary[1:]
     values = dist_utils.mean_over_ranks(torch.cat([accuracy, spread, spread_of_all, aligned, logit_means])).tolist()
-    chance = method.chance_loss(logits.shape[1]) if logits is not None else math.nan
+    chance = method.chance_loss(num_logits) if num_logits is not None else math.nan
     acc, feature_std, mean_cosine, uniform, align, positive, negative = values
     return StepStats(acc, feature_std, mean_cosine, chance, uniform, align, positive, negative)

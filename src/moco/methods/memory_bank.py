@@ -15,7 +15,7 @@ from moco.diagnostics import CONTRAST_TEMPERATURE
 from moco.dictionary import MemoryBank
 from moco.distributed import concat_all_gather
 from moco.errors import ConfigError
-from moco.loss import info_nce_loss_and_logits, positive_first_labels
+from moco.loss import info_nce_loss_and_stats
 from moco.methods.base import Batch, EncoderFactory, Method, StepContext, StepOutput, Traits
 from moco.methods.common import check_temperature, make_encoder, no_local_views
 
@@ -107,12 +107,12 @@ class MemoryBankContrast(Method):
         q = self.encode_query(x1)
         positives = self.bank.entries(indices)
         negatives, _ = self.bank.sample(self.K)
-        loss, logits = info_nce_loss_and_logits(q, positives, negatives, self.T)
-        labels = positive_first_labels(logits)
+        loss, stats = info_nce_loss_and_stats(q, positives, negatives, self.T)
         if self.proximal:
             loss = loss + self.proximal * (q - positives).pow(2).sum(dim=1).mean()
         self.bank.update(concat_all_gather(indices), concat_all_gather(q.detach()))
-        return StepOutput(loss, logits, labels, q.detach(), positives=positives)
+        return StepOutput(loss, queries=q.detach(), positives=positives, logit_stats=stats,
+                          num_logits=1 + negatives.shape[1])
 
     def training_step(self, batch: Batch, ctx: StepContext) -> StepOutput:
         return self.contrastive_loss(*batch.global_views, False, batch.indices, batch.local_views)
