@@ -106,7 +106,7 @@ def test_streamed_loss_keeps_nothing_of_the_queue_so_it_may_change_before_backwa
 
 
 def test_under_bf16_autocast_the_logits_stay_fp32_products() -> None:
-    """bf16 products cost the demo 1.7 points of validation kNN: every path stays fp32 under autocast."""
+    """The negatives' products stay fp32 under autocast (bf16 ones are not validated: docs/performance.md)."""
     from moco.loss import in_batch_logits, info_nce_loss_and_stats
 
     torch.manual_seed(0)
