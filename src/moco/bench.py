@@ -1,9 +1,9 @@
 """``moco bench``: where a training step's time goes, on this machine, for any config.
 
 Each case times ``repeats`` blocks of ``steps`` steps after ``warmup`` steps and reports the
-median images per second with the slowest and fastest block, and the case's peak memory (GPU
-memory allocated by torch, or the process's resident set on CPU: each case runs in a process of
-its own, so the peak is its own).
+median images per second with the slowest and fastest block, and peak memory (GPU memory
+allocated by torch, or the process's resident set on CPU: a case's own in ``--mode isolated``,
+where each case runs in a process of its own).
 
 - ``encoder``: the raw encoder work every two-view method pays: the query encoder's forward and
   backward on one view plus the key encoder's forward on the other (synthetic views).
@@ -20,9 +20,9 @@ its own, so the peak is its own).
 
 The ratios the performance issue sets targets for are printed at the end and written to the JSON.
 On a shared host whose speed drifts by 2x within a minute, separate processes minutes apart say
-little about a ratio: ``--interleave`` builds every case in one process and times one block of
-each in turn, so each round's ratios compare blocks seconds apart; the median over rounds is
-reported.
+little about a ratio: so by default (``--mode interleaved``) every case is built in one process
+and one block of each is timed in turn, so each round's ratios compare blocks seconds apart; the
+median over rounds is reported.
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ from moco.runtime import peak_memory_mb_of_process
 
 CASES = ("encoder", "encoder+sgd", "moco", "end_to_end", "memory_bank", "data", "loop", "lightly")
 DEFAULT_CASES = ("encoder", "encoder+sgd", "moco", "end_to_end", "memory_bank", "data", "loop")
+# interleaved: every case in this process, one block of each in turn (the default: ratios that hold
+# on a drifting host); isolated: a process per case (its own peak memory); same-process: one after another.
+BENCH_MODES = ("interleaved", "isolated", "same-process")
 _CHANNELS = {"fashion_mnist": 1}  # datasets that are not RGB; a folder's channels come from data.channels
 
 
@@ -54,9 +57,9 @@ _CHANNELS = {"fashion_mnist": 1}  # datasets that are not RGB; a folder's channe
 class Timing:
     """How long ``repeats`` blocks of ``steps`` steps took, each after ``warmup`` untimed steps."""
 
-    warmup: int = 3
-    steps: int = 10
-    repeats: int = 5
+    warmup: int = 5
+    steps: int = 3
+    repeats: int = 20
 
 
 @dataclass

@@ -72,18 +72,19 @@ def _bench(args: argparse.Namespace) -> int:
     if min(args.steps, args.repeats, args.rounds) < 1 or args.warmup < 0:
         raise ConfigError("--steps, --repeats and --rounds must be >= 1 and --warmup >= 0")
     setting = Setting(str(config) if config else None, list(args.overrides), timing, args.compile)
-    summary = run_bench(setting, args.cases.split(","), args.queue_sizes, isolate=not args.same_process,
-                        rounds=args.rounds, interleave=args.interleave)
+    summary = run_bench(setting, args.cases.split(","), args.queue_sizes, isolate=args.mode == "isolated",
+                        rounds=args.rounds, interleave=args.mode == "interleaved")
     print(f"wrote {write_json(summary, args.out)}")
     return 0
 
 
 def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    from moco.bench import CASES, DEFAULT_CASES
+    from moco.bench import BENCH_MODES, CASES, DEFAULT_CASES
 
     b = sub.add_parser("bench", help="img/s and peak memory of the encoder, the step, the data and the loop",
-                       description="Time each case (median of --repeats blocks of --steps steps after --warmup), "
-                                   "each in a process of its own, and print the performance issue's ratios. "
+                       description="Time each case (median of --repeats blocks of --steps steps after --warmup; "
+                                   "by default every case in one process, one block of each in turn) and print "
+                                   "the performance issue's ratios. "
                                    f"Cases: {', '.join(CASES)} (lightly needs pip install -e '.[bench]'). "
                                    "Any config and overrides: backbone, image size, batch, device, precision.")
     b.add_argument("config", nargs="?", default="fmnist_v2", help="YAML file or shipped config (default fmnist_v2)")
@@ -91,19 +92,25 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--cases", default=",".join(DEFAULT_CASES), help="comma-separated (default: all but lightly)")
     b.add_argument("--queue-sizes", type=int, nargs="+", default=[4096, 16384, 65536],
                    help="K of the MoCo step cases (default 4096 16384 65536)")
-    b.add_argument("--steps", type=int, default=10, help="steps per timed block (default 10)")
-    b.add_argument("--repeats", type=int, default=5, help="timed blocks; the median is reported (default 5)")
-    b.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    b.add_argument("--steps", type=int, default=3, help="steps per timed block (default 3)")
+    b.add_argument("--repeats", type=int, default=20, help="timed blocks; the median is reported (default 20)")
+    b.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    b.add_argument("--mode", choices=BENCH_MODES, default="interleaved",
+                   help="interleaved (default): every case built in this process, one block of each in turn, "
+                        "--repeats rounds, each ratio taken within a round: ratios that hold on a host whose speed "
+                        "drifts (a shared VM); peak memory is the process's over all cases. isolated: each case "
+                        "in a process of its own, one after another (its own peak memory). same-process: one "
+                        "after another in this process (quickest to start)")
+    b.add_argument("--interleave", dest="mode", action="store_const", const="interleaved",
+                   help="the same as --mode interleaved (the default)")
+    b.add_argument("--same-process", dest="mode", action="store_const", const="same-process",
+                   help="the same as --mode same-process")
     b.add_argument("--rounds", type=int, default=1,
-                   help="run every case this many times, round-robin; ratios are medians of each round's (default 1)")
-    b.add_argument("--interleave", action="store_true",
-                   help="build every case in this process and time one block of each in turn, --repeats rounds: "
-                        "ratios that hold on a host whose speed drifts (a shared VM); peak memory is cumulative")
+                   help="isolated and same-process: run every case this many times, round-robin; ratios are "
+                        "medians of each round's (default 1)")
     b.add_argument("--out", default="runs/bench/bench.json", help="the JSON (default runs/bench/bench.json)")
     b.add_argument("--compile", action="store_true",
                    help="torch.compile the encoders in the encoder, step and lightly cases (warm-up includes compiling)")
-    b.add_argument("--same-process", action="store_true",
-                   help="run every case in this process (faster to start; peak memory is then cumulative)")
     b.set_defaults(func=_bench)
 
 
