@@ -86,7 +86,8 @@ class _StreamedInfoNCE(torch.autograd.Function):
             weighted = torch.zeros_like(q)  # Σ exp(l − running_max) · negative, over the negatives
             hardest = torch.full_like(positive, float("-inf"))
             negative_sum = q.new_zeros(())
-            for block in negatives.split(_columns_per_block(n, q.device), dim=1):
+            blocks = negatives.split(_columns_per_block(n, q.device), dim=1)
+            for block in blocks:
                 logits = scaled @ block
                 block_max = logits.amax(dim=1)
                 hardest = torch.maximum(hardest, block_max)
@@ -106,7 +107,7 @@ class _StreamedInfoNCE(torch.autograd.Function):
             d_positive = ((positive - log_normaliser).exp() - 1).unsqueeze(1)
             ctx.grads = ((weighted / normaliser.unsqueeze(1) + d_positive * k) * scale if need_q else None,
                          d_positive * q * scale if need_k else None,
-                         _negatives_gradient(scaled, q, negatives, log_normaliser, scale) if need_negatives else None)
+                         _negatives_gradient(scaled, q, blocks, log_normaliser, scale) if need_negatives else None)
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
@@ -117,11 +118,10 @@ class _StreamedInfoNCE(torch.autograd.Function):
         return (*grads, None)
 
 
-def _negatives_gradient(scaled: torch.Tensor, q: torch.Tensor, negatives: torch.Tensor,
+def _negatives_gradient(scaled: torch.Tensor, q: torch.Tensor, blocks: tuple[torch.Tensor, ...],
                         log_normaliser: torch.Tensor, scale: float) -> torch.Tensor:
-    """``q^T · softmax / (N·T)`` over the negatives' columns: a second pass, as it needs each row's
-    final normaliser. MoCo's queue and the memory bank take no gradient; in-batch uses may."""
-    blocks = negatives.split(_columns_per_block(q.shape[0], q.device), dim=1)
+    """``q^T · softmax / (N·T)`` over the negatives' column blocks: a second pass, as it needs each
+    row's final normaliser. MoCo's queue and the memory bank take no gradient; in-batch uses may."""
     return torch.cat([q.T @ (scaled @ block).sub_(log_normaliser.unsqueeze(1)).exp_() for block in blocks],
                      dim=1).mul_(scale)
 
