@@ -373,11 +373,15 @@ def prepare(setting: Setting, case: str, K: int | None = None) -> Prepared:
 
 
 def _prepare_or_skip(setting: Setting, case: str, K: int | None) -> Prepared | CaseResult:
-    """The built case, or its skipped result saying why it cannot run here."""
+    """The built case, or its skipped result saying why it cannot run here (a missing optional
+    package, or a case the config cannot build, such as a dataset that is not there): the other
+    cases still run, in every mode."""
     try:
         return prepare(setting, case, K)
     except CaseUnavailable as why:
         return CaseResult(case, None, detail=str(why), skipped=True)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        return CaseResult(case, None, detail=f"not run: {err}", skipped=True)
 
 
 def run_case(setting: Setting, case: str, K: int | None = None) -> CaseResult:
@@ -404,8 +408,8 @@ def run_interleaved(setting: Setting, pairs: list[tuple[str, int | None]]) -> li
             for _ in range(setting.timing.warmup):
                 p.step()
         rounds = []
+        one_block = Timing(warmup=0, steps=setting.timing.steps, repeats=1)
         for _ in range(setting.timing.repeats):
-            one_block = Timing(warmup=0, steps=setting.timing.steps, repeats=1)
             rounds.append([summarise(p.case, time_blocks(p.step, p.device, one_block), p.batch, p.detail, p.K)
                            if isinstance(p, Prepared) else p for p in built])
     finally:
