@@ -48,6 +48,11 @@ def test_the_v3_loss_equals_one_computed_by_hand() -> None:
     out = model.training_step(Batch((x1, x2)), StepContext())
     assert out.loss.item() == pytest.approx(_ctr_by_hand(x1, x2, T) + _ctr_by_hand(x2, x1, T), rel=1e-5)
 
+    model.options.symmetric = False  # one direction: ctr(q1, k2) alone, and the chance level of one term
+    out = model.training_step(Batch((x1, x2)), StepContext())
+    assert out.loss.item() == pytest.approx(_ctr_by_hand(x1, x2, T), rel=1e-5)
+    assert out.logits.shape == (6, 6) and model.chance_loss(6) == pytest.approx(2 * T * math.log(6))
+
 
 def test_heads_follow_the_official_structure() -> None:
     projector = bn_mlp(2, 64, 4096, 256)

@@ -3,6 +3,7 @@ contrasted with the other view's momentum keys of the whole (all-gathered) batch
 directions are summed: ``ctr(q1, k2) + ctr(q2, k1)``, each a cross-entropy of ``q·k / T`` scaled
 by 2T. The momentum encoder holds backbone and projector; the predictor is on the query branch
 only; the loop moves m along a half cosine from ``model.m`` to 1 (``model.m_schedule=cosine``).
+``moco_v3.symmetric=false`` keeps the first direction alone, at half the encoder work per step.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class MoCoV3Options:
     projector_layers: int = 2           # 3 for a ViT
     predictor_layers: int = 2
     predictor_last_bn: bool = False     # True for a ViT
+    # Both directions, ctr(q1, k2) + ctr(q2, k1), as the paper; false keeps ctr(q1, k2) alone: half the
+    # encoder work per step, so twice the epochs in the same time (a CPU's budget is time, not epochs).
+    symmetric: bool = True
     # BYOL's asymmetric augmentation: the first view always blurred, the second rarely but solarised.
     blur_p: list[float] = field(default_factory=lambda: [1.0, 0.1])
     solarize_p: list[float] = field(default_factory=lambda: [0.0, 0.2])
@@ -102,13 +106,20 @@ class MoCoV3(Method):
         return [(self.encoder_k, self.encoder_q)]
 
     def chance_loss(self, num_logits: int) -> float:
-        return 2 * self.T * chance_loss(num_logits, 2)
+        return 2 * self.T * chance_loss(num_logits, 2 if self.options.symmetric else 1)
 
     def collapse_settings(self, images: int) -> list[str]:
         return [f"moco_v3.mlp_dim={self.options.mlp_dim}"]
 
     def training_step(self, batch: Batch, ctx: StepContext) -> StepOutput:
         x1, x2 = batch.global_views
+        if not self.options.symmetric:
+            q1 = self.predictor(self.encoder_q(x1))
+            with torch.no_grad():  # the loop has moved the momentum encoder already
+                k2 = self.encoder_k(x2)
+            loss, logits, labels = contrast_in_batch(q1, k2, self.T)
+            return StepOutput(loss, logits, labels, F.normalize(q1.detach().float(), dim=1),
+                              positives=F.normalize(k2.float(), dim=1))
         q1, q2 = self.predictor(self.encoder_q(x1)), self.predictor(self.encoder_q(x2))
         with torch.no_grad():  # the loop has moved the momentum encoder already
             k1, k2 = self.encoder_k(x1), self.encoder_k(x2)
