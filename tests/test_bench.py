@@ -67,7 +67,7 @@ def test_rounds_pool_every_block_and_take_each_ratio_within_its_round() -> None:
 def test_interleaved_bench_times_one_block_of_every_case_per_round_in_one_process(tmp_path: Path) -> None:
     lines: list[str] = []
     summary = run_bench(Setting(str(tiny_config(tmp_path)), [], Timing(1, 2, 3)), ["encoder", "moco", "loop"], [32],
-                        report=lines.append, interleave=True)
+                        report=lines.append, mode="interleaved")
     assert len(summary["rounds"]) == 3
     assert all([(r["case"], r["K"]) for r in one] == [("encoder", None), ("moco", 32), ("moco", 64), ("loop", 64)]
                and all(len(r["repeats"]) == 1 and r["img_s"] > 0 for r in one) for one in summary["rounds"])
@@ -82,10 +82,12 @@ def test_interleaved_bench_times_one_block_of_every_case_per_round_in_one_proces
 def test_interleaved_bench_skips_a_case_the_config_cannot_build_and_times_the_others(tmp_path: Path) -> None:
     """The default mode, like the others, says why a case did not run instead of stopping the bench."""
     setting = Setting(str(tiny_config(tmp_path)), [f"data.root={tmp_path / 'missing'}"], Timing(0, 1, 2))
-    summary = run_bench(setting, ["encoder", "data"], [32], report=lambda _: None, interleave=True)
+    summary = run_bench(setting, ["encoder", "data"], [32], report=lambda _: None, mode="interleaved")
     encoder, data = summary["results"]
     assert encoder["img_s"] > 0 and not encoder["skipped"]
     assert data["skipped"] and data["detail"].startswith("not run: data.root") and "missing" in data["detail"]
+    with pytest.raises(ValueError, match="bench mode 'fast' is not one of interleaved, isolated, same-process"):
+        run_bench(setting, ["encoder"], [32], mode="fast")
 
 
 def test_bench_runs_every_case_on_the_tiny_config(tmp_path: Path) -> None:
@@ -93,7 +95,7 @@ def test_bench_runs_every_case_on_the_tiny_config(tmp_path: Path) -> None:
     lines: list[str] = []
     summary = run_bench(Setting(str(config), [], Timing(1, 2, 2)),
                         ["encoder", "encoder+sgd", "moco", "end_to_end", "memory_bank", "data", "loop"], [32, 128],
-                        isolate=False, report=lines.append)
+                        mode="same-process", report=lines.append)
     cases = [(r["case"], r["K"]) for r in summary["results"]]
     assert cases == [("encoder", None), ("encoder+sgd", None), ("moco", 32), ("moco", 128), ("moco", 64),
                      ("end_to_end", 15), ("memory_bank", 32), ("data", None), ("loop", 64)]
@@ -129,7 +131,7 @@ def test_bench_command_writes_its_json_and_isolates_the_cases(tmp_path: Path, ca
 
 def test_lightly_case_runs_where_lightly_is_installed_and_says_how_to_get_it_elsewhere(tmp_path: Path) -> None:
     summary = run_bench(Setting(str(tiny_config(tmp_path)), [], Timing(0, 1, 1)), ["moco", "lightly"], [32],
-                        isolate=False, report=lambda _: None)
+                        mode="same-process", report=lambda _: None)
     lightly = summary["results"][1]
     if importlib.util.find_spec("lightly") is None:
         assert lightly["skipped"] and "pip install -e '.[bench]'" in lightly["detail"]

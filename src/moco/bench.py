@@ -504,12 +504,15 @@ def ratios_over_rounds(rounds: list[list[CaseResult]], config_K: int) -> tuple[d
     return {name: statistics.median(v) for name, v in values.items()}, values
 
 
-def run_bench(setting: Setting, cases: list[str], queue_sizes: list[int], isolate: bool = True,
-              report: Callable[[str], None] = print, rounds: int = 1, interleave: bool = False) -> dict[str, Any]:
-    """Every case of ``cases``, ``rounds`` times over (round-robin, each case in a fresh process
-    unless ``isolate`` is off), or with ``interleave`` all in this process, one block of each in
-    turn (:func:`run_interleaved`); prints a line per case and the ratios; returns the JSON-ready
-    summary."""
+def run_bench(setting: Setting, cases: list[str], queue_sizes: list[int], mode: str = "isolated",
+              report: Callable[[str], None] = print, rounds: int = 1) -> dict[str, Any]:
+    """Every case of ``cases`` in one of :data:`BENCH_MODES`: ``interleaved``, all in this process,
+    one block of each in turn (:func:`run_interleaved`); ``isolated`` (each case in a fresh process)
+    or ``same-process``, one case after another, ``rounds`` times over (round-robin). Prints a line
+    per case and the ratios; returns the JSON-ready summary."""
+    if mode not in BENCH_MODES:
+        raise ValueError(f"bench mode {mode!r} is not one of {', '.join(BENCH_MODES)}")
+    interleave = mode == "interleaved"
     config = setting.config()
     pairs = plan(cases, queue_sizes, config.model.K)
     env = {**environment(setting), "rounds": rounds, "interleave": interleave}
@@ -528,7 +531,7 @@ def run_bench(setting: Setting, cases: list[str], queue_sizes: list[int], isolat
             results = []
             for case, K in pairs:
                 try:
-                    result = _run_isolated(setting, case, K) if isolate else run_case(setting, case, K)
+                    result = _run_isolated(setting, case, K) if mode == "isolated" else run_case(setting, case, K)
                 except (ConfigError, FileNotFoundError, ValueError) as err:
                     result = CaseResult(case, None, detail=f"not run: {err}", skipped=True)
                 results.append(result)

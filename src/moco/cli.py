@@ -72,8 +72,7 @@ def _bench(args: argparse.Namespace) -> int:
     if min(args.steps, args.repeats, args.rounds) < 1 or args.warmup < 0:
         raise ConfigError("--steps, --repeats and --rounds must be >= 1 and --warmup >= 0")
     setting = Setting(str(config) if config else None, list(args.overrides), timing, args.compile)
-    summary = run_bench(setting, args.cases.split(","), args.queue_sizes, isolate=args.mode == "isolated",
-                        rounds=args.rounds, interleave=args.mode == "interleaved")
+    summary = run_bench(setting, args.cases.split(","), args.queue_sizes, args.mode, rounds=args.rounds)
     print(f"wrote {write_json(summary, args.out)}")
     return 0
 
