@@ -148,7 +148,9 @@ def test_a_healthy_tiny_run_stays_quiet_and_logs_the_statistics(tmp_path: Path) 
     ({"optim__lr": 5.0, "optim__epochs": 1}, "collapse", "the encoder has collapsed at epoch 1 step 10"),
     ({"model__m": 0.0, "optim__lr": 0.2, "optim__epochs": 4}, "lost_learning", "the loss has climbed back to chance"),
     ({"model__T": 50.0, "optim__epochs": 4}, "no_learning", "the loss is still at chance at epoch 4 step 40"),
-], ids=["huge-lr", "no-momentum", "huge-T"])
+    ({"model__T": 50.0, "optim__epochs": 6, "optim__warmup_epochs": 2}, "no_learning",
+     "the loss is still at chance at epoch 6 step 60"),  # its patience starts after the 20 steps of lr warm-up
+], ids=["huge-lr", "no-momentum", "huge-T", "huge-T-after-lr-warm-up"])
 def test_a_failing_tiny_run_is_told_why_once(tmp_path: Path, overrides: dict, kind: str, seen: str) -> None:
     messages, rows = _run(tmp_path, **overrides)
     ours = [m for m in messages if seen in m]

@@ -12,6 +12,7 @@ from torch import nn
 
 from moco.checkpoint import load_checkpoint
 from moco.config import ConfigError, load_config
+from moco.data import AugmentSpec
 from moco.methods import Batch, MoCoV3, StepContext, build_method
 from moco.methods.moco_v3 import contrast_in_batch
 from moco.models.heads import bn_mlp
@@ -77,6 +78,14 @@ def test_v3_options_are_checked() -> None:
         load_config(None, ["model.method=moco_v3", "moco_v3.blur_p=[1.0]"])
     with pytest.raises(ConfigError, match="MoCo v3's loss is symmetric already"):
         load_config(None, ["model.method=moco_v3", "model.symmetric=true"])
+
+
+def test_views_follow_byols_asymmetry_unless_blur_is_off_for_small_images() -> None:
+    method = build_method(load_config(None, ["model.method=moco_v3", "moco_v3.mlp_dim=32"]), channels=1)
+    first, second = method.view_augmentations(AugmentSpec(blur_p=0.5), None, 0)
+    assert (first.blur_p, first.solarize_p, second.blur_p, second.solarize_p) == (1.0, 0.0, 0.1, 0.2)
+    first, second = method.view_augmentations(AugmentSpec(blur_p=0.0), None, 0)  # aug.blur_p=0: 28 px images
+    assert (first.blur_p, first.solarize_p, second.blur_p, second.solarize_p) == (0.0, 0.0, 0.0, 0.2)
 
 
 def test_lars_leaves_one_dimensional_parameters_alone_and_scales_the_rest() -> None:

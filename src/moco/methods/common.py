@@ -44,5 +44,8 @@ def check_per_view_probabilities(section: str, options: Any) -> None:
 
 
 def asymmetric_views(spec: "AugmentSpec", blur_p: Sequence[float], solarize_p: Sequence[float]) -> list["AugmentSpec"]:
-    """BYOL's two views (also MoCo v3's): the same augmentation with each view's blur and solarisation."""
-    return [replace(spec, blur_p=blur, solarize_p=solarize) for blur, solarize in zip(blur_p, solarize_p)]
+    """BYOL's two views (also MoCo v3's): the same augmentation with each view's blur and solarisation.
+    An augmentation without blur (``aug.blur_p=0``: the Fashion-MNIST presets, and ``folder`` on images
+    of up to 32 px, which have no detail to spare) keeps it off in both views."""
+    return [replace(spec, blur_p=blur if spec.blur_p > 0 else 0.0, solarize_p=solarize)
+            for blur, solarize in zip(blur_p, solarize_p)]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moco.diagnostics import chance_loss
+from moco.diagnostics import CONTRAST_TEMPERATURE, chance_loss
 from moco.distributed import concat_all_gather, rank
 from moco.errors import ConfigError
 from moco.methods.base import Batch, EncoderFactory, Method, StepContext, StepOutput, Traits
@@ -63,7 +63,7 @@ class MoCoV3(Method):
     label = "MoCo v3"
     Options = MoCoV3Options
     traits = Traits(negatives="batch", momentum_encoder=True, predictor=True)
-    collapse_advice = ("keep model.T near 0.2 (v3's in-batch keys)", "keep model.m near 0.99 with model.m_schedule=cosine",
+    collapse_advice = (CONTRAST_TEMPERATURE, "keep model.m near 0.99 with model.m_schedule=cosine",
                        "for a ViT keep model.stop_grad_conv1=true (the frozen patch projection is v3's stability fix)")
 
     def __init__(self, base_encoder: EncoderFactory | nn.Module, dim: int = 256, T: float = 1.0,
