@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: set up, pretrain MoCo v2 on Fashion-MNIST, report test kNN, plot the curves.
+# The main job: set up, pretrain MoCo v3 (ResNet) on Fashion-MNIST, report test kNN, plot the curves.
 # Extra arguments are passed to `moco pretrain` (e.g. a config name or key=value overrides).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,5 +12,5 @@ for arg in "$@"; do
   if [[ "$arg" != -* && "$arg" != *=* && "$previous" != "--resume" ]]; then config="$arg"; break; fi
   previous="$arg"
 done
-if [ -z "$config" ]; then set -- fmnist_v2 "$@"; fi
+if [ -z "$config" ]; then set -- fmnist_v3 "$@"; fi
 exec .venv/bin/moco pretrain "$@"
