@@ -73,6 +73,16 @@ def test_derived_hold_out_batch_and_bn_groups_scale_with_the_data(images: int, e
     assert config.data.channels == 3 and config.data.image_size == 64
 
 
+@pytest.mark.parametrize("method, derives_k", [("moco", True), ("memory_bank", True), ("moco_v3", False), ("byol", False)])
+def test_the_queue_size_is_derived_and_printed_only_for_methods_with_k_negatives(method: str, derives_k: bool) -> None:
+    config = load_config(resolve_config_path("folder"), ["data.root=/nonexistent", f"model.method={method}"])
+    derive_data_options(config, DataFacts(images=22000, labelled=True, classes=4, gray=False, short_side=500), CPU)
+    notes = derive_training_options(config, 20000, CPU)
+    assert any(note.startswith("model.K=") for note in notes) == derives_k
+    assert config.model.K == (10000 // 256 * 256 if derives_k else 256)  # half the images, whole batches of 256
+    assert "model.K" not in auto_options(config)
+
+
 def test_a_batch_set_by_hand_gets_bn_groups_that_divide_it() -> None:
     facts = DataFacts(images=5000, labelled=False, classes=0, gray=True, short_side=64)
     for batch, splits in ((96, 3), (100, 2)):  # 100 / 3 is no whole group: two groups of 50

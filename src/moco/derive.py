@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from moco.config import Config, ConfigError, auto_options, is_auto, validate
+from moco.methods import method_class
 
 MAX_VAL_SIZE = 5000        # the kNN monitor's hold-out: 10% of the labelled images, at most this many
 MIN_VAL_FRACTION = 0.1
@@ -134,6 +135,8 @@ def derive_training_options(config: Config, pretrain_images: int, device: torch.
         while batch % splits:  # a batch set by hand may not split evenly: fewer, larger groups
             splits -= 1
         _set(config, "model.bn_splits", splits, f"split-BN groups of {batch // splits} images", notes)
+    if _pending(config, "model.K") and not _draws_k_negatives(config):
+        m.K = batch * keys_factor  # any valid value: this method ignores it, so nothing is printed
     if _pending(config, "model.K"):
         step = batch * keys_factor
         queue = max(step, min(MAX_QUEUE, pretrain_images // 2) // step * step)
@@ -146,6 +149,12 @@ def derive_training_options(config: Config, pretrain_images: int, device: torch.
         epochs = int(min(MAX_EPOCHS, max(MIN_EPOCHS, round(views / pretrain_images))))
         _set(config, "optim.epochs", epochs, f"about {epochs * pretrain_images:,} images seen", notes)
     return notes
+
+
+def _draws_k_negatives(config: Config) -> bool:
+    """Whether ``model.K`` means anything to the method: a queue or a memory bank of K negatives
+    (v3, SimCLR, BYOL and SwAV take their negatives from the batch or use none)."""
+    return method_class(config.model.method).traits.negatives in ("queue", "memory bank")
 
 
 def check_queue_fits(config: Config, pretrain_images: int) -> None:
