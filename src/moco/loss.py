@@ -18,9 +18,9 @@ def info_nce_logits(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, t
     Returns:
         N x (1+K) logits; column 0 holds the positive.
     """
-    # fp32 also under autocast: bf16 products ran ~3x faster at K = 65,536 on an AVX-512 CPU, but
-    # their one demo run lost 1.7 points of validation kNN; until several seeds say otherwise the
-    # products stay exact (docs/performance.md).
+    # fp32 also under autocast: bf16 products cost the v2 demo 0.5 validation points on the encoder
+    # output over three seeds (none on the backbone) and sped a step up only on CPUs with AMX
+    # (docs/performance.md).
     with torch.autocast(q.device.type, enabled=False):
         scaled = q.float() / temperature
         l_pos = (scaled * k.float()).sum(dim=1, keepdim=True)
