@@ -107,7 +107,7 @@ def test_streamed_loss_keeps_nothing_of_the_queue_so_it_may_change_before_backwa
 
 def test_under_bf16_autocast_the_logits_stay_fp32_products() -> None:
     """The negatives' products stay fp32 under autocast (bf16 ones cost the encoder output accuracy and
-    pay only with AMX: docs/performance.md)."""
+    pay at K = 65,536 only with AMX: docs/performance.md)."""
     from moco.loss import in_batch_logits, info_nce_loss_and_stats
 
     torch.manual_seed(0)

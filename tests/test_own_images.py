@@ -83,6 +83,18 @@ def test_the_queue_size_is_derived_and_printed_only_for_methods_with_k_negatives
     assert "model.K" not in auto_options(config)
 
 
+def test_a_queue_size_set_by_hand_shapes_the_batch_only_for_methods_that_use_it() -> None:
+    facts = DataFacts(images=22000, labelled=True, classes=4, gray=False, short_side=500)
+    batches = {}
+    for method in ("moco", "moco_v3"):
+        config = load_config(resolve_config_path("folder"), ["data.root=/nonexistent", f"model.method={method}",
+                                                             "model.K=1000"])
+        derive_data_options(config, facts, CPU)
+        derive_training_options(config, 20000, CPU)
+        batches[method] = config.optim.batch_size
+    assert batches == {"moco": 8, "moco_v3": 256}  # the queue takes whole batches: 1000 = 125 x 8
+
+
 def test_a_batch_set_by_hand_gets_bn_groups_that_divide_it() -> None:
     facts = DataFacts(images=5000, labelled=False, classes=0, gray=True, short_side=64)
     for batch, splits in ((96, 3), (100, 2)):  # 100 / 3 is no whole group: two groups of 50

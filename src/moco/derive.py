@@ -124,7 +124,7 @@ def derive_training_options(config: Config, pretrain_images: int, device: torch.
     keys_factor = 2 if m.symmetric else 1
     if _pending(config, "optim.batch_size"):
         batch = max(16, min(MAX_BATCH, _power_of_two_at_most(pretrain_images // 8)))
-        if not is_auto(m.K):  # the queue must take whole batches
+        if not is_auto(m.K) and _draws_k_negatives(config):  # the queue must take whole batches
             while batch > 2 and m.K % (batch * keys_factor):
                 batch //= 2
         _set(config, "optim.batch_size", batch, f"a power of two up to 1/8 of {pretrain_images:,} images, "
