@@ -154,7 +154,7 @@ def derive_training_options(config: Config, pretrain_images: int, device: torch.
 def _draws_k_negatives(config: Config) -> bool:
     """Whether ``model.K`` means anything to the method: a queue or a memory bank of K negatives
     (end-to-end, v3, SimCLR, BYOL and SwAV take their negatives from the batch or use none)."""
-    return method_class(config.model.method).traits.negatives in ("queue", "memory bank")
+    return method_class(config.model.method).uses_model_k
 
 
 def check_queue_fits(config: Config, pretrain_images: int) -> None:

@@ -93,6 +93,7 @@ class Method(nn.Module):
     Options: ClassVar[type] = NoOptions
     traits: ClassVar[Traits]
     supports_local_views: ClassVar[bool] = False  # multi-crop's small views (aug.local_crops)
+    uses_model_k: ClassVar[bool] = False  # draws K negatives from a queue or bank: model.K means something
     # What the collapse warning suggests for this method, beyond lr, batch / BN groups and augmentation.
     collapse_advice: ClassVar[tuple[str, ...]] = ()
 

@@ -47,6 +47,7 @@ class MemoryBankContrast(Method):
     label = "memory bank"
     Options = MemoryBankOptions
     traits = Traits(negatives="memory bank", momentum_encoder=False)
+    uses_model_k = True
     collapse_advice = (CONTRAST_TEMPERATURE, "lower model.K (it must stay well below the number of images)")
 
     def __init__(self, base_encoder: EncoderFactory | nn.Module, bank_size: int, dim: int = 128,

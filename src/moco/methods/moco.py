@@ -33,6 +33,7 @@ class MoCoMethod(MoCo, Method):
     collapse_advice = (CONTRAST_TEMPERATURE, "lower model.K (it must stay well below the number of images)",
                        "keep model.m near 0.99")
     supports_local_views = True
+    uses_model_k = True
 
     def __init__(self, base_encoder: EncoderFactory | nn.Module, *, dim: int, K: int, m: float, T: float,
                  mlp: bool, shuffle_bn: bool, symmetric: bool = False) -> None:
