@@ -28,8 +28,9 @@ def test_plan_times_the_moco_step_once_per_queue_size_and_at_the_loops_K() -> No
     assert pairs == [("encoder", None), ("moco", 4096), ("moco", 65536), ("moco", 1024), ("memory_bank", 4096),
                      ("loop", None)]
     assert plan(["moco"], [4096, 4096], config_K=4096) == [("moco", 4096)]
-    with pytest.raises(ConfigError, match="--cases: unknown case 'simclr'"):
-        plan(["simclr"], [4096], 4096)
+    assert plan(["moco_v3", "simclr"], [4096], 4096) == [("moco_v3", None), ("simclr", None)]  # every method
+    with pytest.raises(ConfigError, match="--cases: unknown case 'dino'"):
+        plan(["dino"], [4096], 4096)
     with pytest.raises(ConfigError, match="--queue-sizes"):
         plan(["moco"], [0], 4096)
 
@@ -44,6 +45,9 @@ def test_ratios_are_times_per_image_and_the_loop_a_speed() -> None:
     assert found["moco step K=65536 / K=4096"] == pytest.approx(1.25)
     assert found["real loop's speed / isolated moco step's (K=4096)"] == pytest.approx(0.9)
     assert found["moco step / lightly's MoCo step (K=4096)"] == pytest.approx(0.5)
+    per_image = ratios(results + [CaseResult("moco_v3", 400.0), CaseResult("memory_bank", 1000.0, K=4096)], 4096)
+    assert per_image["moco_v3 step / moco step (K=4096), time per image"] == pytest.approx(2.0)  # the folder's epochs
+    assert per_image["memory_bank step / moco step (K=4096), time per image"] == pytest.approx(0.8)
 
 
 
@@ -94,20 +98,21 @@ def test_bench_runs_every_case_on_the_tiny_config(tmp_path: Path) -> None:
     config = tiny_config(tmp_path)
     lines: list[str] = []
     summary = run_bench(Setting(str(config), [], Timing(1, 2, 2)),
-                        ["encoder", "encoder+sgd", "moco", "end_to_end", "memory_bank", "data", "loop"], [32, 128],
+                        ["encoder", "encoder+sgd", "moco", "end_to_end", "memory_bank", "moco_v3", "data", "loop"], [32, 128],
                         mode="same-process", report=lines.append)
     cases = [(r["case"], r["K"]) for r in summary["results"]]
     assert cases == [("encoder", None), ("encoder+sgd", None), ("moco", 32), ("moco", 128), ("moco", 64),
-                     ("end_to_end", 15), ("memory_bank", 32), ("data", None), ("loop", 64)]
+                     ("end_to_end", 15), ("memory_bank", 32), ("moco_v3", None), ("data", None), ("loop", 64)]
     for result in summary["results"]:
         assert not result["skipped"], result
         assert len(result["repeats"]) == 2 and result["img_s_min"] <= result["img_s"] <= result["img_s_max"]
         assert result["batch"] == 16 and result["peak_memory_mb"] > 0
     assert set(summary["ratios"]) == {"moco step (K=32) / raw encoder work",
                                       "moco step (K=32) / encoder work + optimiser step", "moco step K=128 / K=32",
-                                      "real loop's speed / isolated moco step's (K=64)"}
+                                      "real loop's speed / isolated moco step's (K=64)",
+                                      *(f"{m} step / moco step (K=32), time per image" for m in ("end_to_end", "memory_bank", "moco_v3"))}
     assert summary["environment"]["threads"] == 1 and summary["environment"]["timing"]["steps"] == 2
-    assert lines[0].startswith("torch ") and len(lines) == 1 + 9 + 4
+    assert lines[0].startswith("torch ") and len(lines) == 1 + 10 + 7
 
 
 def test_bench_command_writes_its_json_and_isolates_the_cases(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

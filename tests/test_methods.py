@@ -85,6 +85,32 @@ def test_a_step_lowers_the_loss_on_a_fixed_batch(name: str) -> None:
     assert _loss_from(method, before, batch) < _loss_from(before, before, batch) - 1e-3
 
 
+@pytest.mark.parametrize("name, extra, expected", [
+    ("moco", [], 4), ("end_to_end", [], 6), ("memory_bank", [], 3), ("moco_v3", [], 8), ("simclr", [], 6),
+    ("byol", [], 8), ("swav", [], 6), ("moco", ["model.symmetric=true"], 8),
+    ("moco", ["aug.local_crops=2", "aug.local_size=8"], 4 + 2 * 3 / 4), ("moco_v3", ["moco_v3.symmetric=false"], 4)])
+def test_each_method_declares_the_encoder_work_its_step_does(name: str, extra: list[str], expected: float) -> None:
+    """The folder preset's epochs divide by ``encoder_passes``: here the pixels each step sends through
+    the encoders' stems are counted, a trained view (forward + backward) as 3 and a target's as 1."""
+    torch.manual_seed(0)
+    config = load_config(None, TINY_MODEL + [f"model.method={name}", "data.image_size=16", "optim.batch_size=16",
+                                             "model.K=64", *extra])
+    method = build_method(config, channels=1, bank_size=64)
+    passes: list[float] = []
+
+    def count(stem: torch.nn.Conv2d, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+        trained = torch.is_grad_enabled() and stem.weight.requires_grad
+        passes.append((3.0 if trained else 1.0) * inputs[0][:, 0].numel() / (16 * 16 * 16))
+
+    stems = [m for m in method.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels == 1]
+    assert 1 <= len(stems) <= 2
+    for stem in stems:
+        stem.register_forward_hook(count)
+    views = [torch.rand(16, 1, 16, 16) for _ in range(2)] + [torch.rand(16, 1, 8, 8) for _ in range(config.aug.local_crops)]
+    method.training_step(Batch(tuple(views), torch.arange(16)), StepContext())
+    assert sum(passes) == pytest.approx(method.encoder_passes(config)) == expected
+
+
 @pytest.mark.parametrize("name", list(METHODS))
 def test_kill_and_resume_is_exact_for_every_method(tmp_path: Path, name: str) -> None:
     config_path = tiny_config(tmp_path, model__method=name)

@@ -95,6 +95,19 @@ def test_a_queue_size_set_by_hand_shapes_the_batch_only_for_methods_that_use_it(
     assert batches == {"moco": 8, "moco_v3": 256}  # the queue takes whole batches: 1000 = 125 x 8
 
 
+def test_derived_epochs_give_every_method_about_the_time_of_moco_v2() -> None:
+    facts = DataFacts(images=2000, labelled=True, classes=4, gray=False, short_side=300)
+    epochs, notes = {}, {}
+    for method in ("moco", "moco_v3", "simclr", "memory_bank"):
+        config = load_config(resolve_config_path("folder"), ["data.root=/nonexistent", f"model.method={method}"])
+        derive_data_options(config, facts, CPU)
+        notes[method] = next(n for n in derive_training_options(config, 1800, CPU) if n.startswith("optim.epochs="))
+        epochs[method] = config.optim.epochs
+    assert epochs == {"moco": 167, "moco_v3": 83, "simclr": 111, "memory_bank": 222}  # 4 : 8 : 6 : 3 encoder passes
+    assert notes["moco"] == "optim.epochs=167 (about 300,600 images seen)"
+    assert "2x MoCo v2's encoder work per image, so 1/2 of its epochs" in notes["moco_v3"]
+
+
 def test_a_batch_set_by_hand_gets_bn_groups_that_divide_it() -> None:
     facts = DataFacts(images=5000, labelled=False, classes=0, gray=True, short_side=64)
     for batch, splits in ((96, 3), (100, 2)):  # 100 / 3 is no whole group: two groups of 50

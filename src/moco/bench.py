@@ -43,9 +43,11 @@ import torch
 from torch import nn
 
 from moco.config import Config, ConfigError, load_config
+from moco.methods import METHODS, method_class
 from moco.runtime import peak_memory_mb_of_process
 
-CASES = ("encoder", "encoder+sgd", "moco", "end_to_end", "memory_bank", "data", "loop", "lightly")
+# Every registered method is a step case (moco, end_to_end, memory_bank, moco_v3, simclr, byol, swav).
+CASES = ("encoder", "encoder+sgd", *METHODS, "data", "loop", "lightly")
 DEFAULT_CASES = ("encoder", "encoder+sgd", "moco", "end_to_end", "memory_bank", "data", "loop")
 # interleaved: every case in this process, one block of each in turn (the default: ratios that hold
 # on a drifting host); isolated: a process per case (its own peak memory); same-process: one after another.
@@ -231,7 +233,7 @@ def prepare_method_step(setting: Setting, method_name: str, K: int | None = None
         counter["step"] += 1
         return batch_size
 
-    K = config.model.K if method_name in ("moco", "memory_bank") else batch_size - 1
+    K = config.model.K if method.uses_model_k else batch_size - 1 if method_name == "end_to_end" else None
     return Prepared(method_name, step, device, batch_size, precision, K)
 
 
@@ -359,10 +361,8 @@ def prepare(setting: Setting, case: str, K: int | None = None) -> Prepared:
     """Build one case in this process; raises :class:`CaseUnavailable` where it cannot run here."""
     if case in ("encoder", "encoder+sgd"):
         return prepare_encoder(setting, with_optimizer=case == "encoder+sgd")
-    if case in ("moco", "memory_bank"):
-        return prepare_method_step(setting, case, K)
-    if case == "end_to_end":
-        return prepare_method_step(setting, "end_to_end")
+    if case in METHODS:
+        return prepare_method_step(setting, case, K if method_class(case).uses_model_k else None)
     if case == "data":
         return prepare_data(setting)
     if case == "loop":
@@ -461,6 +461,11 @@ def ratios(results: list[CaseResult], config_K: int) -> dict[str, float]:
         out[f"moco step K={large} / K={small}"] = moco[small] / moco[large]
     if rate.get("loop") and config_K in moco:
         out[f"real loop's speed / isolated moco step's (K={config_K})"] = rate["loop"] / moco[config_K]
+    if moco:  # what an image costs each method against MoCo v1/v2 (the folder preset's epochs count it)
+        smallest = min(moco)
+        for case, speed in rate.items():
+            if case in METHODS:
+                out[f"{case} step / moco step (K={smallest}), time per image"] = moco[smallest] / speed
     for r in results:
         if r.case == "lightly" and r.img_s and r.K in moco:
             out[f"moco step / lightly's MoCo step (K={r.K})"] = r.img_s / moco[r.K]

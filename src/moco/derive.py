@@ -25,7 +25,8 @@ MAX_BATCH = 256
 MAX_QUEUE = 65536
 CPU_IMAGE_SIZE = 64        # views on a CPU: a 300 px photo is learned from at 64 px
 GPU_IMAGE_SIZE = 224
-CPU_VIEWS = 300_000        # views per run on a CPU (11-13 min for 64 px views on one core, docs/own-data.md); GPU: 5x
+CPU_VIEWS = 300_000        # MoCo v2 images per run on a CPU (11-13 min for 64 px views on one core, docs/own-data.md); GPU: 5x
+V2_ENCODER_PASSES = 4.0    # what CPU_VIEWS was measured with: MoCo v2's query forward + backward and key forward
 MIN_EPOCHS, MAX_EPOCHS = 20, 800
 SMALL_IMAGE = 32           # images up to this side keep most of themselves in a crop, and are not blurred
 
@@ -146,8 +147,11 @@ def derive_training_options(config: Config, pretrain_images: int, device: torch.
         # A step's cost grows with the feature maps' area: the view side after the stem.
         side = config.data.image_size / (config.model.stem_stride if config.model.small_images else 4)
         views = CPU_VIEWS * (5 if device.type == "cuda" else 1) * (32 / max(side, 32)) ** 2
-        epochs = int(min(MAX_EPOCHS, max(MIN_EPOCHS, round(views / pretrain_images))))
-        _set(config, "optim.epochs", epochs, f"about {epochs * pretrain_images:,} images seen", notes)
+        # ... and with the method's encoder work per image: v3 or BYOL get half v2's epochs, the same time.
+        work = method_class(m.method).encoder_passes(config) / V2_ENCODER_PASSES
+        epochs = int(min(MAX_EPOCHS, max(MIN_EPOCHS, round(views / work / pretrain_images))))
+        cost = "" if work == 1 else f"; {work:.3g}x MoCo v2's encoder work per image, so 1/{work:.3g} of its epochs"
+        _set(config, "optim.epochs", epochs, f"about {epochs * pretrain_images:,} images seen{cost}", notes)
     return notes
 
 

@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 
 EncoderFactory = Callable[..., nn.Module]
 
+# Encoder work in forward passes of one view: a view that is trained costs its forward and a
+# backward of about twice the forward; a momentum target's view costs its forward alone.
+TRAINED_VIEW, TARGET_VIEW = 3.0, 1.0
+
 
 # One training step's result: the loss, the logits and labels behind it (pretext accuracy, chance
 # loss), the detached queries (collapse statistics) and further metrics. Defined beside the
@@ -107,6 +111,14 @@ class Method(nn.Module):
         """Checks across options that only this method needs; raise ``ConfigError`` naming the option."""
 
     @classmethod
+    def encoder_passes(cls, config: "Config") -> float:
+        """The encoder work one training image costs a step, in forward passes of one global view
+        (:data:`TRAINED_VIEW`, :data:`TARGET_VIEW`); MoCo v1/v2's query and key make 4. The
+        ``folder`` preset divides its derived epochs by it against MoCo v2's, so every method gets
+        about the same time; ``moco bench --cases moco,NAME`` measures it (docs/own-data.md)."""
+        raise NotImplementedError(f"{cls.__name__} does not declare encoder_passes")
+
+    @classmethod
     def options_of(cls, config: "Config") -> Any:
         """This method's own config section."""
         return config.methods.get(cls.name) or cls.Options()
@@ -168,6 +180,12 @@ class Method(nn.Module):
 
     def training_step(self, batch: Batch, ctx: StepContext) -> StepOutput:
         raise NotImplementedError
+
+
+def local_view_passes(config: "Config") -> float:
+    """Multi-crop's small views, each trained, at their share of a global view's pixels."""
+    side = config.aug.local_size or config.data.image_size // 2
+    return TRAINED_VIEW * config.aug.local_crops * (side / config.data.image_size) ** 2
 
 
 def same_views(views: Sequence[Any]) -> list[int]:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moco.methods.base import Batch, EncoderFactory, Method, StepContext, StepOutput, Traits
+from moco.methods.base import TARGET_VIEW, TRAINED_VIEW, Batch, EncoderFactory, Method, StepContext, StepOutput, Traits
 from moco.methods.common import asymmetric_views, check_per_view_probabilities
 from moco.models.heads import bn_mlp
 from moco.models.resnet import feature_dim
@@ -54,6 +54,11 @@ class BYOL(Method):
         self.encoder_q = encoder
         self.encoder_k = make_momentum_copy(encoder)      # the target: never trained, only moved
         self.predictor = bn_mlp(2, dim, self.options.mlp_dim, dim, last_bn=False)
+
+    @classmethod
+    def encoder_passes(cls, config: "Config") -> float:
+        """Both views through the online network and the target: MoCo v3's work."""
+        return 2 * (TRAINED_VIEW + TARGET_VIEW)
 
     @classmethod
     def build(cls, config: "Config", encoder_factory: EncoderFactory, bank_size: int = 0) -> "BYOL":

@@ -13,7 +13,7 @@ from torch import nn
 
 from moco.diagnostics import CONTRAST_TEMPERATURE
 from moco.distributed import world_size
-from moco.methods.base import Batch, EncoderFactory, Method, StepContext, StepOutput, Traits
+from moco.methods.base import TRAINED_VIEW, Batch, EncoderFactory, Method, StepContext, StepOutput, Traits
 from moco.methods.common import check_temperature, make_encoder, no_local_views
 from moco.loss import in_batch_logits, positive_first_labels
 
@@ -49,6 +49,11 @@ class EndToEnd(Method):
         check_temperature(T)
         self.T, self.shuffle_bn, self.symmetric = T, shuffle_bn, symmetric
         self.encoder_q = make_encoder(base_encoder, dim, mlp)
+
+    @classmethod
+    def encoder_passes(cls, config: "Config") -> float:
+        """Both views trained: the key encoder gets gradients too (the symmetric loss reuses them)."""
+        return 2 * TRAINED_VIEW
 
     @classmethod
     def build(cls, config: "Config", encoder_factory: EncoderFactory, bank_size: int = 0) -> "EndToEnd":

@@ -16,7 +16,7 @@ from moco.dictionary import MemoryBank
 from moco.distributed import concat_all_gather
 from moco.errors import ConfigError
 from moco.loss import info_nce_loss_and_stats
-from moco.methods.base import Batch, EncoderFactory, Method, StepContext, StepOutput, Traits
+from moco.methods.base import TRAINED_VIEW, Batch, EncoderFactory, Method, StepContext, StepOutput, Traits
 from moco.methods.common import check_temperature, make_encoder, no_local_views
 
 if TYPE_CHECKING:
@@ -62,6 +62,11 @@ class MemoryBankContrast(Method):
         self.K, self.T, self.proximal = K, T, proximal
         self.encoder_q = make_encoder(base_encoder, dim, mlp)
         self.bank = MemoryBank(bank_size, dim, bank_momentum)
+
+    @classmethod
+    def encoder_passes(cls, config: "Config") -> float:
+        """One trained view; the keys are stored features, not encoded."""
+        return TRAINED_VIEW
 
     @classmethod
     def build(cls, config: "Config", encoder_factory: EncoderFactory, bank_size: int = 0) -> "MemoryBankContrast":

@@ -13,7 +13,8 @@ from moco.builder import MoCo
 from moco.diagnostics import CONTRAST_TEMPERATURE, queue_age
 from moco.distributed import world_size
 from moco.errors import ConfigError
-from moco.methods.base import Batch, EncoderFactory, Method, StepContext, StepOutput, Traits
+from moco.methods.base import (TARGET_VIEW, TRAINED_VIEW, Batch, EncoderFactory, Method, StepContext, StepOutput,
+                               Traits, local_view_passes)
 
 if TYPE_CHECKING:
     from moco.config import Config
@@ -39,6 +40,12 @@ class MoCoMethod(MoCo, Method):
                  mlp: bool, shuffle_bn: bool, symmetric: bool = False) -> None:
         super().__init__(base_encoder, dim=dim, K=K, m=m, T=T, mlp=mlp, shuffle_bn=shuffle_bn)
         self.symmetric = symmetric
+
+    @classmethod
+    def encoder_passes(cls, config: "Config") -> float:
+        """A trained query and a key per direction, plus multi-crop's small queries."""
+        directions = 2 if config.model.symmetric else 1
+        return directions * (TRAINED_VIEW + TARGET_VIEW) + local_view_passes(config)
 
     @classmethod
     def build(cls, config: "Config", encoder_factory: EncoderFactory, bank_size: int = 0) -> "MoCoMethod":

@@ -18,7 +18,7 @@ from torch import nn
 from moco.diagnostics import CONTRAST_TEMPERATURE, chance_loss
 from moco.distributed import concat_all_gather, rank
 from moco.errors import ConfigError
-from moco.methods.base import Batch, EncoderFactory, Method, StepContext, StepOutput, Traits
+from moco.methods.base import TARGET_VIEW, TRAINED_VIEW, Batch, EncoderFactory, Method, StepContext, StepOutput, Traits
 from moco.methods.common import asymmetric_views, check_per_view_probabilities, check_temperature
 from moco.models.heads import bn_mlp
 from moco.models.resnet import feature_dim
@@ -78,6 +78,11 @@ class MoCoV3(Method):
         self.encoder_k = make_momentum_copy(encoder)
         self.predictor = bn_mlp(options.predictor_layers, dim, options.mlp_dim, dim,
                                 last_bn=options.predictor_last_bn)
+
+    @classmethod
+    def encoder_passes(cls, config: "Config") -> float:
+        """A trained query and a momentum key per direction: twice MoCo v2's work when symmetric."""
+        return (2 if cls.options_of(config).symmetric else 1) * (TRAINED_VIEW + TARGET_VIEW)
 
     @classmethod
     def build(cls, config: "Config", encoder_factory: EncoderFactory, bank_size: int = 0) -> "MoCoV3":

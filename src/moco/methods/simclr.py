@@ -14,7 +14,7 @@ from torch import nn
 
 from moco.diagnostics import chance_loss
 from moco.distributed import all_gather_with_gradients, rank
-from moco.methods.base import Batch, EncoderFactory, Method, StepContext, StepOutput, Traits
+from moco.methods.base import TRAINED_VIEW, Batch, EncoderFactory, Method, StepContext, StepOutput, Traits
 from moco.methods.common import check_temperature
 from moco.models.heads import bn_mlp
 from moco.models.resnet import feature_dim
@@ -59,6 +59,11 @@ class SimCLR(Method):
         encoder = base_encoder if isinstance(base_encoder, nn.Module) else base_encoder(num_classes=dim)
         encoder.fc = bn_mlp(2, feature_dim(encoder), self.options.mlp_dim, dim, last_bn=False)
         self.encoder_q = encoder
+
+    @classmethod
+    def encoder_passes(cls, config: "Config") -> float:
+        """Both views trained, no momentum encoder."""
+        return 2 * TRAINED_VIEW
 
     @classmethod
     def build(cls, config: "Config", encoder_factory: EncoderFactory, bank_size: int = 0) -> "SimCLR":

@@ -17,7 +17,8 @@ from torch import nn
 from moco.diagnostics import chance_loss
 from moco.distributed import all_reduce_sum, world_size
 from moco.errors import ConfigError
-from moco.methods.base import Batch, EncoderFactory, Method, StepContext, StepOutput, Traits
+from moco.methods.base import (TRAINED_VIEW, local_view_passes, Batch, EncoderFactory, Method, StepContext,
+                               StepOutput, Traits)
 from moco.methods.common import check_temperature
 from moco.models.heads import bn_mlp
 from moco.models.resnet import feature_dim
@@ -76,6 +77,11 @@ class SwAV(Method):
         self.prototypes = nn.Linear(dim, self.options.prototypes, bias=False)
         self.register_buffer("queue", torch.zeros(2, self.options.queue_length, dim))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
+
+    @classmethod
+    def encoder_passes(cls, config: "Config") -> float:
+        """Both global views trained, plus multi-crop's small views."""
+        return 2 * TRAINED_VIEW + local_view_passes(config)
 
     @classmethod
     def build(cls, config: "Config", encoder_factory: EncoderFactory, bank_size: int = 0) -> "SwAV":
