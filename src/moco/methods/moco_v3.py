@@ -118,17 +118,15 @@ class MoCoV3(Method):
 
     def training_step(self, batch: Batch, ctx: StepContext) -> StepOutput:
         x1, x2 = batch.global_views
-        if not self.options.symmetric:
-            q1 = self.predictor(self.encoder_q(x1))
-            with torch.no_grad():  # the loop has moved the momentum encoder already
-                k2 = self.encoder_k(x2)
-            loss, logits, labels = contrast_in_batch(q1, k2, self.T)
-            return StepOutput(loss, logits, labels, F.normalize(q1.detach().float(), dim=1),
-                              positives=F.normalize(k2.float(), dim=1))
-        q1, q2 = self.predictor(self.encoder_q(x1)), self.predictor(self.encoder_q(x2))
+        symmetric = self.options.symmetric
+        q1 = self.predictor(self.encoder_q(x1))
+        q2 = self.predictor(self.encoder_q(x2)) if symmetric else None
         with torch.no_grad():  # the loop has moved the momentum encoder already
-            k1, k2 = self.encoder_k(x1), self.encoder_k(x2)
-        loss_12, logits_12, labels_12 = contrast_in_batch(q1, k2, self.T)
-        loss_21, logits_21, labels_21 = contrast_in_batch(q2, k1, self.T)
-        return StepOutput(loss_12 + loss_21, torch.cat([logits_12, logits_21]), torch.cat([labels_12, labels_21]),
-                          F.normalize(q1.detach().float(), dim=1), positives=F.normalize(k2.float(), dim=1))
+            k1 = self.encoder_k(x1) if symmetric else None
+            k2 = self.encoder_k(x2)
+        loss, logits, labels = contrast_in_batch(q1, k2, self.T)
+        if symmetric:  # and view 2's query against view 1's key
+            loss_21, logits_21, labels_21 = contrast_in_batch(q2, k1, self.T)
+            loss, logits, labels = loss + loss_21, torch.cat([logits, logits_21]), torch.cat([labels, labels_21])
+        return StepOutput(loss, logits, labels, F.normalize(q1.detach().float(), dim=1),
+                          positives=F.normalize(k2.float(), dim=1))
