@@ -105,7 +105,7 @@ def test_derived_epochs_give_every_method_about_the_time_of_moco_v2() -> None:
         epochs[method] = config.optim.epochs
     assert epochs == {"moco": 167, "moco_v3": 83, "simclr": 111, "memory_bank": 222}  # 4 : 8 : 6 : 3 encoder passes
     assert notes["moco"] == "optim.epochs=167 (about 300,600 images seen)"
-    assert "2x MoCo v2's encoder work per image, so 1/2 of its epochs" in notes["moco_v3"]
+    assert "2x MoCo v2's encoder work per image, so 0.5x its epochs" in notes["moco_v3"]
 
 
 def test_a_batch_set_by_hand_gets_bn_groups_that_divide_it() -> None:

@@ -150,7 +150,7 @@ def derive_training_options(config: Config, pretrain_images: int, device: torch.
         # ... and with the method's encoder work per image: v3 or BYOL get half v2's epochs, the same time.
         work = method_class(m.method).encoder_passes(config) / V2_ENCODER_PASSES
         epochs = int(min(MAX_EPOCHS, max(MIN_EPOCHS, round(views / work / pretrain_images))))
-        cost = "" if work == 1 else f"; {work:.3g}x MoCo v2's encoder work per image, so 1/{work:.3g} of its epochs"
+        cost = "" if work == 1 else f"; {work:.3g}x MoCo v2's encoder work per image, so {1 / work:.2g}x its epochs"
         _set(config, "optim.epochs", epochs, f"about {epochs * pretrain_images:,} images seen{cost}", notes)
     return notes
 
