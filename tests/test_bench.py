@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from moco.bench import (CaseResult, Setting, Timing, plan, pool_rounds, ratios, ratios_over_rounds, run_bench,
-                        time_blocks)
+                        synthetic_views, time_blocks)
 from moco.cli import main
-from moco.config import ConfigError
+from moco.config import ConfigError, load_config
 from tests.tiny import tiny_config
 
 
@@ -33,6 +33,12 @@ def test_plan_times_the_moco_step_once_per_queue_size_and_at_the_loops_K() -> No
         plan(["dino"], [4096], 4096)
     with pytest.raises(ConfigError, match="--queue-sizes"):
         plan(["moco"], [0], 4096)
+
+
+def test_synthetic_views_give_multi_crop_its_small_views_at_the_default_size() -> None:
+    config = load_config(None, ["data.image_size=32", "optim.batch_size=8", "aug.local_crops=2"])  # local_size 0: half
+    views = synthetic_views(config, torch.device("cpu"), torch.contiguous_format, local=True)
+    assert [tuple(v.shape) for v in views] == [(8, 1, 32, 32)] * 2 + [(8, 1, 16, 16)] * 2
 
 
 def test_ratios_are_times_per_image_and_the_loop_a_speed() -> None:

@@ -155,7 +155,7 @@ def synthetic_views(config: Config, device: torch.device, memory_format: torch.m
     training size: what the step sees after augmentation."""
     generator = torch.Generator().manual_seed(0)
     batch, channels, size = config.optim.batch_size, channels_of(config), config.data.image_size
-    shapes = [size, size] + ([config.aug.local_size] * config.aug.local_crops if local else [])
+    shapes = [size, size] + ([config.local_view_size()] * config.aug.local_crops if local else [])
     return tuple(torch.randn(batch, channels, s, s, generator=generator).to(device).contiguous(memory_format=memory_format)
                  for s in shapes)
 

@@ -168,6 +168,10 @@ class Config:
         """The selected method's own section."""
         return self.methods[self.model.method]
 
+    def local_view_size(self) -> int:
+        """Multi-crop's small views' side: ``aug.local_size``, or half the global view (at least 8 px)."""
+        return self.aug.local_size or max(8, self.data.image_size // 2)
+
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("resnet18", "resnet34", "resnet50", "resnet101", *VIT_ARCHS),

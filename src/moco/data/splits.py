@@ -153,8 +153,7 @@ def local_augment_spec(config: Config, data: Data) -> AugmentSpec | None:
     a = config.aug
     if not a.local_crops:
         return None
-    size = a.local_size or max(8, config.data.image_size // 2)
-    return replace(augment_spec(config, data), size=size, crop_scale=tuple(a.local_scale))
+    return replace(augment_spec(config, data), size=config.local_view_size(), crop_scale=tuple(a.local_scale))
 
 
 

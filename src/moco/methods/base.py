@@ -184,8 +184,7 @@ class Method(nn.Module):
 
 def local_view_passes(config: "Config") -> float:
     """Multi-crop's small views, each trained, at their share of a global view's pixels."""
-    side = config.aug.local_size or config.data.image_size // 2
-    return TRAINED_VIEW * config.aug.local_crops * (side / config.data.image_size) ** 2
+    return TRAINED_VIEW * config.aug.local_crops * (config.local_view_size() / config.data.image_size) ** 2
 
 
 def same_views(views: Sequence[Any]) -> list[int]:
