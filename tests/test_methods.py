@@ -88,7 +88,8 @@ def test_a_step_lowers_the_loss_on_a_fixed_batch(name: str) -> None:
 @pytest.mark.parametrize("name, extra, expected", [
     ("moco", [], 4), ("end_to_end", [], 6), ("memory_bank", [], 3), ("moco_v3", [], 8), ("simclr", [], 6),
     ("byol", [], 8), ("swav", [], 6), ("moco", ["model.symmetric=true"], 8),
-    ("moco", ["aug.local_crops=2", "aug.local_size=8"], 4 + 2 * 3 / 4), ("moco_v3", ["moco_v3.symmetric=false"], 4)])
+    ("moco", ["aug.local_crops=2", "aug.local_size=8"], 4 + 2 * 3 / 4), ("moco_v3", ["moco_v3.symmetric=false"], 4),
+    ("swav", ["aug.local_crops=2", "aug.local_size=8"], 6 + 2 * 3 / 4), ("end_to_end", ["model.symmetric=true"], 6)])
 def test_each_method_declares_the_encoder_work_its_step_does(name: str, extra: list[str], expected: float) -> None:
     """The folder preset's epochs divide by ``encoder_passes``: here the pixels each step sends through
     the encoders' stems are counted, a trained view (forward + backward) as 3 and a target's as 1."""

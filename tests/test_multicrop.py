@@ -85,14 +85,14 @@ def test_local_views_send_gradients_to_the_query_encoder_only() -> None:
 
 def test_other_mechanisms_refuse_local_views() -> None:
     x, small = torch.randn(4, 1, 12, 12), [torch.randn(4, 1, 8, 8)]
-    with pytest.raises(ValueError, match="method=moco only, not end_to_end"):
+    with pytest.raises(ValueError, match="method=moco and swav only, not end_to_end"):
         EndToEnd(_encoder, dim=8).contrastive_loss(x, x, local_views=small)
-    with pytest.raises(ValueError, match="method=moco only, not memory_bank"):
+    with pytest.raises(ValueError, match="method=moco and swav only, not memory_bank"):
         MemoryBankContrast(_encoder, bank_size=16, dim=8, K=8).contrastive_loss(x, x, torch.arange(4), local_views=small)
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    (["aug.local_crops=2", "model.method=memory_bank"], "aug.local_crops: multi-crop is implemented for model.method=moco"),
+    (["aug.local_crops=2", "model.method=memory_bank"], "aug.local_crops: multi-crop is implemented for model.method=moco and swav only, not memory_bank"),
     (["aug.local_crops=-1"], "aug.local_crops / aug.local_size: must be >= 0"),
     (["aug.local_crops=2", "aug.local_size=4"], "aug.local_size: 4 px is too small"),
     (["aug.local_scale=[0.5,0.2]"], "aug.local_scale: expected [low, high]"),

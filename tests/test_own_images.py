@@ -98,14 +98,22 @@ def test_a_queue_size_set_by_hand_shapes_the_batch_only_for_methods_that_use_it(
 def test_derived_epochs_give_every_method_about_the_time_of_moco_v2() -> None:
     facts = DataFacts(images=2000, labelled=True, classes=4, gray=False, short_side=300)
     epochs, notes = {}, {}
-    for method in ("moco", "moco_v3", "simclr", "memory_bank"):
-        config = load_config(resolve_config_path("folder"), ["data.root=/nonexistent", f"model.method={method}"])
-        derive_data_options(config, facts, CPU)
-        notes[method] = next(n for n in derive_training_options(config, 1800, CPU) if n.startswith("optim.epochs="))
-        epochs[method] = config.optim.epochs
-    assert epochs == {"moco": 167, "moco_v3": 83, "simclr": 111, "memory_bank": 222}  # 4 : 8 : 6 : 3 encoder passes
-    assert notes["moco"] == "optim.epochs=167 (about 300,600 images seen)"
-    assert "2x MoCo v2's encoder work per image, so 0.5x its epochs" in notes["moco_v3"]
+    for images in (1800, 300):
+        for setting in ("model.method=moco", "model.method=moco_v3", "model.method=simclr", "model.method=memory_bank",
+                        "model.symmetric=true"):
+            config = load_config(resolve_config_path("folder"), ["data.root=/nonexistent", setting])
+            derive_data_options(config, facts, CPU)
+            found = derive_training_options(config, images, CPU)
+            notes[images, setting[6:]] = next(n for n in found if n.startswith("optim.epochs="))
+            epochs[images, setting[6:]] = config.optim.epochs
+    # 4 : 8 : 6 : 3 : 8 encoder passes per image
+    assert [epochs[1800, s] for s in ("method=moco", "method=moco_v3", "method=simclr", "method=memory_bank",
+                                      "symmetric=true")] == [167, 83, 111, 222, 83]
+    assert notes[1800, "method=moco"] == "optim.epochs=167 (about 300,600 images seen)"
+    assert notes[1800, "method=moco_v3"].endswith("2x MoCo v2's encoder work per image: MoCo v2 would get 167)")
+    # On 300 images the bounds hold for every method: 800 for v2 and the memory bank alike, and the note says so.
+    assert [epochs[300, s] for s in ("method=moco", "method=moco_v3", "method=memory_bank")] == [800, 500, 800]
+    assert notes[300, "method=memory_bank"].endswith("0.75x MoCo v2's encoder work per image: MoCo v2 would get 800)")
 
 
 def test_a_batch_set_by_hand_gets_bn_groups_that_divide_it() -> None:

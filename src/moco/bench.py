@@ -11,7 +11,9 @@ where each case runs in a process of its own).
 - ``moco K=...``: the loop's whole step (:func:`moco.step.optimisation_step`: momentum update,
   shuffle BN, logits against the queue, backward, the non-finite guard, the optimiser step) for
   each queue size; its cost over ``encoder`` is what the dictionary costs.
-- ``end_to_end`` and ``memory_bank``: the other two mechanisms' steps, for comparison.
+- ``end_to_end``, ``memory_bank``, ``moco_v3``, ``simclr``, ``byol``, ``swav`` (every registered
+  method): its whole step; its time per image over the ``moco`` step's is printed as a ratio (the
+  ``folder`` preset's epochs count it).
 - ``data``: the loader and the views' augmentation on the config's dataset, no model.
 - ``loop``: the real training loop (:func:`moco.train.train_step`: data, views, step, statistics,
   logging) on the config's dataset.

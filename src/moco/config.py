@@ -390,7 +390,8 @@ def validate(config: Config) -> None:
     _validate_train_split(d)
     _validate_augmentation(config.aug)
     if config.aug.local_crops and not method_class(m.method).supports_local_views:
-        raise ConfigError(f"aug.local_crops: multi-crop is implemented for model.method=moco only, not {m.method}")
+        offered = " and ".join(name for name, method in METHODS.items() if method.supports_local_views)
+        raise ConfigError(f"aug.local_crops: multi-crop is implemented for model.method={offered} only, not {m.method}")
     if o.batch_size % m.bn_splits:
         raise ConfigError(f"model.bn_splits: {m.bn_splits} must divide optim.batch_size={o.batch_size}")
 

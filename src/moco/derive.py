@@ -147,10 +147,11 @@ def derive_training_options(config: Config, pretrain_images: int, device: torch.
         # A step's cost grows with the feature maps' area: the view side after the stem.
         side = config.data.image_size / (config.model.stem_stride if config.model.small_images else 4)
         views = CPU_VIEWS * (5 if device.type == "cuda" else 1) * (32 / max(side, 32)) ** 2
-        # ... and with the method's encoder work per image: v3 or BYOL get half v2's epochs, the same time.
+        # ... and with the method's encoder work per image: v3 or BYOL get half v2's epochs, the same time
+        # (within the epoch bounds, which hold for every method).
         work = method_class(m.method).encoder_passes(config) / V2_ENCODER_PASSES
-        epochs = int(min(MAX_EPOCHS, max(MIN_EPOCHS, round(views / work / pretrain_images))))
-        cost = "" if work == 1 else f"; {work:.3g}x MoCo v2's encoder work per image, so {1 / work:.2g}x its epochs"
+        epochs, v2_epochs = (int(min(MAX_EPOCHS, max(MIN_EPOCHS, round(views / w / pretrain_images)))) for w in (work, 1))
+        cost = "" if work == 1 else f"; {work:.3g}x MoCo v2's encoder work per image: MoCo v2 would get {v2_epochs}"
         _set(config, "optim.epochs", epochs, f"about {epochs * pretrain_images:,} images seen{cost}", notes)
     return notes
 

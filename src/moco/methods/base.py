@@ -9,6 +9,9 @@ everything the loop must know about it:
 - ``encoder`` (the online encoder, head included), ``backbone`` and ``projector`` (what evaluation
   and export use);
 - ``view_augmentations``: one augmentation per view;
+- ``encoder_passes(config)``: the encoder work a training image costs a step, in forward passes
+  (:data:`TRAINED_VIEW` 3, :data:`TARGET_VIEW` 1, :func:`local_view_passes` for multi-crop); the
+  ``folder`` preset's derived epochs divide by it over MoCo v2's 4, and a test counts it;
 - ``parameter_groups``: what the optimiser trains, with the weight-decay exclusions;
 - ``momentum_pairs``: (target, online) modules; the loop owns the schedule m(t) and applies
   θ_target ← m·θ_target + (1−m)·θ_online before each step;
@@ -115,7 +118,8 @@ class Method(nn.Module):
         """The encoder work one training image costs a step, in forward passes of one global view
         (:data:`TRAINED_VIEW`, :data:`TARGET_VIEW`); MoCo v1/v2's query and key make 4. The
         ``folder`` preset divides its derived epochs by it against MoCo v2's, so every method gets
-        about the same time; ``moco bench --cases moco,NAME`` measures it (docs/own-data.md)."""
+        about the same time within the 20-800 epoch bounds; ``moco bench --cases moco,NAME``
+        measures it (docs/own-data.md)."""
         raise NotImplementedError(f"{cls.__name__} does not declare encoder_passes")
 
     @classmethod
