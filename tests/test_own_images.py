@@ -116,6 +116,17 @@ def test_derived_epochs_give_every_method_about_the_time_of_moco_v2() -> None:
     assert notes[300, "method=memory_bank"].endswith("0.75x MoCo v2's encoder work per image: MoCo v2 would get 800)")
 
 
+def test_the_folder_v3_preset_is_the_folder_preset_with_the_v3_choices_measured_in_the_docs() -> None:
+    v3_choices = ["model.method=moco_v3", "model.T=0.1", "model.bn_splits=1", "model.m_schedule=cosine",
+                  "moco_v3.mlp_dim=512", "optim.optimizer=sgd", "optim.lr=0.24", "optim.warmup_epochs=10",
+                  "train.output_dir=runs/folder_v3", "model.K=4096"]  # (K unused by v3: not derived)
+    preset = load_config(resolve_config_path("folder_v3"), ["data.root=/x"])
+    assert preset.to_dict() == load_config(resolve_config_path("folder"), ["data.root=/x", *v3_choices]).to_dict()
+    derive_data_options(preset, DataFacts(images=2000, labelled=True, classes=4, gray=False, short_side=300), CPU)
+    derive_training_options(preset, 1800, CPU)
+    assert (preset.optim.epochs, preset.optim.batch_size, preset.model.bn_splits) == (83, 128, 1)  # half of v2's 167
+
+
 def test_a_batch_set_by_hand_gets_bn_groups_that_divide_it() -> None:
     facts = DataFacts(images=5000, labelled=False, classes=0, gray=True, short_side=64)
     for batch, splits in ((96, 3), (100, 2)):  # 100 / 3 is no whole group: two groups of 50
