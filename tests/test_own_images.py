@@ -127,6 +127,13 @@ def test_the_folder_v3_preset_is_the_folder_preset_with_the_v3_choices_measured_
     assert (preset.optim.epochs, preset.optim.batch_size, preset.model.bn_splits) == (83, 128, 1)  # half of v2's 167
 
 
+def test_a_short_folder_v3_run_is_told_to_shorten_the_warm_up_too() -> None:
+    with pytest.raises(ConfigError, match=r"optim.warmup_epochs: must lie in \[0, optim.epochs=5\), got 10.0: lower it"):
+        load_config(resolve_config_path("folder_v3"), ["data.root=/x", "optim.epochs=5"])
+    assert load_config(resolve_config_path("folder_v3"), ["data.root=/x", "optim.epochs=5",
+                                                           "optim.warmup_epochs=1"]).optim.warmup_epochs == 1
+
+
 def test_a_batch_set_by_hand_gets_bn_groups_that_divide_it() -> None:
     facts = DataFacts(images=5000, labelled=False, classes=0, gray=True, short_side=64)
     for batch, splits in ((96, 3), (100, 2)):  # 100 / 3 is no whole group: two groups of 50
