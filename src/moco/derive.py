@@ -16,6 +16,7 @@ import torch
 
 from moco.config import Config, ConfigError, auto_options, is_auto, validate
 from moco.methods import method_class
+from moco.methods.base import TARGET_VIEW, TRAINED_VIEW
 
 MAX_VAL_SIZE = 5000        # the kNN monitor's hold-out: 10% of the labelled images, at most this many
 MIN_VAL_FRACTION = 0.1
@@ -26,7 +27,7 @@ MAX_QUEUE = 65536
 CPU_IMAGE_SIZE = 64        # views on a CPU: a 300 px photo is learned from at 64 px
 GPU_IMAGE_SIZE = 224
 CPU_VIEWS = 300_000        # MoCo v2 images per run on a CPU (11-13 min for 64 px views on one core, docs/own-data.md); GPU: 5x
-V2_ENCODER_PASSES = 4.0    # what CPU_VIEWS was measured with: MoCo v2's query forward + backward and key forward
+V2_ENCODER_PASSES = TRAINED_VIEW + TARGET_VIEW  # what CPU_VIEWS was measured with: MoCo v2's query and key
 MIN_EPOCHS, MAX_EPOCHS = 20, 800
 SMALL_IMAGE = 32           # images up to this side keep most of themselves in a crop, and are not blurred
 

@@ -25,7 +25,7 @@ def make_encoder(base_encoder: EncoderFactory | nn.Module, dim: int, mlp: bool) 
 
 
 def no_local_views(method: str, local_views: Sequence[torch.Tensor]) -> None:
-    """Multi-crop's small views are extra queries against momentum keys: MoCo's queue only."""
+    """Refuse multi-crop's small views in a method that has no use for them (MoCo and SwAV have)."""
     if local_views:
         raise ValueError(f"local views (multi-crop) are implemented for method=moco and swav only, not {method}")
 

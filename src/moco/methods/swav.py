@@ -17,8 +17,8 @@ from torch import nn
 from moco.diagnostics import chance_loss
 from moco.distributed import all_reduce_sum, world_size
 from moco.errors import ConfigError
-from moco.methods.base import (TRAINED_VIEW, local_view_passes, Batch, EncoderFactory, Method, StepContext,
-                               StepOutput, Traits)
+from moco.methods.base import (TRAINED_VIEW, Batch, EncoderFactory, Method, StepContext, StepOutput, Traits,
+                               local_view_passes)
 from moco.methods.common import check_temperature
 from moco.models.heads import bn_mlp
 from moco.models.resnet import feature_dim
