@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,15 @@ from moco.models import resnet
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _same_threads_for_every_test() -> Iterator[None]:
+    """Each test starts with the session's CPU threads: one that runs an evaluation with one thread
+    must not leave the tests after it on one core."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_resnet(num_classes: int = 16, bn_splits: int = 1, in_channels: int = 1) -> nn.Module:

@@ -90,7 +90,7 @@ def test_tiny_dictionary_sweep_writes_the_three_artifacts_and_resumes(tmp_path: 
 def test_diverging_points_are_reported_and_the_parallel_sweep_goes_on(tmp_path: Path, capsys) -> None:
     out = tmp_path / "momentum"
     overrides = [*TINY, "ablate.momentum.K=64", "ablate.momentum.m=[0.9,0.99]", "optim.lr=1.0e30"]
-    sweep("momentum", "fmnist_cpu", overrides, output=str(out), jobs=2)  # two spawned processes
+    sweep("momentum", "fmnist_cpu", overrides, output=str(out), jobs=2)  # two worker processes
     assert "2 at a time with 1 thread(s) each" in capsys.readouterr().out
     points = json.loads((out / "results.json").read_text())["points"]
     assert [(p["name"], p["status"]) for p in points] == [("m0.9", "diverged"), ("m0.99", "diverged")]
@@ -200,7 +200,8 @@ def test_cli_lists_presets_and_rejects_unknown_ones(capsys) -> None:
 
 
 def test_sweep_workers_exit_when_the_sweep_process_is_killed(tmp_path: Path) -> None:
-    """A killed `moco ablate` must not leave point workers training on as orphans."""
+    """A killed `moco ablate` must not leave point workers training on as orphans (the workers are
+    forked by a fork server, not by the sweep itself)."""
     import signal
     import subprocess
     import sys
@@ -210,10 +211,9 @@ def test_sweep_workers_exit_when_the_sweep_process_is_killed(tmp_path: Path) -> 
     script.write_text(
         "import os, time\n"
         "from concurrent.futures import ProcessPoolExecutor\n"
-        "from multiprocessing import get_context\n"
-        "from moco.ablate import _exit_with_parent\n"
+        "from moco.ablate import _exit_with_sweep, _worker_context\n"
         "if __name__ == '__main__':\n"
-        "    pool = ProcessPoolExecutor(1, mp_context=get_context('spawn'), initializer=_exit_with_parent,\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=_worker_context(), initializer=_exit_with_sweep,\n"
         "                               initargs=(os.getpid(),))\n"
         "    print(pool.submit(os.getpid).result(), flush=True)\n"
         "    pool.submit(time.sleep, 120)\n"

@@ -22,6 +22,17 @@ def _moco(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "moco", *args], capture_output=True, text=True, timeout=300)
 
 
+def _moco_here(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
+    """The same command in this process: the messages and exit codes of ``moco.cli.main``, without a
+    fresh interpreter's seconds of imports (the run above goes through ``python -m moco``)."""
+    from moco.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["moco", *args], code, out, err)
+
+
 @needs_fashion_mnist
 def test_pretrain_cli_writes_the_run_directory_and_resumes(tmp_path: Path) -> None:
     run = tmp_path / "run"
@@ -51,30 +62,30 @@ def test_pretrain_cli_writes_the_run_directory_and_resumes(tmp_path: Path) -> No
     assert load_checkpoint(run / "checkpoint_last.pth")["step"] == 2 * (800 // 64)
 
 
-def test_cli_reports_bad_options_in_one_line(tmp_path: Path) -> None:
-    result = _moco("pretrain", "fmnist_v2", "optim.lrr=0.1", f"train.output_dir={tmp_path}")
+def test_cli_reports_bad_options_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    result = _moco_here(capsys, "pretrain", "fmnist_v2", "optim.lrr=0.1", f"train.output_dir={tmp_path}")
     assert result.returncode == 2
     assert result.stderr.strip() == "moco: error: unknown option optim.lrr; did you mean optim.lr?"
-    result = _moco("pretrain", "no_such_config")
+    result = _moco_here(capsys, "pretrain", "no_such_config")
     assert result.returncode == 2 and "neither a file nor a shipped config" in result.stderr
 
 
-def test_missing_dataset_is_a_message_not_a_traceback(tmp_path: Path) -> None:
-    result = _moco("pretrain", "fmnist_v2", f"data.root={tmp_path}", f"train.output_dir={tmp_path / 'run'}")
+def test_missing_dataset_is_a_message_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    result = _moco_here(capsys, "pretrain", "fmnist_v2", f"data.root={tmp_path}", f"train.output_dir={tmp_path / 'run'}")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "dataset-fashion-mnist" in result.stderr
 
 
-def test_configs_lists_the_shipped_configs() -> None:
-    result = _moco("configs")
+def test_configs_lists_the_shipped_configs(capsys: pytest.CaptureFixture) -> None:
+    result = _moco_here(capsys, "configs")
     assert result.returncode == 0
     assert {"fmnist_v2", "fmnist_v1", "cifar10_v2", "imagenet_r50_v2"} <= set(result.stdout.split())
 
 
 @needs_fashion_mnist
-def test_non_finite_loss_stops_with_a_message_not_a_traceback(tmp_path: Path) -> None:
-    result = _moco("pretrain", "fmnist_v2", *TINY, "optim.epochs=1", "optim.lr=1.0e30",
-                   f"train.output_dir={tmp_path / 'run'}")
+def test_non_finite_loss_stops_with_a_message_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    result = _moco_here(capsys, "pretrain", "fmnist_v2", *TINY, "optim.epochs=1", "optim.lr=1.0e30",
+                        f"train.output_dir={tmp_path / 'run'}")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "moco: training stopped: loss is" in result.stderr and "last good checkpoint" in result.stderr

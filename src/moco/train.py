@@ -35,7 +35,7 @@ from moco.pretrained import encoder_spec
 from moco.reliability import (Checkpointer, NonFiniteGuard, StopSignals, TrainingInterrupted, check_paths, check_resume,
                               clear_run, make_deterministic)
 from moco.run_log import MetricsLog, NullLog, read_metrics
-from moco.runtime import (autocast, keep_freed_cpu_memory_mapped, resolve_device, resolve_memory_format,
+from moco.runtime import (autocast, cpu_threads, keep_freed_cpu_memory_mapped, resolve_device, resolve_memory_format,
                           resolve_precision, say, seed_everything)
 from moco.schedule import learning_rate, momentum_at
 from moco.step import StepFunction, optimisation_step, step_function, step_stats
@@ -139,7 +139,8 @@ def pretrain(config: Config, resume: str | None = None, overwrite: bool = False)
     Under ``torchrun`` with several processes this joins (and finally leaves) the process group
     from torchrun's environment; see docs/distributed.md.
     """
-    with dist_utils.process_group(resolve_device(config.train.device), config.train.dist_timeout_s):
+    with (dist_utils.process_group(resolve_device(config.train.device), config.train.dist_timeout_s),
+          cpu_threads(config.train.threads)):
         return _pretrain(config, resume, overwrite)
 
 
@@ -171,8 +172,6 @@ def set_up(config: Config, resume: str | None, overwrite: bool) -> Run:
     t = config.train
     run_dir = Path(t.output_dir)
     check_paths(config, resume, overwrite)
-    if t.threads:
-        torch.set_num_threads(t.threads)
     if t.deterministic:
         make_deterministic()
     device = resolve_device(t.device)
