@@ -136,6 +136,12 @@ def test_bench_command_writes_its_json_and_isolates_the_cases(tmp_path: Path, ca
     summary = json.loads(out.read_text())
     assert summary["environment"]["interleave"] and len(summary["rounds"]) == 2
     assert "interleaved in one process" in capsys.readouterr().out
+    # One interleaved round still prints each case's img/s, not only the ratios.
+    assert main(["bench", str(config), "--cases", "encoder,moco", "--queue-sizes", "32", "--steps", "1",
+                 "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "1 round of one 1-step block" in printed
+    assert [line.split()[0] for line in printed.splitlines() if "img/s" in line] == ["encoder", "moco"]
     assert main(["bench", str(config), "--cases", "encoder", "--steps", "0"]) == 2
     assert main(["bench", str(config), "--cases", "encoder", "--rounds", "0"]) == 2
 

@@ -46,6 +46,7 @@ from torch import nn
 
 from moco.config import Config, ConfigError, load_config
 from moco.methods import METHODS, method_class
+from moco.models.vit import default_patch_size
 from moco.runtime import peak_memory_mb_of_process
 
 # Every registered method is a step case (moco, end_to_end, memory_bank, moco_v3, simclr, byol, swav).
@@ -200,7 +201,7 @@ def prepare_encoder(setting: Setting, with_optimizer: bool) -> Prepared:
         return x1.shape[0]
 
     return Prepared("encoder+sgd" if with_optimizer else "encoder", step, device, x1.shape[0],
-                    f"{config.model.arch} {list(config.model.widths)}, {precision}")
+                    f"{model_text(config)}, {precision}")
 
 
 def prepare_method_step(setting: Setting, method_name: str, K: int | None = None) -> Prepared:
@@ -502,6 +503,13 @@ def pool_rounds(rounds: list[list[CaseResult]]) -> list[CaseResult]:
     return pooled
 
 
+def model_text(config: Config) -> str:
+    """The backbone as the report names it: a ResNet's stage widths, a ViT's patch size."""
+    if config.model.arch.startswith("vit"):
+        return f"{config.model.arch}/{config.model.patch_size or default_patch_size(config.data.image_size)}"
+    return f"{config.model.arch} {list(config.model.widths)}"
+
+
 def ratios_over_rounds(rounds: list[list[CaseResult]], config_K: int) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Each ratio computed within each round (its cases ran minutes apart, so a host that slows
     down and speeds up moves both sides alike), then its median and its values over the rounds."""
@@ -525,9 +533,9 @@ def run_bench(setting: Setting, cases: list[str], queue_sizes: list[int], mode: 
     env = {**environment(setting), "rounds": rounds, "interleave": interleave}
     timing = setting.timing
     report(f"torch {env['torch']} on {env['device']} ({env['device_name']}), {env['threads']} thread(s); "
-           f"{config.model.arch} {list(config.model.widths)} on {channels_of(config)}x{config.data.image_size}"
+           f"{model_text(config)} on {channels_of(config)}x{config.data.image_size}"
            f"x{config.data.image_size}, batch {config.optim.batch_size}; "
-           + (f"interleaved in one process: {timing.repeats} rounds of one {timing.steps}-step block per case "
+           + (f"interleaved in one process: {timing.repeats} round{'s' if timing.repeats != 1 else ''} of one {timing.steps}-step block per case "
               f"after {timing.warmup} warm-up steps each" if interleave else
               f"{timing.repeats} x {timing.steps} steps after {timing.warmup}" + (f"; {rounds} rounds" if rounds > 1 else "")))
     if interleave:
@@ -545,7 +553,7 @@ def run_bench(setting: Setting, cases: list[str], queue_sizes: list[int], mode: 
                 report((f"[round {round_number + 1}] " if rounds > 1 else "") + format_line(result))
             all_rounds.append(results)
     results = pool_rounds(all_rounds)
-    if len(all_rounds) > 1:
+    if len(all_rounds) > 1 or interleave:  # interleaved blocks print nothing as they run
         report("pooled over the rounds:" if not interleave else "each case over its blocks:")
         for result in results:
             report(format_line(result))
