@@ -25,9 +25,13 @@ def make_encoder(base_encoder: EncoderFactory | nn.Module, dim: int, mlp: bool) 
 
 
 def no_local_views(method: str, local_views: Sequence[torch.Tensor]) -> None:
-    """Refuse multi-crop's small views in a method that has no use for them (MoCo and SwAV have)."""
+    """Refuse multi-crop's small views in a method that has no use for them; the registry says which
+    methods have (``supports_local_views``), as the config's check does before a run starts."""
     if local_views:
-        raise ValueError(f"local views (multi-crop) are implemented for method=moco and swav only, not {method}")
+        from moco.methods import METHODS  # the registry imports this module: looked up when needed
+
+        offered = " and ".join(name for name, cls in METHODS.items() if cls.supports_local_views)
+        raise ValueError(f"local views (multi-crop) are implemented for method={offered} only, not {method}")
 
 
 def check_temperature(T: float) -> None:
