@@ -21,13 +21,13 @@ import contextlib
 import copy
 import json
 import math
+import multiprocessing
 import os
 import threading
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
-import multiprocessing
 from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any
