@@ -200,8 +200,9 @@ def test_cli_lists_presets_and_rejects_unknown_ones(capsys) -> None:
 
 
 def test_sweep_workers_exit_when_the_sweep_process_is_killed(tmp_path: Path) -> None:
-    """A killed `moco ablate` must not leave point workers training on as orphans (the workers are
-    forked by a fork server, not by the sweep itself)."""
+    """A killed `moco ablate` must not leave point workers training on as orphans, even before the
+    sweep is reaped (the workers are forked by a fork server, not by the sweep itself); and workers
+    see the sweep's environment, not the one the fork server started with."""
     import signal
     import subprocess
     import sys
@@ -212,22 +213,30 @@ def test_sweep_workers_exit_when_the_sweep_process_is_killed(tmp_path: Path) -> 
         "import os, time\n"
         "from concurrent.futures import ProcessPoolExecutor\n"
         "from moco.ablate import _exit_with_sweep, _worker_context\n"
+        "from multiprocessing import forkserver\n"
         "if __name__ == '__main__':\n"
-        "    pool = ProcessPoolExecutor(1, mp_context=_worker_context(), initializer=_exit_with_sweep,\n"
-        "                               initargs=(os.getpid(),))\n"
+        "    context = _worker_context()\n"
+        "    forkserver.ensure_running()\n"
+        "    os.environ['MOCO_SWEEP_TEST'] = 'set after the fork server started'\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=context, initializer=_exit_with_sweep,\n"
+        "                               initargs=(os.getpid(), dict(os.environ)))\n"
         "    print(pool.submit(os.getpid).result(), flush=True)\n"
+        "    print(pool.submit(os.getenv, 'MOCO_SWEEP_TEST').result(), flush=True)\n"
         "    pool.submit(time.sleep, 120)\n"
         "    time.sleep(120)\n")
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     worker = int(parent.stdout.readline())
+    assert parent.stdout.readline().strip() == "set after the fork server started"  # the sweep's environment
     parent.send_signal(signal.SIGKILL)
-    parent.wait()
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        try:
-            os.kill(worker, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    os.kill(worker, signal.SIGKILL)
-    raise AssertionError("the worker outlived its sweep process by 20 s")
+    try:  # not reaped yet: a zombie sweep must count as dead
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError("the worker outlived its sweep process by 20 s")
+    finally:
+        parent.wait()

@@ -23,6 +23,8 @@ import json
 import math
 import multiprocessing
 import os
+import select
+import sys
 import threading
 import time
 import traceback
@@ -339,37 +341,64 @@ def finished_result(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | N
     return result
 
 
-def _exit_with_sweep(sweep_pid: int) -> None:
-    """Worker initialiser: stop when the sweep process dies, instead of training on as an orphan.
+def _exit_with_sweep(sweep_pid: int, environment: dict[str, str]) -> None:
+    """Worker initialiser: take the sweep's environment as it is now, and stop when the sweep process
+    dies instead of training on as an orphan.
 
-    The worker's parent is the sweep (spawn) or the fork server, which exits with the sweep; either
-    way the parent changes when the sweep is gone. A killed sweep leaves each point's last
+    A worker forked by the fork server starts from the environment the server was started with, and
+    its parent is the server, which outlives the sweep while any worker lives; so the sweep itself is
+    watched: through a pidfd on Linux (readable once it has exited, reaped or not), else by polling
+    (under spawn the worker's parent is the sweep). A killed sweep leaves each point's last
     checkpoint behind, so re-running the sweep resumes it.
     """
+    os.environ.clear()
+    os.environ.update(environment)
     parent = os.getppid()
 
-    def sweep_alive() -> bool:
+    def wait_for_the_sweep_to_exit() -> None:
         try:
-            os.kill(sweep_pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # a process of another user took the number: ours is gone
-            return False
-        return True
+            pidfd = os.pidfd_open(sweep_pid)
+        except ProcessLookupError:  # gone already
+            return
+        except (AttributeError, OSError):  # no pidfd here (not Linux, or a kernel before 5.3): poll
+            while not _sweep_gone(sweep_pid, parent):
+                time.sleep(1.0)
+            return
+        try:
+            select.select([pidfd], [], [])  # readable once the sweep has exited
+        finally:
+            os.close(pidfd)
 
     def watch() -> None:
-        while os.getppid() == parent and sweep_alive():
-            time.sleep(1.0)
+        wait_for_the_sweep_to_exit()
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="exit-with-sweep").start()
 
 
+def _sweep_gone(sweep_pid: int, parent: int) -> bool:
+    """Polled where there is no pidfd: the worker was re-parented, or (POSIX) the sweep's pid is free or
+    a zombie. ``os.kill(pid, 0)`` is no existence check on Windows, where only the parent is watched."""
+    if os.getppid() != parent:
+        return True
+    if os.name != "posix":
+        return False
+    try:
+        os.kill(sweep_pid, 0)
+    except (ProcessLookupError, PermissionError):  # PermissionError: another user's process took the pid
+        return True
+    stat = Path(f"/proc/{sweep_pid}/stat")
+    with contextlib.suppress(OSError):
+        return stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    return False
+
+
 def _worker_context() -> BaseContext:
-    """Processes for points: forked from a server that imported torch and moco once (forkserver),
-    where a fresh interpreter per point (spawn) spends seconds on imports (about 4.5 s on a 2-core
-    CPU) before a short point even starts; spawn where there is no fork server (Windows)."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
+    """Processes for points. On Linux they fork from a server that imported torch and moco once
+    (forkserver), where a fresh interpreter per point (spawn) spends seconds on imports (about 4.5 s
+    on a 2-core CPU) before a short point even starts. Elsewhere spawn: macOS's system frameworks do
+    not survive a fork, and Windows has no fork server."""
+    if not sys.platform.startswith("linux"):
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["moco.ablate", "moco.train", "moco.evaluate.linear", "moco.evaluate.finetune"])
@@ -604,7 +633,8 @@ def _run_points(points: list[Point], out_dir: Path, jobs: int, results: dict[str
             print(f"[{len(results)}] {_one_line(results[point.name])}", flush=True)
         return
     with ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context(), initializer=_exit_with_sweep,
-                             initargs=(os.getpid(),), max_tasks_per_child=1 if own_process else None) as pool:
+                             initargs=(os.getpid(), dict(os.environ)),
+                             max_tasks_per_child=1 if own_process else None) as pool:
         futures = {pool.submit(run_point, point, str(out_dir / point.name)): point for point in pending}
         for future in as_completed(futures):
             point = futures[future]

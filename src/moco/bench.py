@@ -46,7 +46,7 @@ from torch import nn
 
 from moco.config import Config, ConfigError, load_config
 from moco.methods import METHODS, method_class
-from moco.models.vit import default_patch_size
+from moco.models.vit import VIT_ARCHS, default_patch_size
 from moco.runtime import peak_memory_mb_of_process
 
 # Every registered method is a step case (moco, end_to_end, memory_bank, moco_v3, simclr, byol, swav).
@@ -505,7 +505,7 @@ def pool_rounds(rounds: list[list[CaseResult]]) -> list[CaseResult]:
 
 def model_text(config: Config) -> str:
     """The backbone as the report names it: a ResNet's stage widths, a ViT's patch size."""
-    if config.model.arch.startswith("vit"):
+    if config.model.arch in VIT_ARCHS:
         return f"{config.model.arch}/{config.model.patch_size or default_patch_size(config.data.image_size)}"
     return f"{config.model.arch} {list(config.model.widths)}"
 

@@ -172,6 +172,8 @@ def set_up(config: Config, resume: str | None, overwrite: bool) -> Run:
     t = config.train
     run_dir = Path(t.output_dir)
     check_paths(config, resume, overwrite)
+    if t.threads:  # also for callers other than pretrain (the bench's loop); pretrain puts them back
+        torch.set_num_threads(t.threads)
     if t.deterministic:
         make_deterministic()
     device = resolve_device(t.device)
