@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -89,10 +90,16 @@ def test_interleaved_bench_times_one_block_of_every_case_per_round_in_one_proces
     assert not list(tmp_path.glob("moco-bench-*"))  # the loop's scratch folder lives in the system's temp
 
 
-def test_interleaved_bench_skips_a_case_the_config_cannot_build_and_times_the_others(tmp_path: Path) -> None:
-    """The default mode, like the others, says why a case did not run instead of stopping the bench."""
+def test_interleaved_bench_skips_a_case_the_config_cannot_build_and_times_the_others(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default mode, like the others, says why a case did not run instead of stopping the bench,
+    and leaves no scratch folder behind for it."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     setting = Setting(str(tiny_config(tmp_path)), [f"data.root={tmp_path / 'missing'}"], Timing(0, 1, 2))
     summary = run_bench(setting, ["encoder", "data"], [32], report=lambda _: None, mode="interleaved")
+    assert not list(scratch.iterdir())
     encoder, data = summary["results"]
     assert encoder["img_s"] > 0 and not encoder["skipped"]
     assert data["skipped"] and data["detail"].startswith("not run: data.root") and "missing" in data["detail"]

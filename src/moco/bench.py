@@ -271,7 +271,11 @@ def _batches(run: Any) -> Callable[[], tuple[int, Any, Any]]:
 def _loop_case(setting: Setting) -> tuple[Any, Callable[[], tuple[int, Any, Any]], Callable[[], None]]:
     """The loop's Run in a scratch folder, its batches, and what removes both."""
     workdir = tempfile.mkdtemp(prefix="moco-bench-")
-    run = _loop_run(setting, workdir)
+    try:
+        run = _loop_run(setting, workdir)
+    except BaseException:  # a case the config cannot build (missing data, bad option) leaves nothing behind
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
 
     def close() -> None:
         run.log.close()
