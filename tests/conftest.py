@@ -11,6 +11,7 @@ from torch import nn
 
 from moco.data.datasets import DEBIAN_FASHION_MNIST
 from moco.models import resnet
+from moco.runtime import preserved_cpu_threads
 
 
 @pytest.fixture(autouse=True)
@@ -22,9 +23,8 @@ def _seed() -> None:
 def _same_threads_for_every_test() -> Iterator[None]:
     """Each test starts with the session's CPU threads: one that runs an evaluation with one thread
     must not leave the tests after it on one core."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+    with preserved_cpu_threads():
+        yield
 
 
 def tiny_resnet(num_classes: int = 16, bn_splits: int = 1, in_channels: int = 1) -> nn.Module:

@@ -30,12 +30,10 @@ def seed_everything(seed: int) -> None:
 
 
 @contextlib.contextmanager
-def cpu_threads(threads: int) -> Iterator[None]:
-    """torch's intra-op CPU threads set to ``threads`` (0: left as they are) for the block, and put back
-    after it: a run with ``train.threads=1`` must not leave a notebook or a test session on one core."""
+def preserved_cpu_threads() -> Iterator[None]:
+    """Put torch's intra-op CPU threads back as they were after the block: a run with
+    ``train.threads=1`` must not leave a notebook or a test session on one core."""
     previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
     try:
         yield
     finally:

@@ -35,8 +35,8 @@ from moco.pretrained import encoder_spec
 from moco.reliability import (Checkpointer, NonFiniteGuard, StopSignals, TrainingInterrupted, check_paths, check_resume,
                               clear_run, make_deterministic)
 from moco.run_log import MetricsLog, NullLog, read_metrics
-from moco.runtime import (autocast, cpu_threads, keep_freed_cpu_memory_mapped, resolve_device, resolve_memory_format,
-                          resolve_precision, say, seed_everything)
+from moco.runtime import (autocast, keep_freed_cpu_memory_mapped, preserved_cpu_threads, resolve_device,
+                          resolve_memory_format, resolve_precision, say, seed_everything)
 from moco.schedule import learning_rate, momentum_at
 from moco.step import StepFunction, optimisation_step, step_function, step_stats
 
@@ -140,7 +140,7 @@ def pretrain(config: Config, resume: str | None = None, overwrite: bool = False)
     from torchrun's environment; see docs/distributed.md.
     """
     with (dist_utils.process_group(resolve_device(config.train.device), config.train.dist_timeout_s),
-          cpu_threads(config.train.threads)):
+          preserved_cpu_threads()):  # set_up applies train.threads for the run
         return _pretrain(config, resume, overwrite)
 
 
@@ -172,7 +172,7 @@ def set_up(config: Config, resume: str | None, overwrite: bool) -> Run:
     t = config.train
     run_dir = Path(t.output_dir)
     check_paths(config, resume, overwrite)
-    if t.threads:  # also for callers other than pretrain (the bench's loop); pretrain puts them back
+    if t.threads:  # for the run only: pretrain puts them back afterwards
         torch.set_num_threads(t.threads)
     if t.deterministic:
         make_deterministic()
