@@ -282,3 +282,29 @@ def test_a_loader_killed_with_the_run_ends_the_epoch_instead_of_crashing(error: 
     assert list(stop.batches(_failing_loader(error))) == ["first batch"]
     with pytest.raises(type(error)):
         list(StopSignals().batches(_failing_loader(error)))
+
+
+def test_every_checkpoint_is_read_onto_the_cpu_whatever_device_the_run_trains_on(
+        tiny_reference: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU a checkpoint mapped to the training device puts the saved RNG states there, where
+    ``torch.set_rng_state`` and ``.numpy()`` refuse them: resume, evaluation and export read to the
+    CPU and let ``load_state_dict`` place the weights."""
+    import shutil
+
+    from moco.export import export
+    from moco.pretrained import load_pretrained
+
+    config_path, reference_run = tiny_reference
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    real_load, places = torch.load, []
+
+    def recording_load(*args, map_location=None, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        places.append(map_location)
+        return real_load(*args, map_location=map_location, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    pretrain(load_config(config_path, [f"train.output_dir={run}"]), resume="auto")  # the final kNN again
+    load_pretrained(run / "checkpoint_last.pth")
+    export(run / "checkpoint_last.pth", "torchvision", tmp_path / "backbone.pth")
+    assert len(places) >= 3 and all(isinstance(p, str) and p == "cpu" for p in places), places

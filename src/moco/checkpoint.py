@@ -64,15 +64,18 @@ def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
     return stale
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely; a file that needs arbitrary unpickling is refused with a clear error."""
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint onto the CPU, safely; a file that needs arbitrary unpickling is refused with
+    a clear error. Always the CPU, whatever device trains or evaluates: ``load_state_dict`` copies
+    weights to where the module lives and the optimiser moves its state to its parameters, while
+    the RNG states must stay CPU tensors (``torch.set_rng_state`` and ``.numpy()`` need them there)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         with warnings.catch_warnings():  # a plain pickle (not torch.save) is judged below, not warned about
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle.UnpicklingError for code, RuntimeError for a broken zip archive
         text = str(err)
         if "weights only load failed" in text.lower():
@@ -112,11 +115,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     python_state = state["python"]
     random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
     np_state = state["numpy"]
-    np.random.set_state((np_state["name"], np_state["keys"].numpy(), np_state["pos"], np_state["has_gauss"],
+    np.random.set_state((np_state["name"], np_state["keys"].cpu().numpy(), np_state["pos"], np_state["has_gauss"],
                          np_state["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 @contextlib.contextmanager

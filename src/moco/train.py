@@ -215,7 +215,7 @@ def set_up(config: Config, resume: str | None, overwrite: bool) -> Run:
     state = LoopState(steps_per_epoch=steps_per_epoch)
     if resume:
         ckpt_path = run_dir / "checkpoint_last.pth" if resume == "auto" else Path(resume)
-        state = _restore(ckpt_path, method, optimizer, scaler, identity, steps_per_epoch, device, t.seed)
+        state = _restore(ckpt_path, method, optimizer, scaler, identity, steps_per_epoch, t.seed)
         checkpointer.last_good = ckpt_path
     guard = NonFiniteGuard(method, t.on_nonfinite, t.max_consecutive_skips, check_gradients=not scaler.is_enabled())
     guard.skipped, guard.consecutive = state.skipped_steps, state.consecutive_skips
@@ -474,10 +474,12 @@ def save_training_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.o
 
 
 def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-             identity: dict[str, Any], steps_per_epoch: int, device: torch.device, seed: int) -> LoopState:
-    """Load a checkpoint into the model, optimiser, scaler and RNGs; returns the loop's position."""
+             identity: dict[str, Any], steps_per_epoch: int, seed: int) -> LoopState:
+    """Load a checkpoint into the model, optimiser, scaler and RNGs; returns the loop's position.
+    The file is read onto the CPU (:func:`moco.checkpoint.load_checkpoint`); each ``load_state_dict``
+    puts its part where the model and the optimiser's parameters already are."""
     try:
-        ckpt = load_checkpoint(path, map_location=device)
+        ckpt = load_checkpoint(path)
     except CheckpointError as err:
         raise ConfigError(f"--resume: {err}") from None
     check_resume(ckpt, identity, path, steps_per_epoch)
