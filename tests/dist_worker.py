@@ -19,9 +19,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from moco import MoCo
 from moco import distributed as du
-from moco.config import ConfigError
+from moco.config import ConfigError, load_config
 from moco.evaluate.knn import knn_accuracy
-from moco.methods import Batch, MoCoMethod, MoCoV3, SimCLR, StepContext
+from moco.methods import METHODS, Batch, MoCoMethod, MoCoV3, SimCLR, StepContext
 from moco.momentum import cosine_momentum, make_momentum_copy
 from moco.step import apply_momentum, step_function
 from tests.conftest import LinearEncoder, tiny_resnet
@@ -260,6 +260,66 @@ def bn_options_scenario() -> dict[str, Any]:
                                                                                        torch.device("cuda", 0)).modules())}
 
 
+# Every registered method but end-to-end (one process only: its negatives are the batch on one device).
+SEVERAL_PROCESS_METHODS = [name for name in METHODS if name != "end_to_end"]
+
+
+def without_batch_norm(module: nn.Module) -> nn.Module:
+    """Every BN layer replaced by the identity: per-process BN statistics are the one thing that
+    may legitimately differ between half batches and the whole batch."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, nn.Identity())
+        else:
+            without_batch_norm(child)
+    return module
+
+
+def small_method(name: str) -> Any:
+    """``name`` on a linear encoder with small BN-free heads, built as the loop builds it."""
+    overrides = [f"model.method={name}", "model.dim=8", "model.K=32", "model.T=0.5", "model.bn_splits=1",
+                 f"optim.batch_size={GLOBAL_BATCH}"]
+    overrides += {"moco_v3": ["moco_v3.mlp_dim=16"], "byol": ["byol.mlp_dim=16"], "simclr": ["simclr.mlp_dim=16"],
+                  "swav": ["swav.mlp_dim=16", "swav.prototypes=10", "swav.freeze_prototypes_epochs=0"]}.get(name, [])
+    config = load_config(None, overrides)
+    torch.manual_seed(0)
+    method = METHODS[name].build(config, lambda num_classes: LinearEncoder(num_classes=num_classes),
+                                 bank_size=GLOBAL_BATCH * STEPS)
+    return without_batch_norm(method)
+
+
+def rank_dependent_batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two views of a global batch whose halves (rank 0's, rank 1's) differ in scale and offset,
+    so per-rank statistics (a rank's largest score, say) differ too; and the images' indices."""
+    g = torch.Generator().manual_seed(300 + step)
+    scale = torch.tensor([1.0] * (GLOBAL_BATCH // 2) + [3.0] * (GLOBAL_BATCH // 2)).view(-1, 1, 1, 1)
+    views = [torch.randn(GLOBAL_BATCH, 1, 8, 8, generator=g) * scale + (scale - 1) for _ in range(2)]
+    return views[0], views[1], GLOBAL_BATCH * step + torch.arange(GLOBAL_BATCH)
+
+
+def every_method_scenario(name: str, world: bool = True) -> dict[str, Any]:
+    """Two steps of method ``name`` through the loop's path (momentum, DDP when ``world``, SGD) on
+    :func:`rank_dependent_batch`; with ``world=False`` the whole batch on one process. Returns the
+    global losses, the (DDP-averaged) gradients of every step and the final state."""
+    method = small_method(name)
+    optimizer = sgd([p for group in method.parameter_groups(0.0) for p in group["params"]])
+    step_fn = step_function(method, torch.device("cpu")) if world else method.training_step
+    losses, grads = [], []
+    for step in range(2):
+        x1, x2, indices = rank_dependent_batch(step)
+        views, indices = ((my_slice(x1), my_slice(x2)), my_slice(indices)) if world else ((x1, x2), indices)
+        ctx = StepContext(step, 2, momentum=0.9)
+        apply_momentum(method, ctx.momentum)
+        torch.manual_seed(400 + step)  # the same draws (sampled negatives, shuffles) on every rank and alone
+        out = step_fn(Batch(views, indices), ctx)
+        optimizer.zero_grad()
+        out.loss.backward()
+        grads.append({k: p.grad.clone() for k, p in method.named_parameters() if p.grad is not None})
+        optimizer.step()
+        losses.append(du.mean_over_ranks(out.loss.detach()).item())
+    return {"losses": losses, "grads": grads, "state": {k: v.clone() for k, v in method.state_dict().items()}}
+
+
 def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     with du.process_group(torch.device("cpu"), timeout_s=60):
@@ -275,6 +335,7 @@ def main(out_dir: str) -> None:
             "moco_v3": moco_v3_scenario(),
             "simclr": simclr_scenario(),
             "bn_options": bn_options_scenario(),
+            "every_method": {name: every_method_scenario(name) for name in SEVERAL_PROCESS_METHODS},
         }
         torch.save(results, Path(out_dir) / f"rank{du.rank()}.pt")
     assert not du.is_distributed(), "the process group is destroyed on the way out"

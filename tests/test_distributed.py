@@ -127,6 +127,26 @@ def test_simclr_gathers_negatives_with_gradients_like_one_process_with_the_globa
             torch.testing.assert_close(got["state"][name], value, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("name", dist_worker.SEVERAL_PROCESS_METHODS)
+def test_every_method_on_two_processes_with_different_data_equals_one_process(ranks: list[dict[str, Any]],
+                                                                               name: str) -> None:
+    """Each rank holds half of a batch whose halves differ (scale, offset): loss, every gradient
+    and the state after the steps (weights, targets, queue, bank, prototypes) equal one process
+    with the whole batch."""
+    single = dist_worker.every_method_scenario(name, world=False)
+    assert single["losses"][0] != pytest.approx(single["losses"][1], abs=1e-4)  # the first step changed something
+    for result in ranks:
+        got = result["every_method"][name]
+        assert got["losses"] == pytest.approx(single["losses"], rel=1e-5, abs=1e-6)
+        for step, (mine, alone) in enumerate(zip(got["grads"], single["grads"])):
+            assert set(mine) == set(alone) and alone
+            for key, value in alone.items():
+                torch.testing.assert_close(mine[key], value, rtol=1e-4, atol=1e-6, msg=f"{key} gradient, step {step}")
+        assert set(got["state"]) == set(single["state"])
+        for key, value in single["state"].items():
+            torch.testing.assert_close(got["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
 # --- cross-process shuffle BN --------------------------------------------------------------------
 def test_cross_process_shuffle_is_a_shared_permutation_and_unshuffle_inverts_it(ranks: list[dict[str, Any]]) -> None:
     r0, r1 = ranks[0]["shuffle"], ranks[1]["shuffle"]

@@ -206,6 +206,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum of ``tensor`` over ranks, in place (and returned); unchanged on one process."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+@torch.no_grad()
 def gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from every rank when ranks hold different numbers of rows."""
     if not is_distributed():
