@@ -11,6 +11,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -84,6 +85,41 @@ def test_a_step_lowers_the_loss_on_a_fixed_batch(name: str) -> None:
     out.loss.backward()
     optimizer.step()
     assert _loss_from(method, before, batch) < _loss_from(before, before, batch) - 1e-3
+
+
+def _logits_from_outputs(name: str, method: Method, out: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(what the step reported, the same numbers as fp32 products of the step's own fp32 queries and
+    positives): the logits, or for the methods that never form them the mean positive logit."""
+    q, k, n = out.queries, out.positives, out.queries.shape[0]
+    if name in ("moco", "memory_bank"):
+        return out.logit_stats[1], (q * k).sum(dim=1).mean() / method.T
+    if name == "end_to_end":
+        return out.logits[:, 0], (q * k).sum(dim=1) / method.T
+    if name == "moco_v3":
+        return out.logits[:n], q @ k.T / method.T
+    if name == "simclr":
+        return out.logits[:n, n:2 * n], q @ k.T / method.T
+    if name == "swav":
+        return out.logits, k @ method.prototypes.weight.T / method.T
+    raise AssertionError(f"{name}: say which of its products feed a softmax")
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_products_that_feed_a_softmax_are_fp32_under_bf16_autocast(name: str) -> None:
+    """The encoders run in bf16, the similarity products after them in fp32 for every method: bf16
+    would cost about 1% of each logit (10% once exponentiated at T = 0.1)."""
+    method, batch = _fixed_batch(name)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = method.training_step(batch, StepContext(epoch=1))
+        features = method.encoder(batch.views[0])
+    assert features.dtype == torch.bfloat16  # the autocast is real
+    assert out.loss.dtype == torch.float32
+    if out.logits is not None:
+        assert out.logits.dtype == torch.float32
+    if name != "byol":  # its cosine regression has no product to check against; the loss's dtype above
+        reported, fp32 = _logits_from_outputs(name, method, out)
+        torch.testing.assert_close(reported, fp32, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name, extra, expected", [

@@ -33,8 +33,9 @@ class BYOLOptions:
 
 
 def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of ``2 − 2·cos(p, z)`` (the squared distance of the unit vectors)."""
-    return (2 - 2 * F.cosine_similarity(p.float(), z.float(), dim=1)).mean()
+    """Mean over the batch of ``2 − 2·cos(p, z)`` (the squared distance of the unit vectors), in fp32."""
+    with torch.autocast(p.device.type, enabled=False):
+        return (2 - 2 * F.cosine_similarity(p.float(), z.float(), dim=1)).mean()
 
 
 class BYOL(Method):

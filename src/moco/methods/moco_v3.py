@@ -18,6 +18,7 @@ from torch import nn
 from moco.diagnostics import CONTRAST_TEMPERATURE, chance_loss
 from moco.distributed import concat_all_gather, rank
 from moco.errors import ConfigError
+from moco.loss import similarities
 from moco.methods.base import TARGET_VIEW, TRAINED_VIEW, Batch, EncoderFactory, Method, StepContext, StepOutput, Traits
 from moco.methods.common import asymmetric_views, check_per_view_probabilities, check_temperature
 from moco.models.heads import bn_mlp
@@ -51,7 +52,7 @@ def contrast_in_batch(q: torch.Tensor, k: torch.Tensor, temperature: float) -> t
     key (at ``arange(N) + N·rank``) the positive; cross-entropy times 2T. Returns loss, logits, labels."""
     q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
     keys = concat_all_gather(k)  # no gradient flows into other processes' keys (nor into this one's)
-    logits = q @ keys.T / temperature
+    logits = similarities(q, keys) / temperature
     labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank()
     return F.cross_entropy(logits, labels) * (2 * temperature), logits, labels
 

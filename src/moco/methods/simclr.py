@@ -14,6 +14,7 @@ from torch import nn
 
 from moco.diagnostics import chance_loss
 from moco.distributed import all_gather_with_gradients, rank
+from moco.loss import similarities
 from moco.methods.base import TRAINED_VIEW, Batch, EncoderFactory, Method, StepContext, StepOutput, Traits
 from moco.methods.common import check_temperature
 from moco.models.heads import bn_mlp
@@ -37,7 +38,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> tuple[tor
     n = z1.shape[0]
     local = F.normalize(torch.cat([z1, z2]).float(), dim=1)       # [view 1 of n images; view 2]
     everyone = all_gather_with_gradients(local)                    # rank r's rows at r·2n .. r·2n + 2n
-    logits = local @ everyone.T / temperature
+    logits = similarities(local, everyone) / temperature
     own = torch.arange(2 * n, device=local.device) + 2 * n * rank()
     logits = logits.masked_fill(F.one_hot(own, logits.shape[1]).bool(), float("-inf"))
     labels = torch.cat([own[n:], own[:n]])                         # view 1's partner is view 2, and back

@@ -17,6 +17,7 @@ from torch import nn
 from moco.diagnostics import chance_loss
 from moco.distributed import all_reduce_max, all_reduce_sum, world_size
 from moco.errors import ConfigError
+from moco.loss import similarities
 from moco.methods.base import (TRAINED_VIEW, Batch, EncoderFactory, Method, StepContext, StepOutput, Traits,
                                local_view_passes)
 from moco.methods.common import check_temperature
@@ -120,7 +121,7 @@ class SwAV(Method):
         z = list(global_z.split(n))
         if batch.local_views:
             z += F.normalize(self.encoder_q(torch.cat(batch.local_views)).float(), dim=1).split(n)
-        scores = [view @ weight.T for view in z]
+        scores = [similarities(view, weight) for view in z]
         loss, first_codes = global_z.new_zeros(()), None
         for v in range(2):
             codes = self._codes(scores[v].detach(), v, ctx.epoch)
@@ -141,7 +142,7 @@ class SwAV(Method):
         """Sinkhorn codes of this batch's view; once the queue runs, its projections share the balance."""
         o, n = self.options, scores.shape[0]
         if o.queue_length and epoch >= o.queue_start_epoch and int(self.queue_filled) >= o.queue_length:
-            scores = torch.cat([scores, self.queue[view] @ self.prototypes.weight.detach().T])
+            scores = torch.cat([scores, similarities(self.queue[view], self.prototypes.weight.detach())])
         return sinkhorn(scores, o.epsilon, o.sinkhorn_iterations)[:n]
 
     @torch.no_grad()
