@@ -25,6 +25,7 @@ from moco.checkpoint import load_checkpoint
 from moco.config import ConfigError, load_config
 from moco.data.datasets import InMemoryLoader, TensorImageDataset, make_loader
 from moco.evaluate.knn import knn_accuracy
+from moco.methods import METHODS, build_method, sync_bn_choice
 from tests import dist_worker
 from tests.conftest import needs_fashion_mnist
 
@@ -242,6 +243,29 @@ def test_sync_bn_converts_for_gpu_ranks_and_is_refused_on_cpu(ranks: list[dict[s
         load_config(None, ["model.sync_bn=true"])
     with pytest.raises(ConfigError, match="train.dist_timeout_s"):
         load_config(None, ["train.dist_timeout_s=0"])
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_under_several_gpu_processes_bn_is_synced_where_the_method_declares_it(name: str) -> None:
+    """The default is the method's: MoCo v3, SimCLR, BYOL and SwAV normalise over the global batch as
+    their papers do, MoCo v1/v2 rely on shuffle BN; model.sync_bn set by hand wins either way."""
+    declared = {"moco": False, "end_to_end": False, "memory_bank": False, "moco_v3": True, "simclr": True,
+                "byol": True, "swav": True}[name]
+    assert METHODS[name].sync_bn is declared
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    config = load_config(None, [f"model.method={name}", "model.bn_splits=1"])
+    assert config.model.sync_bn is None
+    assert sync_bn_choice(config, gpu, 8)[0] is declared
+    assert sync_bn_choice(config, gpu, 1)[0] is False  # one process: plain BN sees the whole batch
+    assert sync_bn_choice(config, cpu, 2) == (False, f"{name} asks for it, but SyncBatchNorm needs GPUs: BN per "
+                                                       "process") if declared else not sync_bn_choice(config, cpu, 2)[0]
+    split = load_config(None, [f"model.method={name}", "model.bn_splits=8"])
+    assert sync_bn_choice(split, gpu, 8)[0] is declared and sync_bn_choice(split, gpu, 2)[0] is False  # split BN asked
+    for value in (True, False):
+        assert sync_bn_choice(load_config(None, [f"model.method={name}", "model.bn_splits=1",
+                                                 f"model.sync_bn={str(value).lower()}"]), gpu, 8) == (value, "model.sync_bn as set")
+    converted = build_method(config, 1, gpu, bank_size=8)  # one process here: nothing to convert, whatever the choice
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.modules())
 
 
 # --- data sharding (no process group needed) --------------------------------------------------------

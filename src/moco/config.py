@@ -51,11 +51,12 @@ class ModelConfig:
     symmetric: bool = False            # both views as query and key, two InfoNCE terms summed
     patch_size: int = 0                # ViT: side of a patch; 0 = 4 below 64 px (a 7x7 grid at 28), else 16
     stop_grad_conv1: bool = True       # ViT: the random patch projection stays frozen (MoCo v3's stability trick)
-    sync_bn: bool = False              # several GPU processes: BN statistics over the global batch (SyncBatchNorm)
+    sync_bn: Optional[bool] = None     # several GPU processes: BN over the global batch (SyncBatchNorm); null = the
+                                       # method's choice (on: moco_v3, simclr, byol, swav; off: moco, with shuffle BN)
     # The method (moco.methods; its own options in the top-level section of its name, e.g. memory_bank:).
     # Figure 2 of the paper (docs/ablations.md): end_to_end ignores K (K = batch - 1) and m;
     # memory_bank samples K negatives from a bank of one feature per image and ignores m.
-    method: str = "moco"               # moco | end_to_end | memory_bank
+    method: str = "moco"               # moco | end_to_end | memory_bank | moco_v3 | simclr | byol | swav
 
 
 @dataclass
@@ -372,7 +373,7 @@ def validate(config: Config) -> None:
         (t.knn_k >= 1, "train.knn_k", f"must be >= 1, got {t.knn_k}"),
         (t.knn_t > 0, "train.knn_t", f"must be > 0, got {t.knn_t}"),
         (t.dist_timeout_s > 0, "train.dist_timeout_s", f"must be > 0, got {t.dist_timeout_s}"),
-        (not m.sync_bn or m.bn_splits == 1, "model.sync_bn", "SyncBatchNorm replaces split BN; set model.bn_splits=1"),
+        (m.sync_bn is not True or m.bn_splits == 1, "model.sync_bn", "SyncBatchNorm replaces split BN; set model.bn_splits=1"),
         (t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}"),
         (t.knn_every >= 0, "train.knn_every", f"must be >= 0, got {t.knn_every}"),
         (t.keep_checkpoints >= 0, "train.keep_checkpoints", f"must be >= 0, got {t.keep_checkpoints}"),

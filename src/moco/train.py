@@ -27,7 +27,7 @@ from moco.data.datasets import aspect_ratios_of, make_loader
 from moco.data.splits import Data, augment_spec, build_data, index_range, local_augment_spec
 from moco.derive import check_queue_fits
 from moco.diagnostics import CollapseMonitor, StepStats, collapse_advice, momentum_drift
-from moco.methods import Batch, Method, StepContext, build_method
+from moco.methods import Batch, Method, StepContext, build_method, sync_bn_choice
 from moco.methods.base import same_views
 from moco.monitor import KnnScores, knn_eval, test_knn_fields, test_knn_line, val_knn_text
 from moco.optim import build_optimizer
@@ -190,6 +190,9 @@ def set_up(config: Config, resume: str | None, overwrite: bool) -> Run:
                           f"{len(data.pretrain)} pretraining images")
     check_queue_fits(config, len(data.pretrain))
     method = build_method(config, data.channels, device, bank_size=index_range(data.pretrain))
+    sync_bn, sync_bn_reason = sync_bn_choice(config, device, dist_utils.world_size())
+    if dist_utils.world_size() > 1:
+        say(f"model.sync_bn: {'on' if sync_bn else 'off'} ({sync_bn_reason})")
     method = method.to(device).to(memory_format=memory_format)
     local_batch = dist_utils.local_batch_size(config.optim.batch_size)  # optim.batch_size is global
     try:
@@ -230,7 +233,8 @@ def set_up(config: Config, resume: str | None, overwrite: bool) -> Run:
         (run_dir / "resolved.json").write_text(json.dumps({"device": str(device), "precision": precision,
                                                             "threads": torch.get_num_threads(),
                                                             "steps_per_epoch": steps_per_epoch,
-                                                            "processes": dist_utils.world_size()}, indent=2))
+                                                            "processes": dist_utils.world_size(),
+                                                            "sync_bn": sync_bn}, indent=2))
     log = (MetricsLog(run_dir, t.tensorboard, state.step if resume else None,
                       keep_rows=state.metrics_rows if resume else None)
            if dist_utils.is_main_process() else NullLog())

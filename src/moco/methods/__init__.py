@@ -39,6 +39,29 @@ def method_class(name: str) -> type[Method]:
         raise ConfigError(f"model.method: {name!r} is not one of {', '.join(METHODS)}") from None
 
 
+def sync_bn_choice(config: "Config", device: torch.device, processes: int) -> tuple[bool, str]:
+    """Whether BN layers normalise over the global batch (SyncBatchNorm), and why.
+
+    ``model.sync_bn`` set to true or false is used as given. Left null, the method decides
+    (``Method.sync_bn``: on for MoCo v3, SimCLR, BYOL and SwAV, whose papers normalise over all
+    devices; off for MoCo v1/v2, whose shuffle BN does that job), where SyncBN can change anything:
+    several processes, on GPUs (PyTorch's SyncBatchNorm has no CPU kernel), each holding one BN
+    group of ``model.bn_splits`` (more per process means split BN was asked for).
+    """
+    m, method = config.model, method_class(config.model.method)
+    if m.sync_bn is not None:
+        return m.sync_bn, "model.sync_bn as set"
+    if processes == 1:
+        return False, "one process: BN already sees the whole batch"
+    if not method.sync_bn:
+        return False, f"{m.method} does not ask for it" + (" (shuffle BN)" if m.method == "moco" else "")
+    if device.type == "cpu":
+        return False, f"{m.method} asks for it, but SyncBatchNorm needs GPUs: BN per process"
+    if m.bn_splits > processes:
+        return False, f"{m.method} asks for it, but model.bn_splits={m.bn_splits} splits each process's batch"
+    return True, f"{m.method} normalises over the global batch, as its paper"
+
+
 def build_method(config: "Config", channels: int, device: torch.device = torch.device("cpu"),
                  bank_size: int = 0) -> Method:
     """The method ``model.method`` names, on the ResNet or ViT the ``model`` section describes, for
@@ -53,8 +76,8 @@ def build_method(config: "Config", channels: int, device: torch.device = torch.d
                       widths=m.widths, bn_splits=dist_utils.bn_splits_per_process(m.bn_splits))
 
     method = method_class(m.method).build(config, encoder, bank_size)
-    return dist_utils.convert_sync_bn(method, m.sync_bn, device)
+    return dist_utils.convert_sync_bn(method, sync_bn_choice(config, device, dist_utils.world_size())[0], device)
 
 
 __all__ = ["BYOL", "METHODS", "Batch", "EndToEnd", "MemoryBankContrast", "Method", "MoCoMethod", "MoCoV3", "SimCLR", "SwAV", "StepContext", "StepOutput",
-           "Traits", "build_method", "method_class"]
+           "Traits", "build_method", "method_class", "sync_bn_choice"]

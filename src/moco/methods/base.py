@@ -5,6 +5,7 @@ everything the loop must know about it:
 
 - ``name`` (what ``model.method`` selects), ``label`` (for tables) and ``Options``: its own config
   section, a dataclass read from the top-level section of that name (typed, unknown keys rejected);
+- ``sync_bn``: whether its BN layers normalise over the global batch under several GPU processes;
 - ``build(config, encoder_factory, bank_size)`` and ``check_config(config)``;
 - ``encoder`` (the online encoder, head included), ``backbone`` and ``projector`` (what evaluation
   and export use);
@@ -101,6 +102,9 @@ class Method(nn.Module):
     traits: ClassVar[Traits]
     supports_local_views: ClassVar[bool] = False  # multi-crop's small views (aug.local_crops)
     uses_model_k: ClassVar[bool] = False  # draws K negatives from a queue or bank: model.K means something
+    # Under several GPU processes, BN over the global batch (SyncBatchNorm) as the method's paper
+    # trains it; ``model.sync_bn`` overrides (see :func:`moco.methods.sync_bn_choice`).
+    sync_bn: ClassVar[bool] = False
     # What the collapse warning suggests for this method, beyond lr, batch / BN groups and augmentation.
     collapse_advice: ClassVar[tuple[str, ...]] = ()
 

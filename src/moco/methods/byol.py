@@ -43,6 +43,7 @@ class BYOL(Method):
     label = "BYOL"
     Options = BYOLOptions
     traits = Traits(negatives="none", momentum_encoder=True, predictor=True)
+    sync_bn = True  # BN statistics over all devices, as the paper
     collapse_advice = ("keep model.m near 0.996 with model.m_schedule=cosine (a target that follows the online "
                        "network too closely lets both collapse)", "keep the predictor (byol.mlp_dim)")
 

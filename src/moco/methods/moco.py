@@ -31,6 +31,7 @@ class MoCoMethod(MoCo, Method):
     name = "moco"
     label = "MoCo"
     traits = Traits(negatives="queue", momentum_encoder=True)
+    sync_bn = False  # shuffle BN instead: its keys are encoded in a batch mixed from every process
     collapse_advice = (CONTRAST_TEMPERATURE, "lower model.K (it must stay well below the number of images)",
                        "keep model.m near 0.99")
     supports_local_views = True

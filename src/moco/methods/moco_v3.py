@@ -64,6 +64,7 @@ class MoCoV3(Method):
     label = "MoCo v3"
     Options = MoCoV3Options
     traits = Traits(negatives="batch", momentum_encoder=True, predictor=True)
+    sync_bn = True  # the paper syncs BN across devices, heads included
     collapse_advice = (CONTRAST_TEMPERATURE, "keep model.m near 0.99 with model.m_schedule=cosine",
                        "for a ViT keep model.stop_grad_conv1=true (the frozen patch projection is v3's stability fix)")
 

@@ -50,6 +50,7 @@ class SimCLR(Method):
     label = "SimCLR"
     Options = SimCLROptions
     traits = Traits(negatives="batch (2N − 2)", momentum_encoder=False)
+    sync_bn = True  # global BN: per-device BN lets the positives' statistics leak
     collapse_advice = ("keep model.T in 0.1-0.5 (NT-Xent)",)
 
     def __init__(self, base_encoder: EncoderFactory | nn.Module, dim: int = 128, T: float = 0.2,

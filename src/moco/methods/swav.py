@@ -67,6 +67,7 @@ class SwAV(Method):
     label = "SwAV"
     Options = SwAVOptions
     traits = Traits(negatives="none (prototypes)", momentum_encoder=False)
+    sync_bn = True  # SyncBN, as the paper's multi-GPU runs
     collapse_advice = ("keep model.T near 0.1", "fewer swav.prototypes for small data",
                        "keep swav.freeze_prototypes_epochs >= 1", "with small batches set swav.queue_length",
                        "SwAV needs LARS-scale lrs (optim.optimizer=lars optim.lr=0.6 learned where SGD did not)")
