@@ -1,16 +1,33 @@
 """Config loading: YAML + overrides, typed values, one-line errors naming the option."""
 
+from __future__ import annotations
+
 from pathlib import Path
 
 import pytest
+import yaml
 
 from moco.cli import CONFIG_DIR
-from moco.config import ConfigError, load_config
+from moco.config import ConfigError, load_config, save_config, validate
+from moco.methods import METHODS
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
-def test_shipped_configs_are_valid(path: Path) -> None:
-    load_config(path)
+def test_shipped_configs_are_valid(path: Path, tmp_path: Path) -> None:
+    """Each shipped config loads and validates, names a registered method with its own section,
+    keeps every value the file sets (none dropped or renamed) and round-trips through save/load."""
+    written = yaml.safe_load(path.read_text())
+    config = load_config(path)
+    assert config.model.method in METHODS
+    assert isinstance(config.method_options(), METHODS[config.model.method].Options)
+    values = config.to_dict()
+    for section, options in written.items():
+        for key, value in options.items():
+            assert values[section][key] == value, f"{path.name}: {section}.{key} is {values[section][key]!r}, not {value!r}"
+    validate(config)
+    saved = tmp_path / path.name
+    save_config(config, saved)
+    assert load_config(saved).to_dict() == values
 
 
 def test_overrides_are_parsed_as_yaml() -> None:
