@@ -310,7 +310,7 @@ def prepare_loop(setting: Setting) -> Prepared:
 
     def step() -> int:
         epoch, images, indices = next_batch()
-        train_step(run, epoch, images, indices, lambda **_: None)
+        train_step(run, epoch, images, indices)
         return images.shape[0]
 
     detail = f"{run.config.data.dataset}, {run.config.model.method}, {run.precision}"
@@ -570,6 +570,34 @@ def run_bench(setting: Setting, cases: list[str], queue_sizes: list[int], mode: 
         report(f"ratio  {name}: {value:.3f}{spread}")
     return {"environment": env, "results": [asdict(r) for r in results], "ratios": found,
             "ratios_per_round": per_round, "rounds": [[asdict(r) for r in rr] for rr in all_rounds]}
+
+
+def host_reads(setting: Setting, steps: int = 3, report: Callable[[str], None] = print) -> dict[str, Any]:
+    """Reads of a tensor's value back to the host per step of the real loop, for every registered
+    method (:mod:`moco.host_reads`): the count a GPU would stall on, between logged steps. Prints a
+    line per method with the call sites of any read, and returns them for the JSON."""
+    from moco.host_reads import loop_reads
+
+    results: dict[str, Any] = {}
+    for name in METHODS:
+        workdir = tempfile.mkdtemp(prefix="moco-bench-")
+        try:
+            config = setting.config(f"model.method={name}", f"train.output_dir={workdir}", "train.log_every=1000000",
+                                    "train.knn_every=0", "train.test_knn=false", "train.progress=false",
+                                    "train.checkpoint_every_steps=0")
+            few, more = loop_reads(config, steps)
+        except (ConfigError, FileNotFoundError, ValueError) as err:
+            report(f"{name:12s} not run: {err}")
+            results[name] = {"error": str(err)}
+            continue
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        per_step = (sum(few.values()) + sum(more.values())) / (3 * steps)
+        sites = ", ".join(f"{site} x{count}" for site, count in more.most_common())
+        report(f"{name:12s} {per_step:.2f} host reads per step over {steps} + {2 * steps} unlogged steps"
+               + (f" ({sites} in the {2 * steps})" if sites else ""))
+        results[name] = {"reads_per_step": per_step, "sites": dict(more), "steps": 3 * steps}
+    return results
 
 
 def _quartiles(values: list[float]) -> str:

@@ -45,7 +45,7 @@ class MoCoOutput:
     logits: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     queries: torch.Tensor | None = None
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)  # tensors on the device, or host floats
     positives: torch.Tensor | None = None  # each query's positive key, detached and L2-normalised (alignment)
     logit_stats: torch.Tensor | None = None
     num_logits: int | None = None

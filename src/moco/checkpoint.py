@@ -92,9 +92,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def nonfinite_entries(state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """Names of floating-point tensors that hold a NaN or an infinity."""
-    return [name for name, value in state_dict.items()
-            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    """Names of floating-point tensors that hold a NaN or an infinity (one read back for all of them)."""
+    names = [name for name, value in state_dict.items() if torch.is_tensor(value) and value.is_floating_point()]
+    if not names:
+        return []
+    finite = torch.stack([torch.isfinite(state_dict[name]).all().to(state_dict[names[0]].device) for name in names])
+    return [name for name, ok in zip(names, finite.tolist()) if not ok]
 
 
 def rng_state() -> dict[str, Any]:

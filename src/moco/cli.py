@@ -72,6 +72,11 @@ def _bench(args: argparse.Namespace) -> int:
     if min(args.steps, args.repeats, args.rounds) < 1 or args.warmup < 0:
         raise ConfigError("--steps, --repeats and --rounds must be >= 1 and --warmup >= 0")
     setting = Setting(str(config) if config else None, list(args.overrides), timing, args.compile)
+    if args.host_reads:
+        from moco.bench import host_reads
+
+        print(f"wrote {write_json({'host_reads': host_reads(setting, args.steps)}, args.out)}")
+        return 0
     summary = run_bench(setting, args.cases.split(","), args.queue_sizes, args.mode, rounds=args.rounds)
     print(f"wrote {write_json(summary, args.out)}")
     return 0
@@ -110,6 +115,9 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--out", default="runs/bench/bench.json", help="the JSON (default runs/bench/bench.json)")
     b.add_argument("--compile", action="store_true",
                    help="torch.compile the encoders in the encoder, step and lightly cases (warm-up includes compiling)")
+    b.add_argument("--host-reads", action="store_true",
+                   help="instead of timing: count, for every method, the reads of a tensor's value back to the host "
+                        "in --steps and 2 x --steps unlogged steps of the real loop (each would stall a GPU)")
     b.set_defaults(func=_bench)
 
 

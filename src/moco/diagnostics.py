@@ -87,15 +87,18 @@ def queue_age(step: int, queue_size: int, keys_per_step: int) -> float:
 
 
 @torch.no_grad()
-def momentum_drift(pairs: Sequence[tuple[torch.nn.Module, torch.nn.Module]]) -> float:
+def momentum_drift(pairs: Sequence[tuple[torch.nn.Module, torch.nn.Module]]) -> torch.Tensor:
     """``||θ_target − θ_online|| / ||θ_online||`` over all (target, online) pairs' parameters: how far the
-    momentum encoder lags the one being trained (NaN without pairs)."""
-    difference = total = 0.0
-    for target, online in pairs:
-        for t, o in zip(target.parameters(), online.parameters()):
-            difference += float((t.float() - o.float()).pow(2).sum())
-            total += float(o.float().pow(2).sum())
-    return math.sqrt(difference / total) if pairs and total else float("nan")
+    momentum encoder lags the one being trained (NaN without pairs), as a 0-d tensor on the weights'
+    device, so the loop reads it with the step's other numbers."""
+    targets = [t for target, _ in pairs for t in target.parameters()]
+    onlines = [o for _, online in pairs for o in online.parameters()]
+    if not onlines:
+        return torch.tensor(float("nan"))
+    differences = torch._foreach_sub([t.float() for t in targets], [o.float() for o in onlines])
+    difference = torch.stack(torch._foreach_norm(differences)).square().sum()
+    total = torch.stack(torch._foreach_norm([o.float() for o in onlines])).square().sum()
+    return (difference / total).sqrt()
 
 
 def chance_loss(num_logits: int, terms: int = 1) -> float:
@@ -116,6 +119,13 @@ class StepStats:
     alignment: float = float("nan")
     positive_logit: float = float("nan")
     negative_logit: float = float("nan")
+
+    @classmethod
+    def from_values(cls, values: Sequence[float], chance_loss: float) -> "StepStats":
+        """From :func:`moco.step.step_stats`'s values, read to the host: accuracy, feature std, mean
+        cosine, uniformity, alignment, mean positive and negative logit."""
+        acc, feature_std, mean_cosine, uniform, align, positive, negative = values
+        return cls(acc, feature_std, mean_cosine, chance_loss, uniform, align, positive, negative)
 
     def fields(self) -> dict[str, float]:
         """The metrics.jsonl fields (the accuracy is logged as ``pretext_acc`` by the loop)."""

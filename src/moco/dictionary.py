@@ -35,13 +35,15 @@ def check_queue_divisible(queue_size: int, batch_size: int) -> None:
 def enqueue(queue: torch.Tensor, queue_ptr: torch.Tensor, keys: torch.Tensor) -> None:
     """Write ``keys`` (N x C) over the oldest N columns of ``queue`` and advance the pointer.
 
-    ``queue_ptr`` is a one-element long tensor, updated in place, always in [0, K).
+    ``queue_ptr`` is a one-element long tensor, updated in place, always in [0, K). It is never
+    read back to the host: the columns are indexed from it on the queue's device, so a GPU step
+    does not wait here.
     """
     batch, size = keys.shape[0], queue.shape[1]
     check_queue_divisible(size, batch)
-    ptr = int(queue_ptr)
-    queue[:, ptr : ptr + batch] = keys.T.to(queue.dtype)
-    queue_ptr[0] = (ptr + batch) % size
+    columns = queue_ptr + torch.arange(batch, device=queue.device)  # within [0, K): K is a multiple of N
+    queue.index_copy_(1, columns, keys.T.to(queue.dtype))
+    queue_ptr.add_(batch).remainder_(size)
 
 
 # --- the memory bank (Wu et al., 2018) ----------------------------------------------------------
@@ -84,8 +86,12 @@ class MemoryBank(nn.Module):
         """Refresh the entries of ``indices`` with ``features`` (N x C) using the feature momentum."""
         if indices.numel() != features.shape[0]:
             raise ValueError(f"{indices.numel()} indices but {features.shape[0]} features")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= len(self)):
-            raise IndexError(f"memory bank index out of range [0, {len(self)}): "
-                             f"{int(indices.min())}..{int(indices.max())}")
+        # Checked on the device, without reading the indices back: on a CPU it raises here, on a GPU
+        # the assertion fails the stream (the step does not wait for the answer).
+        try:
+            torch._assert_async(((indices >= 0) & (indices < len(self))).all(),
+                                f"memory bank index out of range [0, {len(self)})")
+        except RuntimeError as err:
+            raise IndexError(str(err)) from None
         mixed = self.momentum * self.features[indices] + (1.0 - self.momentum) * features.to(self.features.dtype)
         self.features[indices] = F.normalize(mixed, dim=1)

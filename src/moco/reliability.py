@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import tempfile
@@ -207,6 +208,19 @@ class NonFiniteGuard:
         self.skipped = 0       # steps skipped in the whole run
         self.consecutive = 0   # ... in a row, up to now
 
+    @property
+    def deferred(self) -> bool:
+        """With ``stop`` every step is taken and :meth:`judge` reads the loss later, with the step's
+        other numbers: no host read per step. ``skip`` must know before the optimiser step."""
+        return self.policy == "stop"
+
+    def judge(self, loss: float, where: str, last_checkpoint: str) -> None:
+        """The ``stop`` policy's verdict on a step's loss, read back after the step: raise if it is
+        not finite. The loop calls it before it logs or saves anything of later steps."""
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at {where}; last good checkpoint: {last_checkpoint} "
+                                     "(lower optim.lr, check the data, or set train.on_nonfinite=skip)")
+
     def snapshot(self) -> None:
         """Call before the forward pass: remembers what a skipped step must restore."""
         if self.policy != "skip":
@@ -219,7 +233,8 @@ class NonFiniteGuard:
                     saved.copy_(t)
 
     def step_ok(self, loss: torch.Tensor, where: str, last_checkpoint: str) -> bool:
-        """Call after backward: True to take the optimiser step, False to skip it; raises to stop."""
+        """The ``skip`` policy, after backward: True to take the optimiser step, False to skip it
+        (undone whole); raises after too many skips in a row."""
         problem = None
         if not bool(torch.isfinite(loss.detach()).all()):
             problem = f"loss is {loss.detach().float().item()}"
@@ -228,9 +243,6 @@ class NonFiniteGuard:
         if problem is None:
             self.consecutive = 0
             return True
-        if self.policy == "stop":
-            raise FloatingPointError(f"{problem} at {where}; last good checkpoint: {last_checkpoint} "
-                                     "(lower optim.lr, check the data, or set train.on_nonfinite=skip)")
         self._restore()
         self.skipped += 1
         self.consecutive += 1

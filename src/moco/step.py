@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from moco import distributed as dist_utils
-from moco.diagnostics import StepStats, alignment, feature_spread, logit_stats, uniformity
+from moco.diagnostics import alignment, feature_spread, logit_stats, uniformity
 from moco.methods import Batch, Method, StepContext, StepOutput
 from moco.momentum import momentum_update
 from moco.reliability import NonFiniteGuard
@@ -66,7 +66,11 @@ def optimisation_step(step: StepFunction, method: Method, batch: Batch, ctx: Ste
     """The targets' momentum (``ctx.momentum``), loss, backward and (unless the guard rejects a
     non-finite step) the optimiser step. A rejected step is undone whole, the momentum update
     included. Returns the output, the global batch's loss (mean over processes) and whether the
-    step was taken."""
+    step was taken.
+
+    With ``train.on_nonfinite=stop`` nothing here reads a value back to the host: the step is
+    taken and the loop judges the loss when it reads the step's numbers (:meth:`NonFiniteGuard.
+    judge`), before anything is logged or saved. Skipping a step needs the verdict now: one read."""
     guard.snapshot()
     apply_momentum(method, ctx.momentum)
     with precision_context:
@@ -74,17 +78,17 @@ def optimisation_step(step: StepFunction, method: Method, batch: Batch, ctx: Ste
     loss = dist_utils.mean_over_ranks(out.loss.detach())  # every rank judges the same number
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(out.loss).backward()
-    finite = guard.step_ok(loss, where, last_checkpoint)
+    finite = True if guard.deferred else guard.step_ok(loss, where, last_checkpoint)
     if finite:
         scaler.step(optimizer)
         scaler.update()
     return out, loss, finite
 
 
-def step_stats(out: StepOutput, method: Method) -> StepStats:
+def step_stats(out: StepOutput, method: Method) -> tuple[torch.Tensor, float]:
     """Pretext accuracy (ties wrong) and spread of the queries, averaged over processes in one
-    all-reduce and read in one host sync (the one the accuracy always cost), and the method's
-    chance loss for these logits."""
+    all-reduce and left on the device (:meth:`StepStats.from_values` reads them, with other steps'),
+    and the method's chance loss for these logits (known on the host)."""
     device = out.loss.device
     nan = torch.full((1,), float("nan"), device=device)
     queries, positives, logits = out.queries, out.positives, out.logits
@@ -99,7 +103,6 @@ def step_stats(out: StepOutput, method: Method) -> StepStats:
     else:
         summary, num_logits = nan.repeat(3), None
     accuracy, logit_means = summary[:1] * 100, summary[1:]
-    values = dist_utils.mean_over_ranks(torch.cat([accuracy, spread, spread_of_all, aligned, logit_means])).tolist()
+    values = dist_utils.mean_over_ranks(torch.cat([accuracy, spread, spread_of_all, aligned, logit_means]).float())
     chance = method.chance_loss(num_logits) if num_logits is not None else math.nan
-    acc, feature_std, mean_cosine, uniform, align, positive, negative = values
-    return StepStats(acc, feature_std, mean_cosine, chance, uniform, align, positive, negative)
+    return values, chance

@@ -76,6 +76,22 @@ class LoopState:
 
 
 @dataclass
+class PendingStep:
+    """A step whose numbers are still on the device: ``values`` is ``[loss, *step_stats]`` and
+    ``extra`` what a logged step adds. The loop reads every pending step in one transfer
+    (:func:`read_pending_steps`) at a logged step, a collapse check, a checkpoint or the epoch's end,
+    so a GPU is never made to wait for the host in between."""
+
+    step: int
+    epoch: int
+    values: torch.Tensor
+    chance_loss: float
+    lr: float
+    where: str
+    extra: dict[str, torch.Tensor | float] = field(default_factory=dict)
+
+
+@dataclass
 class Run:
     """Everything the loop works with, built once by :func:`set_up`."""
 
@@ -99,6 +115,10 @@ class Run:
     log: Any
     start_time: float
     val_knn: dict[int, float] = field(default_factory=dict)
+    pending: list[PendingStep] = field(default_factory=list)
+    show_progress: Callable[..., None] = lambda **_: None
+    window_start: float = field(default_factory=time.perf_counter)  # img/s over the steps read back together
+    window_images: int = 0
 
     @property
     def steps_per_epoch(self) -> int:
@@ -110,6 +130,7 @@ class Run:
 
     def checkpoint(self, epoch_end: bool) -> Path | None:
         """Write the loop's position and every process's RNG; on every rank (the RNGs are gathered)."""
+        read_pending_steps(self)  # judged and logged before anything of them is saved
         state, monitor = self.state, self.monitor
         state.metrics_rows, state.skipped_steps, state.consecutive_skips = (self.log.rows, self.guard.skipped,
                                                                             self.guard.consecutive)
@@ -266,9 +287,10 @@ def train_one_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
     """The epoch's steps from where the loop is; a signal or a due step writes a checkpoint."""
     run.loader.set_epoch(epoch, run.state.batch)  # the order depends on (seed, epoch) only
     run.method.train()
-    batches, show_progress = _progress(run.loader, epoch, run.config)
+    batches, run.show_progress = _progress(run.loader, epoch, run.config)
+    run.window_start, run.window_images = time.perf_counter(), 0
     for images, _, indices in stop.batches(batches):
-        train_step(run, epoch, images, indices, show_progress)
+        train_step(run, epoch, images, indices)
         stopping = stop.agreed()
         if stopping or run.checkpointer.due(run.state.step, run.state.batch, run.steps_per_epoch):
             saved = run.checkpoint(epoch_end=False)
@@ -278,39 +300,46 @@ def train_one_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
         raise TrainingInterrupted(stop.received, run.checkpoint(epoch_end=False), run.state.step)
 
 
-def train_step(run: Run, epoch: int, images: torch.Tensor, indices: torch.Tensor,
-               show_progress: Callable[..., None]) -> None:
-    """One step: lr and m(t) from the schedules, the views, the method's loss and the update, the log."""
+def train_step(run: Run, epoch: int, images: torch.Tensor, indices: torch.Tensor) -> None:
+    """One step: lr and m(t) from the schedules, the views, the method's loss and the update. Its
+    numbers stay on the device until a logged step, a collapse check or a checkpoint reads them."""
     config, state, method = run.config, run.state, run.method
     lr = learning_rate(config, state.step, run.steps_per_epoch)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     total = run.steps_per_epoch * config.optim.epochs
     ctx = StepContext(state.step, total, momentum_at(config, state.step, total), epoch)
-    tic = time.perf_counter()
     views = make_views(images, run.view_augments, run.device, run.memory_format,
                        aspect_ratios_of(run.data.pretrain, indices))
     batch = Batch(views, indices.to(run.device, non_blocking=True))
+    where = f"epoch {epoch + 1} step {state.step + 1}"
     out, loss, finite = optimisation_step(run.step, method, batch, ctx, run.optimizer, run.scaler, run.guard,
-                                          autocast(run.device, run.precision),
-                                          f"epoch {epoch + 1} step {state.step + 1}",
-                                          run.checkpointer.describe_last())
+                                          autocast(run.device, run.precision), where, run.checkpointer.describe_last())
     if config.train.debug_sync_checks:
         dist_utils.assert_same_on_all_ranks({**method.replicated_state(), **dict(method.named_parameters())})
     state.step += 1
     state.batch += 1
-    stats = step_stats(out, method)
-    img_s = images.shape[0] * dist_utils.world_size() / (time.perf_counter() - tic)
-    extra = _logged_metrics(out, method) if state.step % config.train.log_every == 0 or state.step == 1 else {}
-    _log_step(run.log, show_progress, state, epoch, loss, finite, stats, lr, img_s, config.train.log_every,
-              run.guard.skipped, extra)
-    if finite and run.monitor.due(state.batch):  # so a long first epoch is covered too
+    run.window_images += images.shape[0] * dist_utils.world_size()
+    logged = state.step % config.train.log_every == 0 or state.step == 1
+    if not finite:  # train.on_nonfinite=skip rejected it (the guard read the loss already)
+        read_pending_steps(run)
+        run.log.write({"kind": "nonfinite", "step": state.step, "epoch": epoch + 1, "loss": str(loss.float().item()),
+                       "skipped_steps": run.guard.skipped})
+        return
+    values, chance = step_stats(out, method)
+    run.pending.append(PendingStep(state.step, epoch, torch.cat([loss.float().view(1), values]), chance, lr, where,
+                                   _logged_metrics(out, method) if logged else {}))
+    due = run.monitor.due(state.batch)  # so a long first epoch is covered too
+    if logged or due:
+        read_pending_steps(run)
+    if due:
         _check_collapse(run, epoch)
 
 
 def end_of_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
     """The epoch's row (losses, spread, kNN monitor), the collapse check and the epoch checkpoint."""
     config, state, t = run.config, run.state, run.config.train
+    read_pending_steps(run)
     row: dict[str, Any] = {"kind": "epoch", "step": state.step, "epoch": epoch + 1,
                            "loss": float(np.mean(state.epoch_losses)) if state.epoch_losses else None,
                            "pretext_acc": float(np.mean(state.epoch_accs)) if state.epoch_accs else None,
@@ -416,34 +445,45 @@ def _collapse_settings(config: Config, method: Method, images: int) -> str:
     return ", ".join([text, *method.collapse_settings(images)])
 
 
-def _logged_metrics(out: Any, method: Method) -> dict[str, float]:
+def _logged_metrics(out: Any, method: Method) -> dict[str, torch.Tensor | float]:
     """What a logged step adds: the method's own metrics and, for momentum methods, the drift
-    ||θ_target − θ_online|| / ||θ_online||."""
-    values = {name: float(value) for name, value in out.metrics.items()}
+    ||θ_target − θ_online|| / ||θ_online||; still on the device."""
+    values = dict(out.metrics)
     if method.momentum_pairs():
         values["momentum_drift"] = momentum_drift(method.momentum_pairs())
     return values
 
 
-def _log_step(log: Any, show_progress: Callable[..., None], state: LoopState, epoch: int, loss: torch.Tensor,
-              finite: bool, stats: StepStats, lr: float, img_s: float, log_every: int, skipped: int,
-              extra: dict[str, float] | None = None) -> None:
-    if not finite:
-        log.write({"kind": "nonfinite", "step": state.step, "epoch": epoch + 1, "loss": str(loss.float().item()),
-                   "skipped_steps": skipped})
+def read_pending_steps(run: Run) -> None:
+    """Read every pending step's numbers to the host in one transfer, judge their losses (the
+    ``stop`` policy), and do what each step's numbers are for: the epoch's lists (collapse monitor,
+    epoch row, checkpoint), the rows of logged steps, the progress bar."""
+    pending, state = run.pending, run.state
+    if not pending:
         return
-    state.last_loss = loss.item()
-    state.epoch_losses.append(state.last_loss)
-    if math.isfinite(stats.acc):  # methods without negatives have no pretext accuracy
-        state.epoch_accs.append(stats.acc)
-    state.epoch_feature_stds.append(stats.feature_std)
-    state.epoch_cosines.append(stats.mean_cosine)
-    state.chance_loss = stats.chance_loss
-    if state.step % log_every == 0 or state.step == 1:
-        accuracy = {"pretext_acc": stats.acc} if math.isfinite(stats.acc) else {}
-        log.write({"kind": "train", "step": state.step, "epoch": epoch + 1, "loss": state.last_loss,
-                   **accuracy, **stats.fields(), **(extra or {}), "lr": lr, "img_s": img_s})
-    show_progress(loss=f"{state.last_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{img_s:.0f}")
+    run.pending = []
+    on_device = [value.reshape(-1).float() for p in pending
+                 for value in (p.values, *(v for v in p.extra.values() if torch.is_tensor(v)))]
+    numbers = iter(torch.cat([v.to(pending[0].values.device) for v in on_device]).tolist())
+    img_s = run.window_images / max(time.perf_counter() - run.window_start, 1e-9)
+    run.window_start, run.window_images = time.perf_counter(), 0
+    for p in pending:
+        loss, *values = (next(numbers) for _ in range(p.values.numel()))
+        extra = {name: next(numbers) if torch.is_tensor(value) else float(value) for name, value in p.extra.items()}
+        run.guard.judge(loss, p.where, run.checkpointer.describe_last())
+        stats = StepStats.from_values(values, p.chance_loss)
+        state.last_loss = loss
+        state.epoch_losses.append(loss)
+        if math.isfinite(stats.acc):  # methods without negatives have no pretext accuracy
+            state.epoch_accs.append(stats.acc)
+        state.epoch_feature_stds.append(stats.feature_std)
+        state.epoch_cosines.append(stats.mean_cosine)
+        state.chance_loss = stats.chance_loss
+        if p.step % run.config.train.log_every == 0 or p.step == 1:
+            accuracy = {"pretext_acc": stats.acc} if math.isfinite(stats.acc) else {}
+            run.log.write({"kind": "train", "step": p.step, "epoch": p.epoch + 1, "loss": loss, **accuracy,
+                           **stats.fields(), **extra, "lr": p.lr, "img_s": img_s})
+    run.show_progress(loss=f"{state.last_loss:.3f}", lr=f"{pending[-1].lr:.4f}", img_s=f"{img_s:.0f}")
 
 
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, config: Config,

@@ -13,6 +13,7 @@ saturation, hue and grayscale, which mean nothing without colour.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Sequence
@@ -146,10 +147,27 @@ def color_jitter(x: torch.Tensor, spec: AugmentSpec) -> torch.Tensor:
     return x
 
 
+_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
+@functools.lru_cache(maxsize=None)
+def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A constant made once per device and dtype: built from a Python list every step it would be
+    a host-to-device copy per step."""
+    return torch.tensor(values, device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _yiq_matrices(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """RGB -> YIQ and back, inverted once in float64 on the host (``linalg.inv`` on a GPU checks
+    for singularity by reading back)."""
+    to_yiq = torch.tensor(_TO_YIQ, dtype=torch.float64)
+    return to_yiq.to(device, dtype), torch.linalg.inv(to_yiq).to(device, dtype)
+
+
 def _rotate_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate hue by ``shift`` turns (in [-0.5, 0.5]) as a rotation of the YIQ chroma plane."""
-    to_yiq = x.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-    from_yiq = torch.linalg.inv(to_yiq)
+    to_yiq, from_yiq = _yiq_matrices(x.device, x.dtype)
     angle = shift * 2 * math.pi
     cos, sin = torch.cos(angle), torch.sin(angle)
     rot = torch.zeros(x.shape[0], 3, 3, device=x.device, dtype=x.dtype)
@@ -237,8 +255,8 @@ class BatchAugment(nn.Module):
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Per-channel ``(x - mean) / std``; one value is broadcast to every channel."""
-    mean_t = x.new_tensor(list(mean)).view(1, -1, 1, 1)
-    std_t = x.new_tensor(list(std)).view(1, -1, 1, 1)
+    mean_t = _constant(tuple(mean), x.device, x.dtype).view(1, -1, 1, 1)
+    std_t = _constant(tuple(std), x.device, x.dtype).view(1, -1, 1, 1)
     return (x - mean_t) / std_t
 
 

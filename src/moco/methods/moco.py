@@ -84,5 +84,5 @@ class MoCoMethod(MoCo, Method):
         x1, x2 = batch.global_views
         out = self.loss_with_current_keys(x1, x2, self.symmetric, batch.local_views)
         keys_per_step = x2.shape[0] * world_size() * (2 if self.symmetric else 1)
-        out.metrics["queue_age"] = torch.tensor(queue_age(ctx.step + 1, self.K, keys_per_step))
+        out.metrics["queue_age"] = queue_age(ctx.step + 1, self.K, keys_per_step)  # known on the host
         return out

@@ -84,6 +84,8 @@ class SwAV(Method):
         self.prototypes = nn.Linear(dim, self.options.prototypes, bias=False)
         self.register_buffer("queue", torch.zeros(2, self.options.queue_length, dim))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
+        self._queue_filled_on_host: int | None = None  # queue_filled's mirror: the step never reads it back
+        self.register_load_state_dict_post_hook(lambda module, _keys: setattr(module, "_queue_filled_on_host", None))
 
     @classmethod
     def encoder_passes(cls, config: "Config") -> float:
@@ -142,7 +144,7 @@ class SwAV(Method):
     def _codes(self, scores: torch.Tensor, view: int, epoch: int) -> torch.Tensor:
         """Sinkhorn codes of this batch's view; once the queue runs, its projections share the balance."""
         o, n = self.options, scores.shape[0]
-        if o.queue_length and epoch >= o.queue_start_epoch and int(self.queue_filled) >= o.queue_length:
+        if o.queue_length and epoch >= o.queue_start_epoch and self._filled() >= o.queue_length:
             scores = torch.cat([scores, similarities(self.queue[view], self.prototypes.weight.detach())])
         return sinkhorn(scores, o.epsilon, o.sinkhorn_iterations)[:n]
 
@@ -153,4 +155,11 @@ class SwAV(Method):
         n = views[0].shape[0]
         for v in range(2):
             self.queue[v] = torch.cat([views[v], self.queue[v][:-n]])
-        self.queue_filled.fill_(min(int(self.queue_filled) + n, self.options.queue_length))
+        self._queue_filled_on_host = min(self._filled() + n, self.options.queue_length)
+        self.queue_filled.fill_(self._queue_filled_on_host)
+
+    def _filled(self) -> int:
+        """Projections in the queue, known on the host (read from the buffer once after a load)."""
+        if self._queue_filled_on_host is None:
+            self._queue_filled_on_host = int(self.queue_filled)
+        return self._queue_filled_on_host
