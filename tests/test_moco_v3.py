@@ -106,6 +106,43 @@ def test_lars_leaves_one_dimensional_parameters_alone_and_scales_the_rest() -> N
     assert isinstance(build_optimizer(load_config(None, ["optim.optimizer=lars"]), [{"params": [weight]}]), LARS)
 
 
+def test_lars_updates_all_tensors_at_once_exactly_as_one_at_a_time() -> None:
+    """The foreach update is the per-parameter rule, bit for bit, over steps with momentum, a zero
+    weight (trust ratio 1), a parameter without a gradient, and two groups."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(8, 4)), nn.Parameter(torch.randn(8)), nn.Parameter(torch.zeros(3, 3)),
+              nn.Parameter(torch.randn(5, 2, 3, 3)), nn.Parameter(torch.randn(4))]
+    expected = [p.detach().clone() for p in params]
+    velocities = [torch.zeros_like(p) for p in params]
+    groups = [{"params": params[:3], "weight_decay": 0.1}, {"params": params[3:], "weight_decay": 0.0}]
+    lars = LARS(groups, lr=0.3, momentum=0.9, eta=0.02)
+    for step in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        grads[4] = None if step == 1 else grads[4]
+        for i, (p, g) in enumerate(zip(params, grads)):
+            p.grad = g
+            if g is None:
+                continue
+            direction = g
+            if p.ndim > 1:
+                direction = g.add(expected[i], alpha=0.1 if i < 3 else 0.0)
+                norm_w, norm_d = expected[i].norm(), direction.norm()
+                direction = direction * (0.02 * norm_w / norm_d if norm_w > 0 and norm_d > 0 else 1.0)
+            velocities[i] = 0.9 * velocities[i] + direction
+            expected[i] = expected[i] - 0.3 * velocities[i]
+        lars.step()
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(params[2].detach(), torch.zeros(3, 3))  # a zero weight still moves (ratio 1)
+
+
+def test_adamw_and_sgd_use_the_fused_kernels() -> None:
+    weight = nn.Parameter(torch.randn(4, 3))
+    for name in ("sgd", "adamw"):
+        optimizer = build_optimizer(load_config(None, [f"optim.optimizer={name}"]), [{"params": [weight]}])
+        assert optimizer.defaults["fused"] is True
+
+
 def test_a_v3_run_trains_and_its_checkpoint_loads_for_evaluation(tmp_path: Path) -> None:
     """30 LARS steps on the tiny set learn: the loss falls from the first steps to the last, ends the run
     below chance, and the run's own collapse monitor never says it is not learning. LARS scales each
