@@ -142,3 +142,26 @@ def test_gray_images_pretrain_and_extract_as_rgb_with_channels_3(tmp_path: Path)
     features = extract_feature_set(ctx.pretrained.backbone(), ctx)
     assert features.train.shape == (192, 8) and features.test.shape == (64, 8)
     assert torch.isfinite(features.train).all() and torch.isfinite(features.test).all()
+
+
+def test_in_memory_images_are_kept_and_batched_on_the_training_device() -> None:
+    """Copied to the training device once (``meta`` stands in for a GPU here); the batches are the
+    host loader's, labels and indices stay on the host."""
+    images = torch.arange(40, dtype=torch.uint8).view(10, 1, 2, 2)
+    data = TensorImageDataset(images, torch.arange(10) % 3)
+    host = InMemoryLoader(data, 4, shuffle=True, drop_last=True, seed=5)
+    device = InMemoryLoader(data, 4, shuffle=True, drop_last=True, seed=5, device=torch.device("meta"))
+    assert device.images.device.type == "meta" and data.images.device.type == "cpu"
+    for (x, y, i), (x_dev, y_dev, i_dev) in zip(host, device):
+        assert x_dev.device.type == "meta" and x_dev.shape == x.shape and x_dev.dtype == torch.uint8
+        assert torch.equal(y, y_dev) and torch.equal(i, i_dev) and i_dev.device.type == "cpu"
+    assert len(list(device)) == 2
+
+
+def test_a_folders_batches_come_in_pinned_memory_for_a_gpu_only() -> None:
+    from moco.data.datasets import make_loader
+
+    files = torch.utils.data.Subset(TensorImageDataset(torch.zeros(8, 1, 2, 2, dtype=torch.uint8), torch.zeros(8)),
+                                    list(range(8)))  # not in memory as a whole: the DataLoader path
+    for device, pinned in ((torch.device("cuda", 0), True), (torch.device("cpu"), False), (None, False)):
+        assert make_loader(files, 4, shuffle=False, drop_last=True, device=device).loader.pin_memory is pinned

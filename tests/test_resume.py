@@ -267,6 +267,19 @@ def test_deterministic_option_turns_on_deterministic_kernels() -> None:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[1], False
 
 
+def test_a_gpu_run_autotunes_cudnn_and_uses_tf32_unless_deterministic_and_puts_both_back() -> None:
+    from moco.runtime import accelerator_settings
+
+    before = torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()
+    assert before == (False, "highest")
+    with accelerator_settings(torch.device("cuda", 0), deterministic=False):
+        assert torch.backends.cudnn.benchmark and torch.get_float32_matmul_precision() == "high"
+    assert (torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()) == before
+    for device, deterministic in ((torch.device("cuda", 0), True), (torch.device("cpu"), False)):
+        with accelerator_settings(device, deterministic):
+            assert (torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()) == before
+
+
 def _failing_loader(error: Exception):
     yield "first batch"
     raise error

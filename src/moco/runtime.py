@@ -41,6 +41,23 @@ def preserved_cpu_threads() -> Iterator[None]:
             torch.set_num_threads(previous)
 
 
+@contextlib.contextmanager
+def accelerator_settings(device: torch.device, deterministic: bool) -> Iterator[None]:
+    """For a run on a GPU: cuDNN autotunes its convolutions for the run's fixed shapes, and fp32
+    matmuls use TF32 tensor cores (``torch.set_float32_matmul_precision("high")``); neither when
+    ``train.deterministic`` asks for repeatable, conservative kernels. Put back afterwards, so a
+    notebook's settings outlive the run unchanged."""
+    previous = torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()
+    if device.type == "cuda" and not deterministic:
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous[0]
+        torch.set_float32_matmul_precision(previous[1])
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():

@@ -35,7 +35,7 @@ from moco.pretrained import encoder_spec
 from moco.reliability import (Checkpointer, NonFiniteGuard, StopSignals, TrainingInterrupted, check_paths, check_resume,
                               clear_run, make_deterministic)
 from moco.run_log import MetricsLog, NullLog, read_metrics
-from moco.runtime import (autocast, keep_freed_cpu_memory_mapped, preserved_cpu_threads, resolve_device,
+from moco.runtime import (accelerator_settings, autocast, keep_freed_cpu_memory_mapped, preserved_cpu_threads, resolve_device,
                           resolve_memory_format, resolve_precision, say, seed_everything)
 from moco.schedule import learning_rate, momentum_at
 from moco.step import StepFunction, optimisation_step, step_function, step_stats
@@ -160,7 +160,9 @@ def pretrain(config: Config, resume: str | None = None, overwrite: bool = False)
     Under ``torchrun`` with several processes this joins (and finally leaves) the process group
     from torchrun's environment; see docs/distributed.md.
     """
-    with (dist_utils.process_group(resolve_device(config.train.device), config.train.dist_timeout_s),
+    device = resolve_device(config.train.device)
+    with (dist_utils.process_group(device, config.train.dist_timeout_s),
+          accelerator_settings(device, config.train.deterministic),
           preserved_cpu_threads()):  # set_up applies train.threads for the run
         return _pretrain(config, resume, overwrite)
 
@@ -226,7 +228,8 @@ def set_up(config: Config, resume: str | None, overwrite: bool) -> Run:
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     view_augments = view_augmentations(config, data, method)
     loader = make_loader(data.pretrain, local_batch, shuffle=True, drop_last=True, seed=t.seed,
-                         workers=config.data.workers, num_replicas=dist_utils.world_size(), rank=dist_utils.rank())
+                         workers=config.data.workers, num_replicas=dist_utils.world_size(), rank=dist_utils.rank(),
+                         device=device)
     steps_per_epoch = len(loader)
     identity = run_identity(config, data.channels)
     checkpointer = Checkpointer(run_dir, t.checkpoint_every_steps, t.keep_checkpoints,

@@ -369,12 +369,16 @@ class InMemoryLoader:
     each step takes the next ``batch_size * num_replicas`` samples, and rank ``r`` keeps the r-th
     contiguous slice: the ranks' batches concatenated are exactly the one-process batch of the
     global size.
+
+    ``device``: where the images are kept and batched (the training device): copied there once,
+    instead of a batch copied from the host every step. Labels and indices stay on the host.
     """
 
     def __init__(self, dataset: TensorImageDataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0) -> None:
+                 num_replicas: int = 1, rank: int = 0, device: torch.device | None = None) -> None:
         _check_sharding(drop_last, num_replicas, rank)
         self.dataset, self.batch_size, self.shuffle, self.drop_last = dataset, batch_size, shuffle, drop_last
+        self.images = dataset.images.to(device) if device is not None else dataset.images
         self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
         self.epoch, self.start_batch = 0, 0
 
@@ -387,10 +391,11 @@ class InMemoryLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         order = epoch_order(len(self.dataset), self.shuffle, self.seed, self.epoch)
+        order_where_images_are = order.to(self.images.device)  # one copy an epoch
         step = self.batch_size * self.num_replicas
         for start in range(self.start_batch * step + self.rank * self.batch_size, len(self) * step, step):
             idx = order[start : start + self.batch_size]
-            yield self.dataset.images[idx], self.dataset.labels[idx], idx
+            yield self.images[order_where_images_are[start : start + self.batch_size]], self.dataset.labels[idx], idx
 
 
 class EpochSampler(Sampler[int]):
@@ -435,13 +440,13 @@ class FolderLoader:
     :class:`BadImageError` with ``on_bad_image=fail``)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0,
-                 workers: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+                 workers: int = 0, num_replicas: int = 1, rank: int = 0, pin_memory: bool = False) -> None:
         _check_sharding(drop_last, num_replicas, rank)
         self.dataset, self.batch_size, self.drop_last, self.num_replicas = dataset, batch_size, drop_last, num_replicas
         self.folder = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
         self.sampler = EpochSampler(len(dataset), batch_size, shuffle, seed, num_replicas, rank)
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=drop_last,
-                                 num_workers=workers, persistent_workers=workers > 0,
+                                 num_workers=workers, persistent_workers=workers > 0, pin_memory=pin_memory,
                                  worker_init_fn=_worker_stop_signals if workers > 0 else None,
                                  generator=torch.Generator().manual_seed(seed))
 
@@ -478,15 +483,18 @@ class FolderLoader:
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0, workers: int = 0,
-                num_replicas: int = 1, rank: int = 0):
+                num_replicas: int = 1, rank: int = 0, device: torch.device | None = None):
     """An iterable of (images, labels, indices) batches with ``set_epoch(epoch, start_batch)``;
     in-memory data skips DataLoader.
 
     ``batch_size`` is per process; with ``num_replicas > 1`` each rank gets its share of every step.
+    ``device`` (the training device): in-memory images are kept there; a folder's batches come in
+    pinned host memory when it is a GPU, so their copy to it does not block the host.
     """
     if isinstance(dataset, TensorImageDataset):
-        return InMemoryLoader(dataset, batch_size, shuffle, drop_last, seed, num_replicas, rank)
-    return FolderLoader(dataset, batch_size, shuffle, drop_last, seed, workers, num_replicas, rank)
+        return InMemoryLoader(dataset, batch_size, shuffle, drop_last, seed, num_replicas, rank, device)
+    return FolderLoader(dataset, batch_size, shuffle, drop_last, seed, workers, num_replicas, rank,
+                        pin_memory=device is not None and device.type == "cuda")
 
 
 # --- pretraining sees whole images ---------------------------------------------------------------
