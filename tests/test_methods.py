@@ -24,7 +24,7 @@ from moco.data.splits import build_data
 from moco.methods import METHODS, Batch, Method, StepContext, build_method
 from moco.pretrained import CheckpointFormatError, load_pretrained
 from moco.schedule import momentum_at
-from moco.train import pretrain, view_augmentations
+from moco.train import pretrain, read_metrics, view_augmentations
 from tests.eval_helpers import TINY_MODEL, save_tiny_moco_checkpoint
 from tests.tiny import assert_identical_runs, run_moco, tiny_config
 
@@ -251,3 +251,30 @@ def test_a_runs_thread_setting_holds_during_the_run_and_not_after_it(tmp_path: P
     pretrain(config)
     assert json.loads((Path(config.train.output_dir) / "resolved.json").read_text())["threads"] == 1
     assert torch.get_num_threads() == 2  # a notebook or test session is not left on one core
+
+
+@pytest.mark.parametrize("name", ["moco", "moco_v3"])
+def test_a_compiled_run_traces_without_graph_breaks_and_trains_like_an_eager_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """train.compile compiles each network in place (traced here without code generation): the
+    step breaks no graph, and the run's losses and checkpoint keys are the eager run's."""
+    import torch._dynamo
+
+    from moco import runtime
+
+    monkeypatch.setattr(runtime, "COMPILE_BACKEND", "eager")
+    config_path = tiny_config(tmp_path, optim__epochs=1)
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        run = tmp_path / f"compiled_{compiled}"
+        pretrain(load_config(config_path, [f"model.method={name}", f"train.output_dir={run}", "train.knn_every=0",
+                                           "train.test_knn=false", f"train.compile={str(compiled).lower()}"]))
+        runs[compiled] = run
+        assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
+    assert sum(torch._dynamo.utils.counters["stats"].values()) > 0  # dynamo did trace the compiled run
+    losses = [[row["loss"] for row in read_metrics(run) if row["kind"] == "train"] for run in (runs[False], runs[True])]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and len(losses[0]) == 10
+    eager, compiled = (load_checkpoint(runs[c] / "checkpoint_last.pth")["model"] for c in (False, True))
+    assert eager.keys() == compiled.keys()

@@ -171,8 +171,9 @@ def _method(setting: Setting, config: Config, device: torch.device, memory_forma
     method = build_method(config, channels_of(config), device, bank_size=bank_size)
     method = method.to(device).to(memory_format=memory_format).train()
     if setting.compile:
-        for module in {id(m): m for m in (method.encoder, getattr(method, "encoder_k", None)) if m is not None}.values():
-            module.compile()
+        from moco.runtime import compile_networks
+
+        compile_networks(method)
     return method
 
 

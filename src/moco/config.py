@@ -146,6 +146,7 @@ class TrainConfig:
     max_consecutive_skips: int = 10    # on_nonfinite=skip: stop after this many non-finite steps in a row
     on_collapse: str = "warn"          # warn | stop: what collapsed features or a loss back at chance do (moco.diagnostics)
     deterministic: bool = False        # torch.use_deterministic_algorithms + no cuDNN autotuning (for CUDA; CPU already is)
+    compile: bool = False              # torch.compile the networks a step runs (minutes of compiling first; for GPUs)
 
 
 @dataclass

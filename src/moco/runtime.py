@@ -58,6 +58,23 @@ def accelerator_settings(device: torch.device, deterministic: bool) -> Iterator[
         torch.set_float32_matmul_precision(previous[1])
 
 
+COMPILE_BACKEND = "inductor"  # torch.compile's default; tests trace with "eager" (no code generation)
+
+
+def compile_networks(method: torch.nn.Module) -> list[str]:
+    """``train.compile``: compile, in place, each network a training step runs (the method's direct
+    children: encoders, momentum targets, predictor), so weights, momentum updates and checkpoint
+    keys are untouched (``nn.Module.compile``). The loss, the queue and the collectives stay eager,
+    outside the graphs, and the step reads nothing back to the host (:mod:`moco.host_reads`), so
+    nothing breaks the graphs. Returns the names compiled."""
+    names = []
+    for name, child in method.named_children():
+        if any(True for _ in child.parameters()):
+            child.compile(backend=COMPILE_BACKEND)
+            names.append(name)
+    return names
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():

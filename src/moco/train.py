@@ -35,7 +35,7 @@ from moco.pretrained import encoder_spec
 from moco.reliability import (Checkpointer, NonFiniteGuard, StopSignals, TrainingInterrupted, check_paths, check_resume,
                               clear_run, make_deterministic)
 from moco.run_log import MetricsLog, NullLog, read_metrics
-from moco.runtime import (accelerator_settings, autocast, keep_freed_cpu_memory_mapped, preserved_cpu_threads, resolve_device,
+from moco.runtime import (accelerator_settings, autocast, compile_networks, keep_freed_cpu_memory_mapped, preserved_cpu_threads, resolve_device,
                           resolve_memory_format, resolve_precision, say, seed_everything)
 from moco.schedule import learning_rate, momentum_at
 from moco.step import StepFunction, optimisation_step, step_function, step_stats
@@ -217,6 +217,8 @@ def set_up(config: Config, resume: str | None, overwrite: bool) -> Run:
     if dist_utils.world_size() > 1:
         say(f"model.sync_bn: {'on' if sync_bn else 'off'} ({sync_bn_reason})")
     method = method.to(device).to(memory_format=memory_format)
+    if t.compile:
+        say(f"train.compile: compiling {', '.join(compile_networks(method))} (the first steps take longer)")
     local_batch = dist_utils.local_batch_size(config.optim.batch_size)  # optim.batch_size is global
     try:
         method.check_batch_size(local_batch)
