@@ -177,3 +177,46 @@ def test_monitor_scores_each_feature_with_its_own_knn(tiny_reference) -> None:
     assert scores.encoder == pytest.approx(manual(head=True), abs=1e-6)
     assert scores.of("backbone") == scores.backbone and scores.of("encoder") == scores.encoder
     assert scores.whitened is not None and 0 <= scores.whitened <= 100
+    assert scores.whitened_note is None
+
+
+def test_whitening_fitted_and_applied_in_chunks_equals_the_whole_bank_at_once() -> None:
+    g = torch.Generator().manual_seed(1)
+    bank = torch.randn(1000, 5, generator=g) @ torch.randn(5, 5, generator=g) + 2.0
+    queries = torch.randn(37, 5, generator=g)
+    whole, chunked = PCAWhitening(bank), PCAWhitening(bank, chunk=64)
+    torch.testing.assert_close(chunked.mean, whole.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(chunked.projection, whole.projection, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(chunked(queries), whole(queries), rtol=1e-6, atol=1e-6)
+
+
+def test_an_fp16_bank_votes_in_fp32_and_agrees_with_fp32() -> None:
+    """On a GPU the monitor searches an fp16 bank; 200 votes of exp(1 / 0.05) would overflow fp16."""
+    g = torch.Generator().manual_seed(2)
+    centres = F.normalize(torch.randn(4, 16, generator=g), dim=1)
+    labels = torch.arange(400) % 4
+    bank = F.normalize(centres[labels] + 0.05 * torch.randn(400, 16, generator=g), dim=1)
+    query_y = torch.arange(40) % 4
+    queries = F.normalize(centres[query_y] + 0.05 * torch.randn(40, 16, generator=g), dim=1)
+    scores = knn_predict(bank.half(), labels, queries.half(), 4, k=200, temperature=0.05)
+    assert scores.dtype == torch.float32 and torch.isfinite(scores).all() and scores.max() > 65504
+    assert knn_accuracy(bank.half(), labels, queries.half(), query_y, 200, 0.05, 4) == 100.0
+
+
+def test_the_whitened_diagnostic_is_skipped_above_a_bank_size_and_says_so(tiny_reference, monkeypatch) -> None:
+    from moco import monitor
+    from moco.config import load_config
+    from moco.data.splits import build_data
+    from moco.methods import build_method
+
+    config = load_config(tiny_reference[0], ["train.knn_k=5"])
+    data = build_data(config)
+    model = build_method(config, data.channels)
+    monkeypatch.setattr(monitor, "WHITENED_MAX_BANK", len(data.monitor_bank) - 1)
+    scores = monitor.knn_eval(model.encoder, data.monitor_bank, data.val, data, config, torch.device("cpu"),
+                              torch.contiguous_format, whitened=True)
+    assert scores.whitened is None
+    assert scores.whitened_note == (f"PCA-whitened kNN skipped: a bank of {len(data.monitor_bank):,} features is above "
+                                    f"{len(data.monitor_bank) - 1:,}")
+    assert monitor.test_knn_fields(scores, "backbone")["test_knn_whitened_note"] == scores.whitened_note
+    assert monitor.test_knn_line(scores, "backbone", 5, 0.1).endswith(scores.whitened_note)

@@ -27,10 +27,13 @@ def extract_features(
     head: bool = False,
     memory_format: torch.memory_format = torch.contiguous_format,
     normalize: bool = True,
+    on_device: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (backbone, or the head's output with ``head=True``) and labels.
 
     ``normalize=False`` keeps the raw features, which is what a linear probe trains on.
+    ``on_device``: the features stay on ``device`` (the kNN monitor searches them there), instead of
+    a copy to the host per batch, each of which waits for the GPU.
     """
     was_training = encoder.training
     encoder.eval()
@@ -40,7 +43,8 @@ def extract_features(
             x = preprocess(images.to(device)).contiguous(memory_format=memory_format)
             out = encoder(x) if head else backbone_features(encoder, x)
             out = out.float().flatten(1)
-            feats.append((F.normalize(out, dim=1) if normalize else out).cpu())
+            out = F.normalize(out, dim=1) if normalize else out
+            feats.append(out if on_device else out.cpu())
             labels.append(torch.as_tensor(batch_labels))
     finally:
         encoder.train(was_training)
@@ -64,7 +68,8 @@ def head_outputs(encoder: nn.Module, features: torch.Tensor, batch: int = 8192) 
         param = next(head.parameters(), None)
         device = param.device if param is not None else features.device
         dtype = param.dtype if param is not None else features.dtype
-        return torch.cat([head(chunk.to(device, dtype)).float().cpu() for chunk in features.split(batch)])
+        return torch.cat([head(chunk.to(device, dtype)).float().to(features.device)
+                          for chunk in features.split(batch)])
     finally:
         head.train(was_training)
 
@@ -81,20 +86,31 @@ class PCAWhitening:
     *beside* the standard protocol, never instead of it. Directions whose variance is below ``eps``
     times the largest are dropped, not amplified: a rank-deficient bank (fewer samples than
     dimensions) has nothing to compare there, and scaling them up would turn noise into distance.
+
+    Fitted in float64 a chunk of rows at a time, on the bank's device: memory is a chunk and a D x D
+    covariance, not a float64 copy of the bank (50 GB for ImageNet's 1.28M x 2048 features).
     """
 
-    def __init__(self, bank: torch.Tensor, eps: float = 1e-6) -> None:
-        bank = bank.double()
-        self.mean = bank.mean(0, keepdim=True)
-        centred = bank - self.mean
-        covariance = centred.T @ centred / max(1, bank.shape[0] - 1)
+    def __init__(self, bank: torch.Tensor, eps: float = 1e-6, chunk: int = 65536) -> None:
+        n, dim = bank.shape
+        total = torch.zeros(dim, dtype=torch.float64, device=bank.device)
+        for part in bank.split(chunk):
+            total += part.double().sum(0)
+        self.mean = (total / max(n, 1)).unsqueeze(0)
+        covariance = torch.zeros(dim, dim, dtype=torch.float64, device=bank.device)
+        for part in bank.split(chunk):
+            centred = part.double() - self.mean
+            covariance += centred.T @ centred
+        covariance /= max(1, n - 1)
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
         keep = eigenvalues > eps * eigenvalues.max().clamp(min=torch.finfo(torch.float64).tiny)
         self.projection = eigenvectors[:, keep] / eigenvalues[keep].sqrt()
+        self.chunk = chunk
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        return ((features.double() - self.mean.to(features.device)) @ self.projection.to(features.device)).to(
-            features.dtype)
+        mean, projection = self.mean.to(features.device), self.projection.to(features.device)
+        return torch.cat([((part.double() - mean) @ projection).to(features.dtype)
+                          for part in features.split(self.chunk)])
 
 
 def faiss_available() -> bool:
@@ -142,10 +158,11 @@ def vote(
     top_sim: torch.Tensor, top_idx: torch.Tensor, train_labels: torch.Tensor, num_classes: int, k: int,
     temperature: float,
 ) -> torch.Tensor:
-    """Class scores from the first k neighbours of sorted (N x >=k) similarities and indices."""
-    weights = (top_sim[:, :k] / temperature).exp()
+    """Class scores from the first k neighbours of sorted (N x >=k) similarities and indices; in
+    float32 whatever the features' dtype (an fp16 bank's exp(sim / T) votes would overflow)."""
+    weights = (top_sim[:, :k].float() / temperature).exp()
     votes = torch.zeros(top_sim.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
-    return votes.scatter_add_(1, train_labels[top_idx[:, :k]], weights)
+    return votes.scatter_add_(1, train_labels.to(top_idx.device)[top_idx[:, :k]], weights)
 
 
 @torch.no_grad()
@@ -188,7 +205,7 @@ def knn_predict(
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
     """Percentage of samples whose label is among the ``k`` highest scores, for each k."""
     ranked = scores.argsort(dim=1, descending=True)
-    hits = ranked == labels[:, None]
+    hits = ranked == labels.to(scores.device)[:, None]
     return {k: 100.0 * hits[:, : min(k, scores.shape[1])].any(dim=1).float().mean().item() for k in ks}
 
 
