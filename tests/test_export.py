@@ -14,7 +14,8 @@ import torchvision
 import yaml
 
 from moco.cli import main
-from moco.export import ExportError, export
+from moco.exporters import ExportError
+from moco.exporters import export_checkpoint as export
 from moco.models import backbone_features, resnet
 from tests.eval_helpers import save_reference_checkpoint, save_tiny_moco_checkpoint
 

@@ -239,7 +239,7 @@ def test_no_import_cycles_and_evaluation_does_not_import_the_training_loop() -> 
 
     cycles = [c for c in (cycle_from(m) for m in graph) if c]
     assert not cycles, f"import cycle: {' -> '.join(cycles[0])}"
-    probe = ("import sys, moco.evaluate.common, moco.evaluate.report, moco.evaluate.finetune, moco.export, "
+    probe = ("import sys, moco.evaluate.common, moco.evaluate.report, moco.evaluate.finetune, moco.exporters, "
              "moco.cli_eval; print(sorted(m for m in sys.modules if m in ('moco.train', 'moco.step', 'moco.ablate')))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

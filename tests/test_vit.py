@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moco.config import ConfigError, load_config
-from moco.export import export
+from moco.exporters import export_checkpoint as export
 from moco.methods import build_method
 from moco.models.vit import VIT_ARCHS, VisionTransformer, default_patch_size, sincos_position_embedding
 from moco.pretrained import load_pretrained

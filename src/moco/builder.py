@@ -96,10 +96,13 @@ class MoCo(nn.Module):
 
     # --- the pieces of Algorithm 1 -------------------------------------------------------
     def encode_query(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised queries q, in fp32 (the loss's products are taken in fp32 under autocast too)."""
         return F.normalize(self.encoder_q(images).float(), dim=1)
 
     @torch.no_grad()
     def encode_key(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised keys k from the momentum encoder, without gradients; shuffle BN when enabled,
+        so BN statistics cannot leak which key is the query's positive."""
         if self.shuffle_bn:
             k = encode_with_shuffle_bn(self.encoder_k, images)
         else:
@@ -108,6 +111,7 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self) -> None:
+        """θk ← m·θk + (1−m)·θq: the key encoder follows the query encoder slowly, which keeps the queue's keys consistent."""
         momentum_update(self.encoder_k, self.encoder_q, self.m)
 
     def logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

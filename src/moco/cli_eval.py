@@ -15,7 +15,7 @@ from moco.config import ConfigError
 from moco.evaluate.finetune import FRACTIONS, HEAD_INITS, INITS, FinetuneOptions
 from moco.evaluate.linear import MODES, LinclsOptions
 from moco.evaluate.report import KS, KnnOptions, ReportOptions
-from moco.export import EXPORTERS
+from moco.exporters import EXPORTERS
 
 
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -223,9 +223,9 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from moco.export import export
+    from moco.exporters import export_checkpoint
 
-    path = export(args.checkpoint, args.format, args.output)
+    path = export_checkpoint(args.checkpoint, args.format, args.output)
     print(f"wrote {path}" + (f" and {path}.json" if path.with_name(path.name + ".json").exists() else ""))
     return 0
 

@@ -31,6 +31,7 @@ AUTO_OPTIONS = ("data.image_size", "data.channels", "data.val_size", "model.stem
 
 
 def is_auto(value: Any) -> bool:
+    """Whether an option is left to be derived from the data (``auto``)."""
     return value == AUTO
 
 
@@ -161,6 +162,7 @@ class Config:
     methods: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as nested plain values, one mapping per section (what ``config.yaml`` holds)."""
         values = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)
                   if f.name != "methods"}
         return {**values, **{name: dataclasses.asdict(options) for name, options in self.methods.items()
@@ -291,6 +293,7 @@ def upgrade_legacy(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def from_dict(values: dict[str, Any]) -> Config:
+    """A validated config from nested sections (defaults fill what is missing; old option names are moved)."""
     config = _build(Config, upgrade_legacy(values or {}), "")
     validate(config)
     return config
@@ -304,19 +307,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
 
 
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML config's raw sections, before defaults and checks (an empty file is an empty dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return values
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults <- YAML file <- overrides, then validated."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    """Defaults <- YAML file <- ``section.key=value`` overrides (values parsed as YAML), then validated."""
+    values = read_config_file(path) if path is not None else {}
     return from_dict(apply_overrides(values, overrides))
 
 
@@ -467,4 +474,5 @@ def _validate_augmentation(aug: AugConfig) -> None:
 
 
 def save_config(config: Config, path: str | os.PathLike) -> None:
+    """Write ``config`` as YAML, every option spelled out, in the order of the dataclasses."""
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -111,6 +111,7 @@ class EncoderSpec:
         return model
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain values, as checkpoints store the spec and exports record it."""
         return {**asdict(self), "widths": list(self.widths)}
 
 
@@ -137,6 +138,7 @@ class PretrainedEncoder:
         return model.eval()
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights without the head (``fc.*``): what the backbone and the exports hold."""
         return {k: v for k, v in self.state_dict.items() if not k.startswith("fc.")}
 
 
@@ -231,7 +233,13 @@ def stored_spec(values: Mapping[str, Any], path: str | os.PathLike = "checkpoint
 
 
 def load_pretrained(path: str | os.PathLike) -> PretrainedEncoder:
-    """Load the query encoder of any supported checkpoint (see the module docstring)."""
+    """Load the query encoder of any supported checkpoint: ours (training or DDP-wrapped), the
+    reference implementation's released ``.pth.tar`` files, or a plain ResNet/ViT state dict.
+
+    ``.backbone()`` gives the network without its head (what a linear probe or a detector starts
+    from), ``.encoder()`` the one with its pretraining head; both are built for this checkpoint's
+    arch, widths, stem and channels, with the weights loaded strictly and in eval mode. The file is
+    read with ``weights_only=True``, so loading runs no code from it."""
     path = Path(path)
     try:
         checkpoint = load_checkpoint(path)

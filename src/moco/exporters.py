@@ -65,6 +65,7 @@ def _write_metadata(output: Path, metadata: dict) -> None:
 
 
 def export_torchvision(pretrained: PretrainedEncoder, output: Path) -> Path:
+    """A ResNet backbone as a plain state dict under torchvision's names, and how to build its network."""
     spec = pretrained.spec
     if spec.family != "resnet":
         raise ExportError(f"{pretrained.path}: torchvision's format holds ResNets; for this {spec.arch} use --format timm")
@@ -88,6 +89,7 @@ def timm_vit_kwargs(pretrained: PretrainedEncoder) -> dict:
 
 
 def export_timm(pretrained: PretrainedEncoder, output: Path) -> Path:
+    """A ViT backbone as a state dict that timm's ``VisionTransformer`` loads strictly, with its arguments."""
     spec = pretrained.spec
     if spec.family != "vit":
         raise ExportError(f"{pretrained.path}: --format timm writes Vision Transformers; for this ResNet use "
@@ -101,6 +103,7 @@ def export_timm(pretrained: PretrainedEncoder, output: Path) -> Path:
 
 
 def export_detectron2(pretrained: PretrainedEncoder, output: Path) -> Path:
+    """A torchvision-shaped ResNet as detectron2's pickle, with the config keys that use it."""
     spec = pretrained.spec
     if spec.family != "resnet":
         raise ExportError(f"{pretrained.path}: detectron2's backbones here are ResNets; this encoder is a {spec.arch}")
@@ -125,7 +128,7 @@ EXPORTERS: dict[str, Callable[[PretrainedEncoder, Path], Path]] = {
 }
 
 
-def export(checkpoint: str | os.PathLike, fmt: str, output: str | os.PathLike) -> Path:
+def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, output: str | os.PathLike) -> Path:
     """Load ``checkpoint`` (any kind :func:`moco.pretrained.load_pretrained` reads) and write ``output``."""
     if fmt not in EXPORTERS:
         raise ExportError(f"--format: {fmt!r} is not one of {', '.join(EXPORTERS)}")
