@@ -320,6 +320,19 @@ def every_method_scenario(name: str, world: bool = True) -> dict[str, Any]:
     return {"losses": losses, "grads": grads, "state": {k: v.clone() for k, v in method.state_dict().items()}}
 
 
+def folder_scan_scenario(root: Path) -> dict[str, Any]:
+    """Both ranks open the same image folder: how many headers each one read."""
+    from moco.data import datasets
+
+    opened, real = [], datasets.inspect
+    datasets.inspect = lambda path: opened.append(path) or real(path)
+    try:
+        folder = datasets.ImageFolderDataset(root, load_size=8, channels=1)
+    finally:
+        datasets.inspect = real
+    return {"headers_read": len(opened), "images": len(folder), "labels": folder.labels.clone()}
+
+
 def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     with du.process_group(torch.device("cpu"), timeout_s=60):
@@ -336,6 +349,7 @@ def main(out_dir: str) -> None:
             "simclr": simclr_scenario(),
             "bn_options": bn_options_scenario(),
             "every_method": {name: every_method_scenario(name) for name in SEVERAL_PROCESS_METHODS},
+            "folder_scan": folder_scan_scenario(Path(out_dir) / "images" / "train"),
         }
         torch.save(results, Path(out_dir) / f"rank{du.rank()}.pt")
     assert not du.is_distributed(), "the process group is destroyed on the way out"

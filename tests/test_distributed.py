@@ -28,6 +28,7 @@ from moco.evaluate.knn import knn_accuracy
 from moco.methods import METHODS, build_method, sync_bn_choice
 from tests import dist_worker
 from tests.conftest import needs_fashion_mnist
+from tests.tiny import fake_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -59,6 +60,7 @@ def start_ranks(args: list[str], world: int = 2) -> list[subprocess.Popen]:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("ranks")
+    fake_image_folder(out / "images", train=24)  # the folder both ranks open
     procs = start_ranks(["-m", "tests.dist_worker", str(out)])
     for proc in procs:
         _, stderr = proc.communicate(timeout=240)
@@ -146,6 +148,12 @@ def test_every_method_on_two_processes_with_different_data_equals_one_process(ra
         assert set(got["state"]) == set(single["state"])
         for key, value in single["state"].items():
             torch.testing.assert_close(got["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_under_torchrun_only_rank_0_reads_an_image_folders_headers(ranks: list[dict[str, Any]]) -> None:
+    r0, r1 = ranks[0]["folder_scan"], ranks[1]["folder_scan"]
+    assert (r0["headers_read"], r1["headers_read"]) == (24, 0)  # rank 1 read rank 0's index
+    assert r0["images"] == r1["images"] == 24 and torch.equal(r0["labels"], r1["labels"])
 
 
 # --- cross-process shuffle BN --------------------------------------------------------------------

@@ -205,6 +205,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def barrier() -> None:
+    """Wait until every rank is here (e.g. until rank 0 has written a file the others read)."""
+    if is_distributed():
+        dist.barrier()
+
+
 @torch.no_grad()
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     """The element-wise maximum of ``tensor`` over ranks, in place (and returned); unchanged on one process."""

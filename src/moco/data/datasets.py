@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from moco.data import folder_index
+from moco.data.folder_index import list_images
 from moco.data.images import BadImageError, BadImageWarning, ImageInfo, decode, describe, inspect
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -209,28 +211,21 @@ class ImageFolderDataset(Dataset):
         if on_bad_image not in ("skip", "fail"):
             raise ValueError(f"on_bad_image must be 'skip' or 'fail', got {on_bad_image!r}")
         self.load_size, self.channels, self.on_bad_image = load_size, channels, on_bad_image
-        subdirs = sorted(p for p in self.root.iterdir() if p.is_dir())
-        candidates: list[tuple[Path, int]] = []
-        if subdirs:
-            self.classes = tuple(p.name for p in subdirs)
-            for label, folder in enumerate(subdirs):
-                candidates += [(p, label) for p in sorted(folder.rglob("*")) if _is_image_name(p)]
-        else:
-            self.classes = ()
-            candidates = [(p, -1) for p in sorted(self.root.iterdir()) if _is_image_name(p)]
-        infos = _inspect_all([path for path, _ in candidates])
+        self.classes, candidates = list_images(self.root, IMAGE_EXTENSIONS)
+        infos = folder_index.scan(self.root, candidates, _inspect_all)  # headers read once, then cached
         reasons = [info.reason for info in infos]
-        self.skipped = [(path, reason) for (path, _), reason in zip(candidates, reasons) if reason]
+        self.skipped = [(self.root / f.relative, reason) for f, reason in zip(candidates, reasons) if reason]
         if self.skipped and on_bad_image == "fail":
             path, reason = self.skipped[0]
             raise BadImageError(f"{path}: {reason} (data.on_bad_image=fail; {len(self.skipped)} bad files in {self.root})")
-        self.samples = [sample for sample, reason in zip(candidates, reasons) if not reason]
+        usable_files = [f for f, reason in zip(candidates, reasons) if not reason]
         if not candidates:
             raise NoUsableImagesError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {self.root}")
-        if not self.samples:
+        if not usable_files:
             raise NoUsableImagesError(f"no usable images in {self.root}: "
                                       f"{describe(self.skipped, len(candidates), self.root)}")
-        self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.long)
+        self.files = folder_index.packed_paths([f.relative for f in usable_files])  # shared with workers as is
+        self.labels = torch.tensor([f.label for f in usable_files], dtype=torch.long)
         usable = [info for info in infos if not info.reason]
         self.sizes = torch.tensor([(info.width, info.height) for info in usable], dtype=torch.long)  # N x (w, h)
         self.gray = torch.tensor([info.gray for info in usable], dtype=torch.bool)
@@ -245,13 +240,21 @@ class ImageFolderDataset(Dataset):
         self.reported: set[int] = set()      # main process: undecodable files already warned about
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.files)
+
+    def path(self, index: int) -> Path:
+        """The file of image ``index``."""
+        return self.root / self.files[index].decode()
+
+    def relative_path(self, index: int) -> str:
+        """The file of image ``index`` relative to the folder (``class/name.jpg``)."""
+        return self.files[index].decode()
 
     def load(self, index: int) -> torch.Tensor:
         """Image ``index`` decoded and resized to ``load_size``; :class:`BadImageError` if it cannot be."""
         from torchvision.transforms.v2 import functional as TF
 
-        tensor = decode(self.samples[index][0], self.channels, draft_size=self.load_size)
+        tensor = decode(self.path(index), self.channels, draft_size=self.load_size)
         if self.fit == "whole":
             return TF.resize(tensor, [self.load_size, self.load_size], antialias=True)
         tensor = TF.resize(tensor, self.load_size, antialias=True)
@@ -273,7 +276,7 @@ class ImageFolderDataset(Dataset):
         its index is returned as ``-(index + 1)`` so the main process can count and report it
         (raising here would surface as a traceback from a DataLoader worker)."""
         for offset in range(SUBSTITUTE_TRIES):
-            candidate = (index + offset) % len(self.samples)
+            candidate = (index + offset) % len(self.files)
             if candidate in self._undecodable:
                 continue
             try:
@@ -281,8 +284,8 @@ class ImageFolderDataset(Dataset):
             except BadImageError:
                 self._undecodable.add(candidate)
                 continue
-            return image, self.samples[candidate][1], index if offset == 0 else -(index + 1)
-        raise BadImageError(f"{self.samples[index][0]} and the {SUBSTITUTE_TRIES - 1} files after it cannot be "
+            return image, int(self.labels[candidate]), index if offset == 0 else -(index + 1)
+        raise BadImageError(f"{self.path(index)} and the {SUBSTITUTE_TRIES - 1} files after it cannot be "
                             f"decoded; is {self.root} an image folder?")
 
     def subset(self, indices: torch.Tensor) -> "torch.utils.data.Subset":
@@ -293,10 +296,6 @@ def _checked_fit(fit: str) -> str:
     if fit not in ("crop", "whole"):
         raise ValueError(f"fit must be 'crop' or 'whole', got {fit!r}")
     return fit
-
-
-def _is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
 
 
 # --- one entry point -------------------------------------------------------------------------
@@ -469,8 +468,8 @@ class FolderLoader:
                 idx = idx.abs() - (idx < 0).long()  # back to the requested indices
             yield images, labels, idx
         if fresh:
-            shown = [(self.folder.samples[i][0], self._reason(i).split(": ", 1)[-1]) for i in fresh[:3]]
-            problems = shown + [(self.folder.samples[i][0], "") for i in fresh[3:]]
+            shown = [(self.folder.path(i), self._reason(i).split(": ", 1)[-1]) for i in fresh[:3]]
+            problems = shown + [(self.folder.path(i), "") for i in fresh[3:]]
             warnings.warn(describe(problems, len(self.folder), self.folder.root, verb="could not decode")
                           + " (each replaced by the next decodable file)", BadImageWarning, stacklevel=2)
 
@@ -479,7 +478,7 @@ class FolderLoader:
             self.folder.load(index)
         except BadImageError as err:
             return str(err)
-        return f"{self.folder.samples[index][0]}: failed to decode in a worker"
+        return f"{self.folder.path(index)}: failed to decode in a worker"
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0, workers: int = 0,
