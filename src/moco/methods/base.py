@@ -62,10 +62,12 @@ class Batch:
 
     @property
     def global_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two full-size views of each image."""
         return self.views[0], self.views[1]
 
     @property
     def local_views(self) -> tuple[torch.Tensor, ...]:
+        """Multi-crop's small views (``aug.local_crops`` of them), empty without multi-crop."""
         return tuple(self.views[2:])
 
 
@@ -111,6 +113,8 @@ class Method(nn.Module):
     # --- building ------------------------------------------------------------------------------
     @classmethod
     def build(cls, config: "Config", encoder_factory: EncoderFactory, bank_size: int = 0) -> "Method":
+        """The method for ``config``, its networks made by ``encoder_factory(num_classes)`` (the
+        backbone the ``model`` section describes); ``bank_size``: the image indices a memory bank holds."""
         raise NotImplementedError
 
     @classmethod
@@ -139,6 +143,7 @@ class Method(nn.Module):
 
     @property
     def projector(self) -> nn.Module:
+        """The head on the backbone (the encoder's ``fc``): what evaluation strips and export leaves out."""
         return self.encoder.fc
 
     def head_spec(self) -> dict[str, Any]:
@@ -187,6 +192,8 @@ class Method(nn.Module):
         return []
 
     def training_step(self, batch: Batch, ctx: StepContext) -> StepOutput:
+        """One step's loss on ``batch``, with the logits, labels and queries the monitors read; the
+        loop has already applied the momentum update and does the backward and the optimiser step."""
         raise NotImplementedError
 
 
