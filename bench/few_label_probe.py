@@ -9,8 +9,7 @@ and test splits, then for each seed the class-balanced label subset that ``moco 
 per C on raw and on standardised features (per-dimension mean and sd of the whole unlabelled
 training split), and test top-1. It prints every seed and the mean over seeds per C.
 
-The 1% fine-tuning row of ``moco finetune`` adds little to this number (docs/results.md, "Where
-the 1%-label number is capped"), so it is a cheap read of what pretraining can give at that label
+The 1% fine-tuning row of ``moco finetune`` adds little to this number, so it is a cheap read of what pretraining can give at that label
 budget. The best C is read on the test split: an oracle, for comparing representations, not a
 result. ``--cache-dir`` keeps the features (``<name>.pt`` per checkpoint, the name taken from its
 run directory) so that a second call skips the extraction.

@@ -1,4 +1,4 @@
-"""MoCo on real image folders against the two baselines it must beat: docs/own-data.md.
+"""MoCo on real image folders against the two baselines it must beat: docs/own-images.md.
 
 For each folder: ``moco pretrain folder data.root=FOLDER`` (the data-derived recipe, timed as a
 user would run it), then weighted kNN (k=200, T=0.1) on the folder's test split for the MoCo

@@ -1,6 +1,6 @@
 """kNN of a randomly initialised encoder, built exactly as ``moco pretrain CONFIG OVERRIDES`` builds it
 (same seed, same data split, no step taken): the baseline a run's kNN is read against
-(docs/methods.md, "ViT-Tiny with 7 px patches").
+(docs/benchmarks.md, ViT-Tiny).
 
     python bench/random_init_knn.py fmnist_v3 model.arch=vit_tiny model.patch_size=7 --split val \
         --out /tmp/random_init

@@ -38,13 +38,13 @@ def is_auto(value: Any) -> bool:
 @dataclass
 class ModelConfig:
     arch: str = "resnet18"             # resnet18/34/50/101 | vit_tiny/small/base (moco_v3: a ViT as in the paper)
-    widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128]) # ResNet stage widths; torchvision's are [64, 128, 256, 512]
     small_images: bool = True          # 3x3 stem, no max-pool
     stem_stride: int = 1               # small-image stem stride: 2 halves the resolution (wider nets for the same cost)
     dim: int = 128                     # feature dimension C of q and k
     mlp: bool = True                   # MoCo v2 MLP head
     bn_splits: int = 8                 # BN groups in the global batch (split BN); under torchrun, per process: bn_splits / processes
-    shuffle_bn: bool = True
+    shuffle_bn: bool = True            # MoCo v1/v2: keys encoded in shuffled BN groups, so BN cannot leak the positive
     K: int = 4096                      # queue size
     m: float = 0.99                    # key-encoder momentum (m at step 0 with m_schedule=cosine)
     m_schedule: str = "constant"       # constant | cosine: m rises to 1 on a half cosine (MoCo v3, BYOL)
@@ -74,8 +74,8 @@ class DataConfig:
     test_subset: int = 0               # likewise for the test split
     workers: int = 2                   # DataLoader workers (image folders only)
     in_memory_mb: int = 2048           # image folders that take at most this much decoded are decoded once, into memory; 0 = never
-    mean: Optional[list[float]] = None
-    std: Optional[list[float]] = None
+    mean: Optional[list[float]] = None # per-channel normalisation; None: the dataset's own (ImageNet's for folders)
+    std: Optional[list[float]] = None  # likewise; None: the dataset's own
     on_bad_image: str = "skip"         # skip | fail: corrupt/unreadable files in image folders (docs/reliability.md)
 
 
@@ -83,20 +83,20 @@ class DataConfig:
 class AugConfig:
     preset: str = "v2"                 # v1 | v2 | none; the fields below override the preset
     crop_scale: Optional[list[float]] = None   # [low, high] fractions of the image area; above 1 zooms out
-    flip_p: Optional[float] = None
+    flip_p: Optional[float] = None     # horizontal flip probability (0 for digits and text)
     rotation: Optional[float] = None   # degrees, +- (0 in the presets)
-    jitter_p: Optional[float] = None
-    brightness: Optional[float] = None
-    contrast: Optional[float] = None
-    saturation: Optional[float] = None
-    hue: Optional[float] = None
-    grayscale_p: Optional[float] = None
-    blur_p: Optional[float] = None
-    blur_sigma: Optional[list[float]] = None
-    solarize_p: Optional[float] = None
+    jitter_p: Optional[float] = None   # probability of colour jitter
+    brightness: Optional[float] = None # colour jitter strengths
+    contrast: Optional[float] = None   # colour jitter strengths
+    saturation: Optional[float] = None  # colour jitter strengths
+    hue: Optional[float] = None        # at most 0.5
+    grayscale_p: Optional[float] = None # probability of turning a colour view gray
+    blur_p: Optional[float] = None     # probability of Gaussian blur
+    blur_sigma: Optional[list[float]] = None  # [low, high] of the Gaussian blur's sigma
+    solarize_p: Optional[float] = None # probability of solarisation
     erase_p: Optional[float] = None    # random erasing of one rectangle per view (0 in the presets)
-    erase_scale: Optional[list[float]] = None
-    erase_ratio: Optional[list[float]] = None
+    erase_scale: Optional[list[float]] = None # [low, high] area of the erased rectangle
+    erase_ratio: Optional[list[float]] = None # [low, high] aspect ratio of the erased rectangle
     # Multi-crop (Caron et al., 2020; model.method=moco): small low-resolution crops of each image as
     # extra queries against the global views' keys. They take the view settings above, except size and area.
     local_crops: int = 0               # small views per image; 0 = the two global views only
@@ -106,33 +106,33 @@ class AugConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = 10
+    epochs: int = 10                   # passes over the pretraining images
     batch_size: int = 256              # global batch (all processes together)
     lr: float = 0.06                   # learning rate at base_batch_size
     base_batch_size: int = 256         # lr is scaled by batch_size / base_batch_size
     optimizer: str = "sgd"             # sgd (MoCo v1/v2) | lars (MoCo v3, ResNet) | adamw (MoCo v3, ViT)
     momentum: float = 0.9              # SGD momentum
-    weight_decay: float = 5e-4
+    weight_decay: float = 5e-4         # L2 penalty (not on biases and BN for LARS)
     schedule: str = "cosine"           # cosine | step | constant
-    milestones: list[int] = field(default_factory=lambda: [120, 160])
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
+    milestones: list[int] = field(default_factory=lambda: [120, 160])  # schedule=step: epochs where lr drops
+    gamma: float = 0.1                 # schedule=step: the lr's factor at each milestone
+    warmup_epochs: float = 0.0         # linear lr warm-up from 0, before the schedule (fractions of an epoch allowed)
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/moco"
-    seed: int = 0
+    output_dir: str = "runs/moco"      # the run directory: config, metrics, checkpoints, plots, summary
+    seed: int = 0                      # seeds the model, the splits and the augmentation
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     precision: str = "auto"            # auto | fp32 | bf16 | fp16
-    channels_last: bool = True
+    channels_last: bool = True         # NHWC memory format (faster convolutions on GPUs)
     threads: int = 0                   # CPU threads; 0 = all cores
     log_every: int = 10                # steps between metrics.jsonl / TensorBoard points
     progress: bool = True              # tqdm bar
-    tensorboard: bool = True
+    tensorboard: bool = True           # also write TensorBoard event files
     knn_every: int = 1                 # epochs between kNN monitor runs on the validation split; 0 = never
-    knn_k: int = 200
-    knn_t: float = 0.1
+    knn_k: int = 200                   # neighbours that vote, in the monitor and the final kNN
+    knn_t: float = 0.1                 # temperature of the votes' weights exp(cos / T)
     knn_bank_size: int = 0             # training images in the monitor's feature bank; 0 = all
     knn_feature: str = "backbone"      # backbone (pooled, before the head; what export keeps) | encoder (output, head
                                        # included: the reference CIFAR demo's monitor). The test line reports both.
