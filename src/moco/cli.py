@@ -8,29 +8,29 @@ import argparse
 import os
 import sys
 import warnings
-from pathlib import Path
-
+from moco import __version__
+from moco.cli_help import OUTPUT_ALIASES, print_configs, use_defaults_help
 from moco.config import ConfigError, load_config
+from moco.presets import CONFIG_DIR, resolve_config_path, shipped_configs  # noqa: F401  (CONFIG_DIR: for callers)
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-
-def resolve_config_path(name: str) -> Path:
-    """A config path, or the name of a shipped config (``fmnist_v2`` -> configs/fmnist_v2.yaml)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    shipped = CONFIG_DIR / f"{name.removesuffix('.yaml')}.yaml"
-    if shipped.is_file():
-        return shipped
-    available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-    raise ConfigError(f"config {name!r} is neither a file nor a shipped config ({available})")
+def _device_overrides(args: argparse.Namespace) -> list[str]:
+    """``--device`` and ``--threads`` as the config options they stand for (the command line's spelling
+    on every command; a ``train.device=...`` override says the same)."""
+    chosen = {"train.device": args.device, "train.threads": args.threads}
+    return [f"{key}={value}" for key, value in chosen.items() if value is not None]
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    config = load_config(resolve_config_path(args.config) if args.config else None,
+                         [*args.overrides, *_device_overrides(args)])
+    if args.print_config:  # the plan and its reasons, nothing trained
+        from moco.resolve import describe_plan
+
+        print(describe_plan(config), end="")
+        return 0
     from moco.train import pretrain
 
-    config = load_config(resolve_config_path(args.config) if args.config else None, args.overrides)
     result = pretrain(config, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         print(f"run directory: {result.run_dir} ({result.seconds:.0f} s)")
@@ -55,12 +55,15 @@ def _add_ablate_parser(sub: argparse._SubParsersAction) -> None:
                        description="Train one run per point into OUTPUT/<point>/ (finished points are skipped, "
                                    "unfinished ones resumed), then write results.json, results.md and PNG plots. "
                                    "Without PRESET: list the shipped presets.")
-    a.add_argument("ablation", choices=("dictionary", "momentum", "shuffle-bn", "methods"))
+    a.add_argument("ablation", choices=("dictionary", "momentum", "shuffle-bn", "methods"),
+                   help="dictionary: mechanisms against K; momentum: m; shuffle-bn: with and without; "
+                        "methods: every method at equal epochs and equal time")
     a.add_argument("preset", nargs="?", help="YAML file or shipped preset name (e.g. fmnist_cpu)")
     a.add_argument("overrides", nargs="*", help="section.key=value for every point, or ablate.<sweep>.<key>=value")
     a.add_argument("--jobs", type=int, default=1, help="points trained at once, in separate processes (default 1)")
     a.add_argument("--threads", type=int, default=0, help="threads per point (default: cores / jobs)")
-    a.add_argument("--output", default=None, help="sweep folder (default runs/ablate/<preset>/<ablation>)")
+    a.add_argument("--output", *OUTPUT_ALIASES, default=None,
+                   help="sweep folder (default runs/ablate/<preset>/<ablation>)")
     a.set_defaults(func=_ablate)
 
 
@@ -88,7 +91,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="img/s and peak memory of the encoder, the step, the data and the loop",
                        description="Time each case (median of --repeats blocks of --steps steps after --warmup; "
                                    "by default every case in one process, one block of each in turn) and print "
-                                   "the performance issue's ratios. "
+                                   "the ratios between cases. "
                                    f"Cases: {', '.join(CASES)} (lightly needs pip install -e '.[bench]'). "
                                    "Any config and overrides: backbone, image size, batch, device, precision.")
     b.add_argument("config", nargs="?", default="fmnist_v2", help="YAML file or shipped config (default fmnist_v2)")
@@ -112,7 +115,8 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--rounds", type=int, default=1,
                    help="isolated and same-process: run every case this many times, round-robin; ratios are "
                         "medians of each round's (default 1)")
-    b.add_argument("--out", default="runs/bench/bench.json", help="the JSON (default runs/bench/bench.json)")
+    b.add_argument("--output", *OUTPUT_ALIASES, dest="out", default="runs/bench/bench.json",
+                   help="the JSON (default runs/bench/bench.json)")
     b.add_argument("--compile", action="store_true",
                    help="torch.compile the encoders in the encoder, step and lightly cases (warm-up includes compiling)")
     b.add_argument("--host-reads", action="store_true",
@@ -122,9 +126,14 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moco", description="Momentum Contrast: pretrain and evaluate encoders.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pretrain", help="self-supervised pretraining, then kNN on the test split")
+    parser = argparse.ArgumentParser(prog="moco", description="Self-supervised visual representation learning: "
+                                     "pretrain, evaluate and export encoders.")
+    parser.add_argument("--version", action="version", version=f"moco {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("pretrain", help="self-supervised pretraining, then kNN on the test split",
+                       description="Pretrain the method a config names (model.method) and write the run into "
+                                   "train.output_dir: config, metrics, checkpoints, curves, summary.")
     p.add_argument("config", nargs="?", help="YAML file or shipped config name (see `moco configs`)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.epochs=2")
     again = p.add_mutually_exclusive_group()
@@ -133,14 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--overwrite", action="store_true",
                        help="train.output_dir holds a run: delete its metrics, summary, checkpoints and TensorBoard "
                             "events, then start afresh (without it, or --resume, such a directory is refused)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config and every value the run would decide (from the data or the "
+                        "machine) with its reason, then exit without training")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the config's train.device)")
+    p.add_argument("--threads", type=int, help="CPU threads; 0 = all cores (default: the config's train.threads)")
     p.set_defaults(func=_pretrain)
     _add_ablate_parser(sub)
     _add_bench_parser(sub)
-    c = sub.add_parser("configs", help="list the shipped configs")
-    c.set_defaults(func=lambda _: print("\n".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))) or 0)
+    c = sub.add_parser("configs", help="list the shipped configs, one line each",
+                       description="The shipped presets: pass a name to moco pretrain (a YAML path works too).")
+    c.set_defaults(func=lambda _: print_configs(shipped_configs()) or 0)
     from moco.cli_eval import add_commands  # lincls, knn, finetune, report, export
 
     add_commands(sub)
+    use_defaults_help(parser)
     return parser
 
 
