@@ -72,7 +72,9 @@ def test_tiny_dictionary_sweep_writes_the_three_artifacts_and_resumes(tmp_path: 
     md = (out / "results.md").read_text()
     assert "| MoCo |" in md and "| memory bank |" in md and "| end-to-end |" in md and "![dictionary]" in md
     assert (out / "dictionary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Gradient accumulation" in capsys.readouterr().out
+    first = capsys.readouterr().out
+    assert "Gradient accumulation" in first and "estimate: about " in first and "moco_K16 " in first
+    assert "[1] moco_K16: " in first and " left\n" in first  # each point's line says how long the rest takes
     bank = load_checkpoint(out / "memory_bank_K16" / "checkpoint_last.pth")["model"]["bank.features"]
     assert bank.shape == (300, 128)  # one entry per pretraining image, checkpointed with the weights
     torch.testing.assert_close(bank.norm(dim=1), torch.ones(300))
@@ -121,6 +123,30 @@ def _fake(name: str, status: str, knn: float, **labels) -> dict:
     return {"name": name, "status": status, "reason": "" if status == "ok" else "loss not decreasing",
             "test_knn_top1": knn, "val_knn_top1": knn, "final_loss": 2.0, "seconds": 75.0, "negatives": 4096,
             "epochs": epochs, "train_losses": [[1, 8.0], [2, 7.0]], "config": config, **labels}
+
+
+def test_overwrite_trains_finished_points_again_from_scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys) -> None:
+    import moco.ablate as ablate
+
+    points = [Point(name, {"train": {"threads": 1}}, {}, negatives=16) for name in ("a", "b")]
+    trained: list[tuple[str, bool]] = []
+
+    def run_point(point: Point, run_dir: str, fresh: bool = False) -> dict:
+        trained.append((point.name, fresh))
+        return _fake(point.name, "ok", 70.0)
+
+    monkeypatch.setattr(ablate, "finished_result", lambda run_dir, config: _fake(Path(run_dir).name, "ok", 60.0))
+    monkeypatch.setattr(ablate, "point_estimates", lambda pending: {p.name: 60.0 for p in pending})
+    monkeypatch.setattr(ablate, "run_point", run_point)
+    results: dict = {}
+    ablate._run_points(points, tmp_path, 1, results)
+    assert trained == [] and capsys.readouterr().out.count("[done before]") == 2
+    results = {}
+    ablate._run_points(points, tmp_path, 1, results, overwrite=True)
+    assert trained == [("a", True), ("b", True)] and results["a"]["test_knn_top1"] == 70.0
+    printed = capsys.readouterr().out
+    assert "estimate: about 2 m 00 s of training steps" in printed and "[1] a: ok, kNN top-1 70.00%" in printed
 
 
 def test_momentum_and_shuffle_bn_tables_and_plots(tmp_path: Path) -> None:

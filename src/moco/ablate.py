@@ -6,7 +6,10 @@
 - ``shuffle-bn``: MoCo with and without shuffle BN; pretext accuracy and kNN per epoch.
 
 Every point is one ``pretrain`` run in its own directory under the sweep's output folder, so a
-sweep started again skips finished points and resumes unfinished ones from their checkpoints.
+sweep started again skips finished points and resumes unfinished ones from their checkpoints
+(``overwrite``: every point starts afresh). Before the first point the sweep prints an estimate
+from a few steps of each point's own training step on synthetic batches; after each point, the
+time left, calibrated by the points done.
 Points run one after another, or in ``jobs`` processes of ``cores / jobs`` threads each. A point
 whose loss turns non-finite is "diverged", one whose loss does not decrease (or stays at
 log(K+1), the loss of guessing) is "failed"; both are reported and the sweep goes on.
@@ -38,6 +41,7 @@ import yaml
 
 from moco.config import ConfigError, _build, from_dict, parse_override
 from moco.methods import METHODS
+from moco.progress import Progress, duration
 from moco.runtime import peak_memory_mb_of_process
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs" / "ablate"
@@ -405,8 +409,9 @@ def _worker_context() -> BaseContext:
     return context
 
 
-def run_point(point: Point, run_dir: str) -> dict[str, Any]:
-    """Train one point (or resume it) and return its result; never raises for a failed run.
+def run_point(point: Point, run_dir: str, fresh: bool = False) -> dict[str, Any]:
+    """Train one point (or resume it; ``fresh``: start afresh) and return its result; never raises
+    for a failed run.
 
     Output goes to ``run_dir/log.txt``. Importable at top level so worker processes can run it.
     """
@@ -417,7 +422,7 @@ def run_point(point: Point, run_dir: str) -> dict[str, Any]:
     directory.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(point.config)
     config["train"]["output_dir"] = str(directory)
-    resume = _resume_mode(directory, config)
+    resume = None if fresh else _resume_mode(directory, config)
     status, reason, seconds = "ok", "", None
     cpu_start = time.process_time()
     with open(directory / "log.txt", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -543,8 +548,11 @@ def _one_line(result: dict[str, Any]) -> str:
 
 
 def sweep(ablation: str, preset: str, overrides: list[str] = (), output: str | None = None, jobs: int = 1,
-          threads: int = 0) -> dict[str, Any]:
-    """Run (or resume) one ablation and write results.json, results.md and its plots into ``output``."""
+          threads: int = 0, progress: Progress | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Run (or resume) one ablation and write results.json, results.md and its plots into ``output``.
+    ``progress``: where lines (and on a terminal a bar over the points) go, by default stdout;
+    ``overwrite``: train finished points again."""
+    progress = progress or Progress(stream=sys.stdout)
     if jobs < 1:
         raise ConfigError(f"--jobs: must be >= 1, got {jobs}")
     path = resolve_preset(preset)
@@ -556,11 +564,11 @@ def sweep(ablation: str, preset: str, overrides: list[str] = (), output: str | N
     for point in points:
         point.config["train"].update(threads=threads, progress=False)
     for note in notes:
-        print(f"note: {note}", flush=True)
+        progress.say(f"note: {note}")
 
     results: dict[str, dict[str, Any]] = {}
     own_process = ablation == "methods"  # each point in a process of its own: its peak memory is its own
-    _run_points(points, out_dir, jobs, results, own_process)
+    _run_points(points, out_dir, jobs, results, own_process, progress, overwrite)
     if ablation == "methods" and sweep_config.methods.equal_time:
         reference = sweep_config.methods.reference
         finished = {k: v for k, v in results.items() if v["status"] in ("ok", "failed") and v.get("training_seconds")}
@@ -571,15 +579,15 @@ def sweep(ablation: str, preset: str, overrides: list[str] = (), output: str | N
             timed, _ = _methods_points(base, sweep_config.methods, epochs, budget="time")
             for point in timed:
                 point.config["train"].update(threads=threads, progress=False)
-            print(f"equal wall-clock: epochs per method {epochs}", flush=True)
+            progress.say(f"equal wall-clock: epochs per method {epochs}")
             same = [p for p in timed if p.labels["method"] == reference]
             for point in same:  # the reference's time budget is its own equal-epoch run: not trained twice
                 results[point.name] = {**results[f"{point.labels['method']}_epochs"], "name": point.name, "budget": "time"}
-            _run_points([p for p in timed if p not in same], out_dir, jobs, results, own_process)
+            _run_points([p for p in timed if p not in same], out_dir, jobs, results, own_process, progress, overwrite)
             points += timed
 
     ordered = [results[p.name] for p in points]
-    baselines = (_sweep_baselines(out_dir, results, sweep_config.methods, threads * jobs)
+    baselines = (_sweep_baselines(out_dir, results, sweep_config.methods, threads * jobs, progress)
                  if ablation == "methods" and sweep_config.methods.baselines else None)
     summary = {"ablation": ablation, "preset": str(path), "overrides": list(overrides), "notes": notes,
                "points": [{k: v for k, v in r.items() if k not in ("config", "train_losses")} for r in ordered],
@@ -587,12 +595,12 @@ def sweep(ablation: str, preset: str, overrides: list[str] = (), output: str | N
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
     plots = plot_results(ablation, ordered, out_dir)
     (out_dir / "results.md").write_text(results_markdown(ablation, ordered, notes, path, overrides, plots, baselines))
-    print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}, {', '.join(str(p) for p in plots)}", flush=True)
+    progress.say(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}, {', '.join(str(p) for p in plots)}")
     return summary
 
 
 def _sweep_baselines(out_dir: Path, results: dict[str, dict[str, Any]], s: MethodsSweep,
-                     threads: int) -> dict[str, Any] | None:
+                     threads: int, progress: Progress) -> dict[str, Any] | None:
     """The methods sweep's baselines, computed once from the reference point's checkpoint and kept
     in ``baselines.json`` beside it (recomputed when that point's config changes)."""
     reference = results.get(f"{s.reference}_epochs")
@@ -604,7 +612,7 @@ def _sweep_baselines(out_dir: Path, results: dict[str, dict[str, Any]], s: Metho
         if stored.get("config") == config:
             return stored["baselines"]
     train = reference["config"]["train"]
-    print("baselines: a random-init encoder and raw pixels, on the same evaluation", flush=True)
+    progress.say("baselines: a random-init encoder and raw pixels, on the same evaluation")
     baselines = method_baselines(out_dir / f"{s.reference}_epochs", s.evaluation(), train["knn_k"], train["knn_t"],
                                  threads)
     path.write_text(json.dumps({"config": config, "baselines": baselines}, indent=2))
@@ -612,34 +620,96 @@ def _sweep_baselines(out_dir: Path, results: dict[str, dict[str, Any]], s: Metho
 
 
 def _run_points(points: list[Point], out_dir: Path, jobs: int, results: dict[str, dict[str, Any]],
-                own_process: bool = False) -> None:
-    """Run the points without a finished result (resuming any with a checkpoint) into ``results``."""
+                own_process: bool = False, progress: Progress | None = None, overwrite: bool = False) -> None:
+    """Run the points without a finished result (resuming any with a checkpoint; ``overwrite``:
+    every point, afresh) into ``results``, with the plan's estimate first and the time left after
+    each point."""
+    progress = progress or Progress(stream=sys.stdout)
     pending = []
     for point in points:
-        done = finished_result(out_dir / point.name, point.config)
+        done = None if overwrite else finished_result(out_dir / point.name, point.config)
         if done is not None:
             results[point.name] = done
-            print(f"[done before] {_one_line(done)}", flush=True)
+            progress.say(f"[done before] {_one_line(done)}")
         else:
             pending.append(point)
     workers = min(jobs, max(len(pending), 1))
-    print(f"{len(points)} points, {len(pending)} to run, {workers} at a time with "
-          f"{points[0].config['train']['threads']} thread(s) each; logs in {out_dir}/<point>/log.txt", flush=True)
+    progress.say(f"{len(points)} points, {len(pending)} to run, {workers} at a time with "
+                 f"{points[0].config['train']['threads']} thread(s) each; logs in {out_dir}/<point>/log.txt")
     if not pending:
         return
-    if workers == 1 and not own_process:
-        for point in pending:
-            results[point.name] = run_point(point, str(out_dir / point.name))
-            print(f"[{len(results)}] {_one_line(results[point.name])}", flush=True)
-        return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context(), initializer=_exit_with_sweep,
-                             initargs=(os.getpid(), dict(os.environ)),
-                             max_tasks_per_child=1 if own_process else None) as pool:
-        futures = {pool.submit(run_point, point, str(out_dir / point.name)): point for point in pending}
-        for future in as_completed(futures):
-            point = futures[future]
-            results[point.name] = future.result()
-            print(f"[{len(results)}] {_one_line(results[point.name])}", flush=True)
+    estimates = point_estimates(pending)
+    total = sum(estimates.values()) / workers
+    progress.say(f"estimate: about {duration(total)} of training steps (each point's step timed on synthetic "
+                 f"batches here; the kNN monitor and evaluation come on top): "
+                 + ", ".join(f"{name} {duration(seconds)}" for name, seconds in estimates.items()))
+    clock = _SweepClock(progress, estimates, workers)
+    with progress.phase("points", len(pending), "point") as phase:
+        if workers == 1 and not own_process:
+            for point in pending:
+                results[point.name] = run_point(point, str(out_dir / point.name), overwrite)
+                clock.finished(point.name, f"[{len(results)}] {_one_line(results[point.name])}")
+                phase.update()
+            return
+        with ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context(), initializer=_exit_with_sweep,
+                                 initargs=(os.getpid(), dict(os.environ)),
+                                 max_tasks_per_child=1 if own_process else None) as pool:
+            futures = {pool.submit(run_point, point, str(out_dir / point.name), overwrite): point
+                       for point in pending}
+            for future in as_completed(futures):
+                point = futures[future]
+                results[point.name] = future.result()
+                clock.finished(point.name, f"[{len(results)}] {_one_line(results[point.name])}")
+                phase.update()
+
+
+class _SweepClock:
+    """After each finished point, the time left: the estimates of the points still to run, scaled
+    by how long the finished ones really took against theirs."""
+
+    def __init__(self, progress: Progress, estimates: dict[str, float], workers: int) -> None:
+        self.progress, self.estimates, self.workers = progress, dict(estimates), workers
+        self.started, self.estimated_done = time.monotonic(), 0.0
+
+    def finished(self, name: str, line: str) -> None:
+        self.estimated_done += self.estimates.pop(name, 0.0)
+        if not self.estimates:
+            self.progress.say(line)
+            return
+        elapsed = time.monotonic() - self.started
+        scale = elapsed * self.workers / self.estimated_done if self.estimated_done > 0 else 1.0
+        left = sum(self.estimates.values()) * scale / self.workers
+        self.progress.say(f"{line}; about {duration(left)} left")
+
+
+def point_estimates(points: list[Point], steps: int = 3) -> dict[str, float]:
+    """Seconds of training steps each point should take here: ``steps`` of its own optimisation
+    step on synthetic batches (after one warm-up; :mod:`moco.bench`'s method cases) times its
+    steps (epochs x pretraining images / batch). A point whose step cannot be built counts 0."""
+    from moco.runtime import preserved_cpu_threads
+
+    images: dict[str, int] = {}  # pretraining images per data config, counted once
+    with preserved_cpu_threads():
+        return {point.name: _point_estimate(point, images, steps) for point in points}
+
+
+def _point_estimate(point: Point, images: dict[str, int], steps: int) -> float:
+    import tempfile
+
+    from moco.bench import Setting, Timing, run_case
+    from moco.data.splits import build_data
+
+    config = from_dict(copy.deepcopy(point.config))
+    data_key = json.dumps(point.config["data"], sort_keys=True)
+    if data_key not in images:
+        images[data_key] = len(build_data(config).pretrain)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as handle:
+        yaml.safe_dump(point.config, handle)
+        handle.flush()
+        timed = run_case(Setting(handle.name, [], Timing(warmup=1, steps=steps, repeats=1)), config.model.method,
+                         config.model.K)
+    batch = config.optim.batch_size
+    return config.optim.epochs * (images[data_key] // batch) * batch / timed.img_s if timed.img_s else 0.0
 
 
 # --- tables and plots -----------------------------------------------------------------------------

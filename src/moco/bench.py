@@ -47,6 +47,7 @@ from torch import nn
 from moco.config import Config, ConfigError, load_config
 from moco.methods import METHODS, method_class
 from moco.models.vit import VIT_ARCHS, default_patch_size
+from moco.progress import Progress
 from moco.runtime import peak_memory_mb_of_process
 
 # Every registered method is a step case (moco, end_to_end, memory_bank, moco_v3, simclr, byol, swav).
@@ -404,11 +405,13 @@ def run_case(setting: Setting, case: str, K: int | None = None) -> CaseResult:
     return summarise(prepared.case, rates, prepared.batch, prepared.detail, prepared.K)
 
 
-def run_interleaved(setting: Setting, pairs: list[tuple[str, int | None]]) -> list[list[CaseResult]]:
+def run_interleaved(setting: Setting, pairs: list[tuple[str, int | None]],
+                    on_round: Callable[[int], None] = lambda rounds_done: None) -> list[list[CaseResult]]:
     """Every case built in this process, warmed up, then timed one block each in turn, ``repeats``
     times: one round per repeat. On a host whose speed drifts within seconds (a shared VM), the
     cases of a round see the same host, so each round's ratios hold even when its speeds do not.
-    Peak memory is then the process's, over every case."""
+    Peak memory is then the process's, over every case. ``on_round`` hears the rounds done: 0 once
+    warmed up, then after each round (progress)."""
     built = [_prepare_or_skip(setting, case, K) for case, K in pairs]
     ready = [p for p in built if isinstance(p, Prepared)]
     try:
@@ -417,9 +420,11 @@ def run_interleaved(setting: Setting, pairs: list[tuple[str, int | None]]) -> li
                 p.step()
         rounds = []
         one_block = Timing(warmup=0, steps=setting.timing.steps, repeats=1)
+        on_round(0)
         for _ in range(setting.timing.repeats):
             rounds.append([summarise(p.case, time_blocks(p.step, p.device, one_block), p.batch, p.detail, p.K)
                            if isinstance(p, Prepared) else p for p in built])
+            on_round(len(rounds))
     finally:
         for p in ready:
             p.close()
@@ -525,11 +530,13 @@ def ratios_over_rounds(rounds: list[list[CaseResult]], config_K: int) -> tuple[d
 
 
 def run_bench(setting: Setting, cases: list[str], queue_sizes: list[int], mode: str = "isolated",
-              report: Callable[[str], None] = print, rounds: int = 1) -> dict[str, Any]:
+              report: Callable[[str], None] = print, rounds: int = 1, progress: Progress | None = None) -> dict[str, Any]:
     """Every case of ``cases`` in one of :data:`BENCH_MODES`: ``interleaved``, all in this process,
     one block of each in turn (:func:`run_interleaved`); ``isolated`` (each case in a fresh process)
     or ``same-process``, one case after another, ``rounds`` times over (round-robin). Prints a line
-    per case and the ratios; returns the JSON-ready summary."""
+    per case and the ratios; returns the JSON-ready summary. ``progress`` shows the rounds or cases
+    as they go, with an estimate of the whole from the first."""
+    progress = progress or Progress.silent()
     if mode not in BENCH_MODES:
         raise ValueError(f"bench mode {mode!r} is not one of {', '.join(BENCH_MODES)}")
     interleave = mode == "interleaved"
@@ -544,19 +551,23 @@ def run_bench(setting: Setting, cases: list[str], queue_sizes: list[int], mode: 
               f"after {timing.warmup} warm-up steps each" if interleave else
               f"{timing.repeats} x {timing.steps} steps after {timing.warmup}" + (f"; {rounds} rounds" if rounds > 1 else "")))
     if interleave:
-        all_rounds = run_interleaved(setting, pairs)
+        with progress.phase(f"{len(pairs)} cases, built and warmed up; timed rounds", timing.repeats, "round",
+                            estimate=True) as phase:
+            all_rounds = run_interleaved(setting, pairs, lambda done: phase.restart() if done == 0 else phase.update())
     else:
         all_rounds = []
-        for round_number in range(rounds):
-            results = []
-            for case, K in pairs:
-                try:
-                    result = _run_isolated(setting, case, K) if mode == "isolated" else run_case(setting, case, K)
-                except (ConfigError, FileNotFoundError, ValueError) as err:
-                    result = CaseResult(case, None, detail=f"not run: {err}", skipped=True)
-                results.append(result)
-                report((f"[round {round_number + 1}] " if rounds > 1 else "") + format_line(result))
-            all_rounds.append(results)
+        with progress.phase("cases", rounds * len(pairs), "case", estimate=True) as phase:
+            for round_number in range(rounds):
+                results = []
+                for case, K in pairs:
+                    try:
+                        result = _run_isolated(setting, case, K) if mode == "isolated" else run_case(setting, case, K)
+                    except (ConfigError, FileNotFoundError, ValueError) as err:
+                        result = CaseResult(case, None, detail=f"not run: {err}", skipped=True)
+                    results.append(result)
+                    report((f"[round {round_number + 1}] " if rounds > 1 else "") + format_line(result))
+                    phase.update()
+                all_rounds.append(results)
     results = pool_rounds(all_rounds)
     if len(all_rounds) > 1 or interleave:  # interleaved blocks print nothing as they run
         report("pooled over the rounds:" if not interleave else "each case over its blocks:")

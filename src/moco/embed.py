@@ -25,6 +25,7 @@ from moco.data.datasets import DATASETS, ImageFolderDataset, load_dataset, make_
 from moco.data.splits import default_stats
 from moco.evaluate.knn import extract_features, faiss_available
 from moco.pretrained import load_pretrained
+from moco.progress import Progress
 from moco.runtime import resolve_device
 
 FEATURES = ("backbone", "encoder")
@@ -56,7 +57,7 @@ class Embeddings:
         np.savez(path, features=self.features.numpy().astype(np.float32), paths=np.array(self.paths),
                  labels=self.labels.numpy(), classes=np.array(self.classes), root=self.root,
                  checkpoint=self.checkpoint, feature=self.feature)
-        return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+        return saved_path(path, fmt)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Embeddings":
@@ -72,13 +73,25 @@ class Embeddings:
             raise ConfigError(f"--index: {path} is not an embedding file written by moco embed ({err})") from None
 
 
+def saved_path(path: str | os.PathLike, fmt: str = "npz") -> Path:
+    """Where :meth:`Embeddings.save` writes ``path`` (numpy adds .npz to a name without it)."""
+    path = Path(path)
+    return path if fmt == "csv" or path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
+def refuse_to_replace(path: Path, option: str, overwrite: bool) -> None:
+    """A finished output is replaced only when asked: the error names the file and the option."""
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{option} {path} exists; --overwrite replaces it")
+
+
 def _dataset_for(data: str, config: Any, channels: int, workers: int) -> tuple[Any, list[str], str, list[str]]:
     """A folder (any images; class sub-folders give labels) or ``dataset[:split]`` (default test)."""
     image_size = config.data.image_size
     if Path(data).expanduser().is_dir():
         dataset = ImageFolderDataset(data, load_size=image_size, channels=channels, fit="crop")
         root = dataset.root
-        paths = [str(p.relative_to(root)) for p, _ in dataset.samples]
+        paths = [dataset.relative_path(i) for i in range(len(dataset))]
         return dataset, paths, str(root), list(dataset.classes)
     name, _, split = data.partition(":")
     if name not in DATASETS or name == "folder":
@@ -90,9 +103,10 @@ def _dataset_for(data: str, config: Any, channels: int, workers: int) -> tuple[A
 
 
 def embed(checkpoint: str | os.PathLike, data: str, feature: str = "backbone", batch_size: int = 256,
-          device: str = "auto", workers: int = 2, progress: bool = True) -> Embeddings:
+          device: str = "auto", workers: int = 2, progress: Progress | None = None) -> Embeddings:
     """L2-normalised features of ``data`` (a folder or ``dataset[:split]``) from ``checkpoint``'s
-    encoder: its backbone, or with ``feature="encoder"`` its output, head included."""
+    encoder: its backbone, or with ``feature="encoder"`` its output, head included. ``progress``
+    says what is embedded and, from the first batch, how long it will take."""
     if feature not in FEATURES:
         raise ConfigError(f"--feature: {feature!r} is not one of {', '.join(FEATURES)}")
     pretrained = load_pretrained(checkpoint)
@@ -105,11 +119,11 @@ def embed(checkpoint: str | os.PathLike, data: str, feature: str = "backbone", b
     mean, std = tuple(config.data.mean or mean), tuple(config.data.std or std)
     model = pretrained.encoder() if feature == "encoder" else pretrained.backbone()
     target = resolve_device(device)
-    batches: Any = make_loader(dataset, batch_size, shuffle=False, drop_last=False, workers=workers)
-    if progress:
-        from tqdm import tqdm
-
-        batches = tqdm(batches, desc="embedding", leave=False, disable=None)
+    progress = progress or Progress.silent()
+    progress.say(f"embedding {len(dataset):,} images of {data} with the {feature} of {checkpoint} on {target}, "
+                 f"batches of {batch_size}")
+    batches = progress.iterate(make_loader(dataset, batch_size, shuffle=False, drop_last=False, workers=workers),
+                               "embedding", len(dataset), estimate=True)
     features, labels = extract_features(model.to(target), batches, EvalTransform(config.data.image_size, mean, std),
                                         target, head=True, normalize=True)
     return Embeddings(features, paths, labels.long(), classes, root, str(checkpoint), feature, dataset)
@@ -235,7 +249,7 @@ def embed_files(checkpoint: str, files: Sequence[str], feature: str, device: str
             name = f"{i:06d}{Path(file).suffix.lower()}"
             shutil.copyfile(file, Path(tmp) / name)
             names.append(name)
-        found = embed(checkpoint, tmp, feature, device=device, workers=0, progress=False)
+        found = embed(checkpoint, tmp, feature, device=device, workers=0)
         if len(found.paths) != len(files):
             raise ConfigError(f"some queries are not readable images: {', '.join(files)}")
         return found.features[[found.paths.index(n) for n in names]]

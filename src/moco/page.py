@@ -20,6 +20,7 @@ import torch
 
 from moco.config import ConfigError, from_dict
 from moco.embed import Embeddings, embed, load_thumbnail, nearest, neighbour_grid
+from moco.progress import Progress
 from moco.run_log import read_metrics
 
 CURVES = (("loss", "pretraining loss"), ("lr", "learning rate"), ("pretext_acc", "pretext accuracy (%)"))
@@ -153,8 +154,10 @@ def _held_out(config: Any) -> str:
 
 
 def write_page(run_dir: str | Path, checkpoint: str | Path | None = None, points: int = 1500, queries: int = 6,
-               neighbours: int = 6, seed: int = 0, device: str = "auto") -> Path:
-    """Write ``run_dir/page/index.html`` and the PNGs it shows; returns the page's path."""
+               neighbours: int = 6, seed: int = 0, device: str = "auto", progress: Progress | None = None) -> Path:
+    """Write ``run_dir/page/index.html`` and the PNGs it shows; returns the page's path.
+    ``progress`` shows each part: curves, embedding (with its estimate), the map, the neighbours."""
+    progress = progress or Progress.silent()
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no metrics.jsonl)")
@@ -163,20 +166,33 @@ def write_page(run_dir: str | Path, checkpoint: str | Path | None = None, points
     out.mkdir(exist_ok=True)
     rows = read_metrics(run_dir)
     train_rows = [r for r in rows if r.get("kind") == "train"]
-    figures = [_plot_series(train_rows, CURVES, "training", out / "curves.png"), _plot_knn(rows, out / "knn.png"),
-               _plot_series(train_rows, DIAGNOSTICS, "collapse and consistency diagnostics", out / "diagnostics.png")]
+    progress.say(f"page for {run_dir}: curves of {len(rows):,} logged rows"
+                 + (f", a map of {points:,} embedded held-out images and {queries} queries' neighbours from {ckpt}"
+                    if ckpt.is_file() else f" ({ckpt} not found: no map)"))
+    with progress.phase("curves", 3, "figure") as phase:
+        figures = []
+        for draw in (lambda: _plot_series(train_rows, CURVES, "training", out / "curves.png"),
+                     lambda: _plot_knn(rows, out / "knn.png"),
+                     lambda: _plot_series(train_rows, DIAGNOSTICS, "collapse and consistency diagnostics",
+                                          out / "diagnostics.png")):
+            figures.append(draw())
+            phase.update()
     sections = ['<h2>Curves</h2>' + "".join(f'<img src="{f.name}" alt="{f.stem}">' for f in figures if f)]
     config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
     if ckpt.is_file():
         from moco.pretrained import load_pretrained
 
         config = from_dict(dict(load_pretrained(ckpt).config or {}))
-        found = embed(ckpt, _held_out(config), device=device, workers=0, progress=False)
-        map_png, method = _plot_map(found, out / "map.png", points, seed)
-        pick = torch.randperm(len(found.paths), generator=torch.Generator().manual_seed(seed + 1))[:queries]
-        scores, ids = nearest(found.features, found.features[pick], neighbours + 1)
-        grid = neighbour_grid([load_thumbnail(found, int(i)) for i in pick], [found.paths[int(i)] for i in pick],
-                              found, scores[:, 1:], ids[:, 1:], out / "neighbours.png")
+        found = embed(ckpt, _held_out(config), device=device, workers=0, progress=progress)
+        with progress.phase(f"2-D map of {min(points, len(found.paths)):,} embeddings", 1, "map") as phase:
+            map_png, method = _plot_map(found, out / "map.png", points, seed)
+            phase.update()
+        with progress.phase("neighbours", 1, "grid") as phase:
+            pick = torch.randperm(len(found.paths), generator=torch.Generator().manual_seed(seed + 1))[:queries]
+            scores, ids = nearest(found.features, found.features[pick], neighbours + 1)
+            grid = neighbour_grid([load_thumbnail(found, int(i)) for i in pick], [found.paths[int(i)] for i in pick],
+                                  found, scores[:, 1:], ids[:, 1:], out / "neighbours.png")
+            phase.update()
         sections.append(f'<h2>Embeddings ({method})</h2><img src="{map_png.name}" alt="map">'
                         f'<h2>Nearest neighbours of random held-out images</h2><img src="{grid.name}" alt="neighbours">')
     tables = [name for name in TABLES if (ckpt.parent / name).is_file()]

@@ -20,12 +20,16 @@ The MoCo start's new linear layer is first fitted on the frozen features of its 
 images ("LP-FT", Kumar et al., 2022): a random head's first gradients otherwise distort the
 pretrained features. Random-init rows keep a random head: a probe of random features is a bad
 start (measured: 70% instead of 80% at 1% of the labels).
+
+Two protocols: ``full`` (five lrs, 500 steps, 5,000 validation images) and ``quick`` (two lrs,
+200 steps, 1,000 validation images), the default on a CPU so that a few thousand images take
+minutes, not an hour (docs/results.md, "Progress, kept rows and the CPU protocol").
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import time
 
@@ -34,9 +38,10 @@ from torch import nn
 from torch.utils.data import Subset
 
 from moco.data.datasets import labels_of
-from moco.evaluate.common import EvalContext
+from moco.evaluate.common import EvalContext, batches_of
 from moco.evaluate.knn import extract_features
 from moco.evaluate.supervised import Recipe, TensorBatches, endless, evaluate_classifier, train_classifier
+from moco.progress import Task, Work
 from moco.runtime import resolve_precision
 
 FRACTIONS = (0.01, 0.1, 1.0)
@@ -81,6 +86,19 @@ class FinetuneOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "lrs": list(self.lrs), "crop_scale": list(self.crop_scale)}
+
+    def describe(self) -> str:
+        return (f"lrs {' '.join(f'{lr:g}' for lr in self.lrs)}, {self.steps} steps, "
+                f"{self.val_size:,} validation images")
+
+
+PROTOCOLS = {"full": FinetuneOptions(),
+             "quick": FinetuneOptions(steps=200, lrs=(0.01, 0.05), val_size=1000)}
+
+
+def protocol_for(device: torch.device) -> str:
+    """``full`` on an accelerator; ``quick`` on a CPU, where the full grid takes an hour on 60,000 images."""
+    return "quick" if device.type == "cpu" else "full"
 
 
 def class_orders(labels: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:
@@ -132,7 +150,8 @@ def build_model(ctx: EvalContext, init: str, seed: int) -> nn.Module:
 def fit_head(model: nn.Module, ctx: EvalContext, train_set: Any, seed: int) -> float:
     """LP-FT's first stage: fit ``model.fc`` on the frozen, unaugmented backbone features of
     ``train_set``; returns the probe's training top-1 (%)."""
-    features, labels = extract_features(model, ctx.loader(train_set), ctx.preprocess, ctx.device, normalize=False)
+    features, labels = extract_features(model, batches_of(ctx, train_set, "LP-FT features"), ctx.preprocess,
+                                        ctx.device, normalize=False)
     recipe = replace(PROBE_RECIPE, batch_size=min(PROBE_RECIPE.batch_size, len(features)))
     head = model.fc
     head.train()
@@ -154,7 +173,8 @@ def memory_format_for(ctx: EvalContext) -> torch.memory_format:
     return torch.channels_last
 
 
-def train_one(ctx: EvalContext, init: str, train_set: Any, lr: float, options: FinetuneOptions) -> dict[str, Any]:
+def train_one(ctx: EvalContext, init: str, train_set: Any, lr: float, options: FinetuneOptions,
+              on_step: Callable[[], None] | None = None) -> dict[str, Any]:
     """One network trained on ``train_set`` at ``lr``: the model and its training record."""
     model = build_model(ctx, init, options.seed)
     probe_top1 = fit_head(model, ctx, train_set, options.seed) if init == "moco" and options.head_init == "probe" else None
@@ -164,7 +184,7 @@ def train_one(ctx: EvalContext, init: str, train_set: Any, lr: float, options: F
     loader = ctx.loader(train_set, recipe.batch_size, shuffle=True, seed=options.seed, drop_last=True)
     log = train_classifier(model, model.parameters(), endless(loader), recipe, transform=ctx.augment(options.crop_scale),
                            device=ctx.device, precision=resolve_precision(options.precision, ctx.device),
-                           memory_format=fmt)
+                           memory_format=fmt, on_step=on_step)
     return {"model": model, "recipe": recipe, "final_loss": log.final_loss, "probe_top1": probe_top1}
 
 
@@ -175,12 +195,16 @@ def choose_lr(ctx: EvalContext, init: str, picks: torch.Tensor, options: Finetun
     labels = labels_of(ctx.data.full_train)
     val = validation_split(labels, options.val_size, options.seed)
     fit = subset_of(ctx.data.full_train, picks[~torch.isin(picks, val)])
-    val_batches = ctx.loader(subset_of(ctx.data.full_train, val))
+    val_set = subset_of(ctx.data.full_train, val)
     best: dict[str, Any] = {}
     scores: dict[float, float] = {}
-    for lr in options.candidates(init):
-        run = train_one(ctx, init, fit, lr, options)
-        scores[lr] = evaluate_classifier(run["model"], val_batches, ctx.preprocess, ctx.device)["top1"]
+    candidates = options.candidates(init)
+    for number, lr in enumerate(candidates, start=1):
+        with ctx.progress.phase(f"lr {lr:g} ({number}/{len(candidates)})", options.steps) as phase:
+            run = train_one(ctx, init, fit, lr, options, phase.update)
+            scores[lr] = evaluate_classifier(run["model"], batches_of(ctx, val_set, "validation"), ctx.preprocess,
+                                             ctx.device)["top1"]
+            phase.note = f"validation top-1 {scores[lr]:.2f}%"
         if not best or scores[lr] > scores[best["lr"]]:
             best = {**run, "lr": lr, "images": len(fit)}
     return best, scores
@@ -197,10 +221,14 @@ def finetune_row(ctx: EvalContext, init: str, fraction: float, options: Finetune
     if len(candidates) > 1:
         best, scores = choose_lr(ctx, init, picks, options)
         if best["images"] < len(picks):  # the candidates trained without the validation images: retrain on all
-            best = {**train_one(ctx, init, train_set, best["lr"], options), "lr": best["lr"]}
+            with ctx.progress.phase(f"retraining at lr {best['lr']:g} on all {len(picks):,} images",
+                                    options.steps) as phase:
+                best = {**train_one(ctx, init, train_set, best["lr"], options, phase.update), "lr": best["lr"]}
     else:
-        best = {**train_one(ctx, init, train_set, candidates[0], options), "lr": candidates[0]}
-    metrics = evaluate_classifier(best["model"], ctx.loader(ctx.data.test), transform=ctx.preprocess, device=ctx.device)
+        with ctx.progress.phase(f"training at lr {candidates[0]:g}", options.steps) as phase:
+            best = {**train_one(ctx, init, train_set, candidates[0], options, phase.update), "lr": candidates[0]}
+    metrics = evaluate_classifier(best["model"], batches_of(ctx, ctx.data.test, "test"), transform=ctx.preprocess,
+                                  device=ctx.device)
     recipe = best["recipe"]
     return {"init": init, "fraction": fraction, "labels": len(picks), "steps": recipe.steps, "lr": best["lr"],
             "val_top1": {str(lr): top1 for lr, top1 in scores.items()} or None,
@@ -215,12 +243,89 @@ def run_finetune(ctx: EvalContext, options: FinetuneOptions, fractions: Sequence
     """Every requested row, once per seed (a seed draws the label subset, the validation images
     and the random init); ``scratch`` runs on all labels only, as a supervised reference."""
     rows = []
+    for task in finetune_tasks(ctx, options, fractions, inits, seeds):
+        with ctx.progress.scope(task.label):
+            rows.append(task.run())
+    return rows
+
+
+def row_label(init: str, fraction: float, seed: int) -> str:
+    return f"{init} {100 * fraction:g}% seed {seed}"
+
+
+def settings(ctx: EvalContext, options: FinetuneOptions) -> dict[str, Any]:
+    """What the rows' numbers depend on besides their start, fraction and seed (for kept rows)."""
+    chosen = {k: v for k, v in options.to_dict().items() if k != "seed"}
+    return {**ctx.identity, "finetune": {**chosen, "precision": resolve_precision(options.precision, ctx.device)}}
+
+
+def row_work(ctx: EvalContext, init: str, fraction: float, options: FinetuneOptions) -> Work:
+    """What one row costs: its trainings' steps, the images its LP-FT, validation and test pass
+    through the network, and its LP-FT probe's steps."""
+    labels = labels_of(ctx.data.full_train)
+    picks = len(balanced_subset(labels, fraction, options.seed))
+    candidates = options.candidates(init)
+    fit, val = picks, 0
+    if len(candidates) > 1:
+        val_picks = validation_split(labels, options.val_size, options.seed)
+        fit, val = picks - int(torch.isin(balanced_subset(labels, fraction, options.seed), val_picks).sum()), len(val_picks)
+    trainings = len(candidates) + (1 if fit < picks else 0)
+    lp_ft = init == "moco" and options.head_init == "probe"
+    forward = len(candidates) * (val + (fit if lp_ft else 0)) + (picks if lp_ft and fit < picks else 0)
+    return Work(train_steps=trainings * options.steps, forward_images=forward + len(ctx.data.test),
+                linear_steps=trainings * PROBE_RECIPE.steps if lp_ft else 0)
+
+
+def finetune_tasks(ctx: EvalContext, options: FinetuneOptions, fractions: Sequence[float] = FRACTIONS,
+                   inits: Sequence[str] = INITS, seeds: Sequence[int] | None = None) -> list[Task]:
+    """The rows of :func:`run_finetune` as tasks: a label, the key a finished row is kept under,
+    what it costs, and how to compute it."""
+    tasks = []
     for seed in (options.seed,) if seeds is None else tuple(dict.fromkeys(seeds)):
         seeded = replace(options, seed=seed)
         for init in inits:
             for fraction in ((1.0,) if init == "scratch" else fractions):
-                rows.append({**finetune_row(ctx, init, fraction, seeded), "seed": seed})
-    return rows
+                def run(init: str = init, fraction: float = fraction, seeded: FinetuneOptions = seeded) -> dict[str, Any]:
+                    return {**finetune_row(ctx, init, fraction, seeded), "seed": seeded.seed}
+
+                key = {"kind": "finetune", **settings(ctx, seeded), "init": init, "fraction": fraction, "seed": seed}
+                tasks.append(Task(row_label(init, fraction, seed), key, run, row_work(ctx, init, fraction, seeded),
+                                  row_summary))
+    return tasks
+
+
+def row_summary(row: dict[str, Any]) -> str:
+    return f"top-1 {row['top1']:.2f}% at lr {row['lr']:g}"
+
+
+def time_training_step(ctx: EvalContext, options: FinetuneOptions, steps: int = 3) -> float:
+    """Seconds per fine-tuning step on this machine (random start; the options' batch, augmentation
+    and precision; data loading included), after one warm-up step. Leaves the random number
+    generators as they were."""
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(ctx, "random", options.seed)
+        fmt = memory_format_for(ctx)
+        model = model.to(memory_format=fmt)
+        recipe = replace(options.recipe(options.lrs[0], len(ctx.data.full_train)), steps=1)
+        batches = endless(ctx.loader(ctx.data.full_train, recipe.batch_size, shuffle=True, drop_last=True))
+        train = dict(transform=ctx.augment(options.crop_scale), device=ctx.device, memory_format=fmt,
+                     precision=resolve_precision(options.precision, ctx.device))
+        train_classifier(model, model.parameters(), batches, recipe, **train)
+        return train_classifier(model, model.parameters(), batches, replace(recipe, steps=steps), **train).seconds / steps
+
+
+def describe_rows(options: FinetuneOptions, inits: Sequence[str]) -> str:
+    """What each row runs, for the printed plan."""
+    lrs = options.candidates("moco")
+    tuned = [i for i in inits if i != "scratch"]
+    parts = []
+    if tuned:
+        choice = (f"lr {' or '.join(f'{lr:g}' for lr in lrs)} chosen on {options.val_size:,} labelled training "
+                  "images (100% rows then retrain at the chosen lr)" if len(lrs) > 1 else f"lr {lrs[0]:g}")
+        parts.append(f"each {' and '.join(tuned)} row: {choice}")
+    if "scratch" in inits:
+        parts.append(f"the scratch row: lr {options.scratch_lr:g}")
+    return "; ".join(parts) + f"; {options.steps} steps of {options.batch_size} images per training"
 
 
 LABELS = {"moco": "MoCo weights, fine-tuned", "random": "random init, fine-tuned",

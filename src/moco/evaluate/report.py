@@ -7,25 +7,29 @@ One run of :func:`run_report` measures, on the labelled test split:
   each with its lr chosen among the paper's 30 and smaller values on a holdout of the training split;
 - fine-tuning on 1/10/100% of the labels from MoCo weights and from random init, and
   supervised training from scratch on all labels, with one step budget for every row.
-Results go to ``report.json`` and ``report.md`` in the run directory.
+Results go to ``report.json`` and ``report.md`` in the run directory, rewritten as each part
+finishes; every part is a task of :mod:`moco.progress` (kept, and skipped when run again).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moco.evaluate.common import (EvalContext, FeatureSet, describe, extract_feature_set, markdown_table,
-                                  pixel_feature_set, write_results)
-from moco.evaluate.finetune import (FRACTIONS, FinetuneOptions, finetune_table, gain_table, pretraining_gain,
-                                   run_finetune)
+from moco.evaluate.common import (EvalContext, FeatureSet, describe, extract_feature_set, features_work,
+                                  markdown_table, pixel_feature_set, unfinished_note, write_results)
+from moco.evaluate.finetune import (FRACTIONS, FinetuneOptions, finetune_table, finetune_tasks, gain_table,
+                                   pretraining_gain)
 from moco.evaluate.knn import PCAWhitening, head_outputs, knn_accuracies
-from moco.evaluate.linear import LinclsOptions, lincls_table, run_lincls
+from moco.evaluate.linear import (LinclsOptions, choice_key, choose_lr, frozen_features, lincls_table, probe_task,
+                                  selection_options)
+from moco.progress import NoCache, RowCache, Task, Work, kept, run_tasks
 
 KS = (10, 20, 100, 200)
 
@@ -78,6 +82,36 @@ def knn_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]
     return headers, [[r["features"], r["k"], r["top1"], r["top5"]] for r in rows]
 
 
+def knn_task(ctx: EvalContext, label: str, options: KnnOptions, features: Callable[[], FeatureSet],
+             features_name: str, seed: int | None = None) -> Task:
+    """kNN on one feature set as a task: its rows for every k (and the whitened ones)."""
+    def run() -> list[dict[str, Any]]:
+        return knn_rows(features(), label, options, ctx.data.num_classes)
+
+    key = {"kind": "knn", **ctx.identity, "features": label, "ks": list(options.ks),
+           "temperature": options.temperature, "whiten": options.whiten}
+    if seed is not None:  # a random init's draw
+        key["seed"] = seed
+    return Task(f"kNN, {label}", key, run, Work(), knn_summary, needs=(features_name,))
+
+
+def knn_tasks(ctx: EvalContext, options: KnnOptions, feature: str) -> tuple[list[Task], dict[str, Work]]:
+    """``moco knn``'s parts: the backbone's features and/or the encoder's output (``feature``:
+    backbone, encoder or both), from one extraction, and what that extraction costs."""
+    backbone = functools.cache(lambda: extract_feature_set(ctx.pretrained.backbone(), ctx, "MoCo features"))
+    tasks = []
+    if feature in ("backbone", "both"):
+        tasks.append(knn_task(ctx, "MoCo", options, backbone, "moco"))
+    if feature in ("encoder", "both"):
+        encoder = functools.cache(lambda: encoder_output_set(ctx.pretrained.encoder(), backbone()))
+        tasks.append(knn_task(ctx, "MoCo" + ENCODER_OUTPUT, replace(options, whiten=False), encoder, "moco"))
+    return tasks, {"moco": Work(forward_images=features_work(ctx))}
+
+
+def knn_summary(rows: list[dict[str, Any]]) -> str:
+    return ", ".join(f"k={r['k']} top-1 {r['top1']:.2f}%" for r in rows if not r["features"].endswith(WHITENED))
+
+
 @dataclass(frozen=True)
 class ReportOptions:
     knn: KnnOptions = field(default_factory=lambda: KnnOptions(whiten=True))
@@ -95,37 +129,79 @@ def rescale_epochs(options: LinclsOptions, epochs: int) -> LinclsOptions:
     return replace(options, epochs=epochs, milestones=tuple(m for m in milestones if 0 < m < epochs))
 
 
-def run_report(ctx: EvalContext, options: ReportOptions) -> dict[str, Any]:
-    """Every evaluation and baseline; writes report.json and report.md into ``ctx.run_dir``."""
-    tic = time.perf_counter()
-    seed = options.lincls.seed
-    moco_backbone = ctx.pretrained.backbone()
-    torch.manual_seed(seed)
-    random_backbone = ctx.pretrained.spec.build_backbone().eval()
+def report_tasks(ctx: EvalContext, options: ReportOptions, cache: RowCache) -> tuple[list[Task], dict[str, Work]]:
+    """The report's parts in order (kNN per representation, linear probes, fine-tuning rows) and
+    the feature sets they share, each extracted once, by the first part that needs it."""
+    seed, lrs, n = options.lincls.seed, options.lincls_lrs, ctx.data.num_classes
 
-    moco_feats = extract_feature_set(moco_backbone, ctx)
-    random_feats = extract_feature_set(random_backbone, ctx)
-    n = ctx.data.num_classes
-    knn = knn_rows(moco_feats, "MoCo", options.knn, n)
+    @functools.cache
+    def random_backbone() -> Any:
+        torch.manual_seed(seed)
+        return ctx.pretrained.spec.build_backbone().eval()
+
+    moco_backbone = functools.cache(ctx.pretrained.backbone)
+    moco = functools.cache(lambda: frozen_features(ctx, moco_backbone(), "MoCo features"))
+    random = functools.cache(lambda: extract_feature_set(random_backbone(), ctx, "random-init features"))
+    pixels = functools.cache(lambda: pixel_feature_set(ctx))
+    encoder_output = functools.cache(lambda: encoder_output_set(ctx.pretrained.encoder(), moco()))
+    plain = replace(options.knn, whiten=False)
+    tasks = [knn_task(ctx, "MoCo", options.knn, moco, "moco")]
     if ctx.pretrained.spec.head != "none":
-        knn += knn_rows(encoder_output_set(ctx.pretrained.encoder(), moco_feats), "MoCo" + ENCODER_OUTPUT,
-                        replace(options.knn, whiten=False), n)
-    knn += (knn_rows(random_feats, "random init", options.knn, n)
-            + knn_rows(pixel_feature_set(ctx), "raw pixels", replace(options.knn, whiten=False), n))
-    lrs = options.lincls_lrs
-    lincls = run_lincls(ctx, moco_backbone, ("cached",), options.lincls, moco_feats, "MoCo", lrs)
+        tasks.append(knn_task(ctx, "MoCo" + ENCODER_OUTPUT, plain, encoder_output, "moco"))
+    tasks += [knn_task(ctx, "random init", options.knn, random, "random", seed),
+              knn_task(ctx, "raw pixels", plain, pixels, "pixels")]
+    moco_choice = kept(cache, choice_key(ctx, "MoCo", options.lincls, lrs),
+                       lambda: choose_lr(ctx, moco(), options.lincls, lrs))
+    random_choice = kept(cache, {**choice_key(ctx, "random init", options.lincls, lrs), "seed": seed},
+                         lambda: choose_lr(ctx, random(), options.lincls, lrs))
+    tasks.append(probe_task(ctx, "MoCo", "cached", options.lincls, lrs, moco_backbone, moco, moco_choice, "moco"))
     if options.augmented_epochs:  # at the lr chosen for the cached probe
-        augmented = replace(rescale_epochs(options.lincls, options.augmented_epochs), lr=lincls[0]["lr"])
-        lincls += run_lincls(ctx, moco_backbone, ("augmented",), augmented)
-    lincls += run_lincls(ctx, random_backbone, ("cached",), options.lincls, random_feats, "random init", lrs)
-    finetune = run_finetune(ctx, options.finetune, options.fractions) if options.finetune_rows else []
-    results = {"provenance": describe(ctx), "knn": knn, "lincls": lincls, "finetune": finetune,
-               "finetune_gain": pretraining_gain(finetune),
-               "options": {"knn": vars(options.knn) | {"ks": list(options.knn.ks)},
-                           "lincls": options.lincls.to_dict(),
-                           "lincls_lrs": list(options.lincls_lrs), "augmented_epochs": options.augmented_epochs,
-                           "finetune": options.finetune.to_dict(), "fractions": list(options.fractions)},
-               "seconds": time.perf_counter() - tic}
+        augmented = rescale_epochs(options.lincls, options.augmented_epochs)
+        chosen = lambda: {**moco_choice(), "lr_selection": {}, "lr_selection_seconds": 0.0}  # noqa: E731
+        task = probe_task(ctx, "MoCo", "augmented", augmented, (), moco_backbone, moco, chosen, "moco")
+        task.key["lr_chosen_by"] = {"recipe": selection_options(options.lincls).to_dict(), "candidates": list(lrs)}
+        task.needs = ("moco",) if len(lrs) > 1 else ()
+        tasks.append(task)
+    tasks.append(probe_task(ctx, "random init", "cached", options.lincls, lrs, random_backbone, random,
+                            random_choice, "random"))
+    if options.finetune_rows:
+        tasks += finetune_tasks(ctx, options.finetune, options.fractions)
+    features = Work(forward_images=features_work(ctx))
+    return tasks, {"moco": features, "random": features, "pixels": features}
+
+
+def report_results(ctx: EvalContext, options: ReportOptions, tasks: Sequence[Task], values: Sequence[Any],
+                   seconds: float) -> dict[str, Any]:
+    """report.json from the parts finished so far; ``pending`` names those still to run."""
+    parts = {"knn": [], "lincls": [], "finetune": []}
+    for task, value in zip(tasks, values):
+        if value is not None:
+            kind = task.key["kind"]
+            parts[kind] += value if isinstance(value, list) else [value]
+    return {"provenance": describe(ctx), **parts, "finetune_gain": pretraining_gain(parts["finetune"]),
+            "options": {"knn": vars(options.knn) | {"ks": list(options.knn.ks)},
+                        "lincls": options.lincls.to_dict(),
+                        "lincls_lrs": list(options.lincls_lrs), "augmented_epochs": options.augmented_epochs,
+                        "finetune": options.finetune.to_dict(), "fractions": list(options.fractions)},
+            "seconds": seconds, "complete": all(v is not None for v in values),
+            "pending": [t.label for t, v in zip(tasks, values) if v is None]}
+
+
+def run_report(ctx: EvalContext, options: ReportOptions, cache: RowCache | None = None,
+               tasks: Sequence[Task] | None = None) -> dict[str, Any]:
+    """Every evaluation and baseline; report.json and report.md in ``ctx.run_dir`` are rewritten
+    after each part, and parts kept in ``cache`` are not run again. ``tasks``: those of
+    :func:`report_tasks` for ``cache``, when the caller has already built them (to print the plan)."""
+    tic = time.perf_counter()
+    cache = cache if cache is not None else NoCache()
+    planned = tasks if tasks is not None else report_tasks(ctx, options, cache)[0]
+
+    def written(values: list[Any]) -> tuple[Any, ...]:
+        results = report_results(ctx, options, planned, values, time.perf_counter() - tic)
+        return write_results(ctx.run_dir, "report", results, report_markdown(results))
+
+    values = run_tasks(planned, ctx.progress, cache, written, what="part")
+    results = report_results(ctx, options, planned, values, time.perf_counter() - tic)
     write_results(ctx.run_dir, "report", results, report_markdown(results))
     return results
 
@@ -169,4 +245,6 @@ def report_markdown(results: dict[str, Any]) -> str:
         parts += ["\n## Fine-tuning\n", markdown_table(*finetune_table(results["finetune"]))]
         if results.get("finetune_gain"):
             parts += ["\nWhat pretraining adds (MoCo minus random init):\n", markdown_table(*gain_table(results["finetune_gain"]))]
+    if results.get("pending"):
+        parts.append(unfinished_note(results["pending"], "part"))
     return "\n".join(parts)

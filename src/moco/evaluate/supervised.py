@@ -115,11 +115,13 @@ def train_classifier(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     memory_format: torch.memory_format = torch.contiguous_format,
+    on_step: Callable[[], None] | None = None,
 ) -> TrainLog:
     """Minimise cross-entropy for ``recipe.steps`` steps; returns the loss per step.
 
     ``param_groups`` may carry an ``lr_scale`` (e.g. a faster head); the scheduled lr is multiplied by it.
     ``precision`` bf16 / fp16 runs the forward pass under autocast (fp16 with loss scaling).
+    ``on_step`` is called after each step (a progress bar's update).
     """
     optimizer = torch.optim.SGD(param_groups, lr=recipe.lr, momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay)
@@ -152,6 +154,8 @@ def train_classifier(
         scaler.step(optimizer)
         scaler.update()
         losses.append(loss.item())
+        if on_step is not None:
+            on_step()
     return TrainLog(losses, time.perf_counter() - tic)
 
 
