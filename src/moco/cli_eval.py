@@ -15,6 +15,7 @@ from moco.config import ConfigError
 from moco.evaluate.finetune import FRACTIONS, HEAD_INITS, INITS, FinetuneOptions
 from moco.evaluate.linear import MODES, LinclsOptions
 from moco.evaluate.report import KS, KnnOptions, ReportOptions
+from moco.cli_help import OUTPUT_ALIASES
 from moco.exporters import EXPORTERS
 
 
@@ -51,7 +52,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="our checkpoint (DDP-wrapped or not), the reference's .pth.tar, or a state dict")
     p.add_argument("overrides", nargs="*", help="data.key=value options (default: the checkpoint's config), "
                                                 "e.g. data.root=/data/fmnist data.test_subset=1000")
-    p.add_argument("--output-dir", help="where the JSON and markdown go (default: the checkpoint's directory)")
+    p.add_argument("--output", *OUTPUT_ALIASES, dest="output_dir", metavar="DIR",
+                   help="where the JSON and markdown go (default: the checkpoint's directory)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = all cores")
     p.add_argument("--eval-batch-size", type=_positive(int), default=512, help="batch for feature extraction")
@@ -63,23 +65,30 @@ def _add_knn(p: argparse.ArgumentParser, whiten: bool = False) -> None:
                    help="also report kNN on PCA-whitened features, fitted on the training features "
                         f"(extra rows beside the standard protocol; default: {'on' if whiten else 'off'})")
     p.add_argument("--k", type=_positive(int), nargs="+", default=list(KS), help="neighbour counts, all from one search")
-    p.add_argument("--temperature", type=_positive(float), default=d.temperature)
+    p.add_argument("--temperature", type=_positive(float), default=d.temperature,
+                   help="votes are weighted by exp(cosine / temperature)")
     p.add_argument("--chunk-size", type=_positive(int), default=d.chunk_size, help="test features per similarity block")
     p.add_argument("--backend", choices=("auto", "torch", "faiss"), default=d.backend,
                    help="auto: faiss when it is importable")
 
 
-def _add_lincls(p: argparse.ArgumentParser, prefix: str = "", lrs: tuple[float, ...] = (LinclsOptions.lr,)) -> None:
+# The linear probe's lr grid, the same wherever a probe runs (lincls, report): the paper's 30 suits
+# ImageNet ResNet-50 features, and small encoders' features often need far less, so a hold-out chooses.
+PROBE_LRS = (30.0, 3.0, 0.3)
+
+
+def _add_lincls(p: argparse.ArgumentParser, prefix: str = "", lrs: tuple[float, ...] = PROBE_LRS) -> None:
     d = LinclsOptions()
-    p.add_argument(f"--{prefix}epochs", type=_positive(int), default=d.epochs)
+    p.add_argument(f"--{prefix}epochs", type=_positive(int), default=d.epochs, help="epochs of the probe")
     p.add_argument(f"--{prefix}lr", type=_positive(float), nargs="+", default=list(lrs),
                    help="the paper's 30 for MoCo v1/v2 features; several values: pick one on a 10%% holdout of "
                         f"the training split (short cached probes), e.g. 30 3 0.3 (default: {' '.join(map(str, lrs))})")
-    p.add_argument(f"--{prefix}batch-size", type=_positive(int), default=d.batch_size)
-    p.add_argument(f"--{prefix}schedule", choices=("step", "cosine"), default=d.schedule)
+    p.add_argument(f"--{prefix}batch-size", type=_positive(int), default=d.batch_size, help="the probe's batch")
+    p.add_argument(f"--{prefix}schedule", choices=("step", "cosine"), default=d.schedule, help="the lr schedule")
     p.add_argument(f"--{prefix}milestones", type=_positive(int), nargs="+", default=list(d.milestones),
                    help="epochs where the step schedule divides the lr by 10")
-    p.add_argument(f"--{prefix}weight-decay", type=_nonnegative_float, default=d.weight_decay)
+    p.add_argument(f"--{prefix}weight-decay", type=_nonnegative_float, default=d.weight_decay,
+                   help="the probe's weight decay")
     p.add_argument(f"--{prefix}crop-scale", type=_fraction, nargs=2, default=list(d.crop_scale),
                    help="augmented mode: area range of the random resized crop")
 
@@ -87,13 +96,15 @@ def _add_lincls(p: argparse.ArgumentParser, prefix: str = "", lrs: tuple[float, 
 def _add_finetune(p: argparse.ArgumentParser, prefix: str = "") -> None:
     d = FinetuneOptions()
     p.add_argument(f"--{prefix}steps", type=_positive(int), default=d.steps, help="optimiser steps per row")
-    p.add_argument(f"--{prefix}batch-size", type=_positive(int), default=d.batch_size)
+    p.add_argument(f"--{prefix}batch-size", type=_positive(int), default=d.batch_size, help="fine-tuning batch")
     p.add_argument(f"--{prefix}lr", type=_positive(float), nargs="+", default=list(d.lrs),
                    help="fine-tuning lr of the moco and random rows; several: each row keeps the one with the best "
                         f"top-1 on --{prefix}val-size labelled training images (default: {' '.join(map(str, d.lrs))})")
     p.add_argument("--scratch-lr", type=_positive(float), default=d.scratch_lr, help="supervised-from-scratch lr")
-    p.add_argument(f"--{prefix}weight-decay", type=_nonnegative_float, default=d.weight_decay)
-    p.add_argument(f"--{prefix}crop-scale", type=_fraction, nargs=2, default=list(d.crop_scale))
+    p.add_argument(f"--{prefix}weight-decay", type=_nonnegative_float, default=d.weight_decay,
+                   help="fine-tuning weight decay")
+    p.add_argument(f"--{prefix}crop-scale", type=_fraction, nargs=2, default=list(d.crop_scale),
+                   help="area range of the fine-tuning crops")
     p.add_argument(f"--{prefix}head-init", choices=HEAD_INITS, default=d.head_init,
                    help="the MoCo start's new linear layer: probe = first fitted on the frozen features (LP-FT); "
                         "random-init rows always start with a random layer")
@@ -305,7 +316,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=(*MODES, "both"), default="cached",
                    help="cached: train on features extracted once (fast); augmented: the paper's protocol")
     _add_lincls(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the hold-out and the probe's initialisation")
     p.set_defaults(func=_lincls)
 
     p = sub.add_parser("knn", help="weighted kNN on the frozen encoder for several k")
@@ -330,26 +341,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="kNN, linear probe and fine-tuning with baselines, in one table")
     _add_common(p)
     _add_knn(p, whiten=True)
-    # Small encoders' features often need far less than the paper's 30: let a training holdout choose.
-    _add_lincls(p, "lincls-", lrs=(30.0, 3.0, 0.3))
+    _add_lincls(p, "lincls-")
     p.add_argument("--lincls-augmented-epochs", type=int, default=0,
                    help="also run the augmented (paper) probe for this many epochs (about 45 s each for "
                         "Fashion-MNIST on one core); 0: cached features only")
     _add_finetune(p, "finetune-")
     p.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning rows")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the hold-outs, the label draw and the random init")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("embed", help="L2-normalised features of a folder of images or a dataset split")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="the encoder: any checkpoint moco export reads")
     p.add_argument("data", help="a folder of images (class sub-folders give labels) or dataset[:split], "
                                 "e.g. fashion_mnist:test")
-    p.add_argument("--out", required=True, help="output file (.npz, or .csv with --format csv)")
+    p.add_argument("--output", *OUTPUT_ALIASES, dest="out", metavar="FILE", required=True,
+                   help="output file (.npz, or .csv with --format csv)")
     p.add_argument("--format", choices=("npz", "csv"), default="npz",
                    help="csv: filenames, embedding_0..d-1, labels")
     p.add_argument("--feature", choices=("backbone", "encoder"), default="backbone",
                    help="backbone: pooled features before the head (what export keeps); encoder: head included")
-    p.add_argument("--batch-size", type=_positive(int), default=256)
+    p.add_argument("--batch-size", type=_positive(int), default=256, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding the images")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = all cores")
@@ -360,26 +371,33 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", help="an embedding file from moco embed, or a folder (embedded now, needs --checkpoint)")
     p.add_argument("-k", type=_positive(int), default=8, help="neighbours per query")
     p.add_argument("--checkpoint", help="the encoder for queries outside the index, a folder index or --duplicates")
-    p.add_argument("--feature", choices=("backbone", "encoder"), default="backbone")
+    p.add_argument("--feature", choices=("backbone", "encoder"), default="backbone",
+                   help="folder indexes and queries outside the index: which feature to embed")
     p.add_argument("--grid", help="also draw the query and its neighbours into this PNG")
     p.add_argument("--backend", choices=("auto", "torch", "faiss"), default="auto",
                    help="auto: exact search in torch; faiss's exact index from 100,000 images when installed")
     p.add_argument("--duplicates", metavar="DIR", help="instead: groups of near-duplicate images in DIR")
     p.add_argument("--threshold", type=_positive(float), default=0.95, help="--duplicates: cosine similarity")
-    p.add_argument("--out", help="--duplicates: also write the groups to this JSON file")
+    p.add_argument("--output", *OUTPUT_ALIASES, dest="out", metavar="FILE",
+                   help="--duplicates: also write the groups to this JSON file")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.set_defaults(func=_search)
 
     p = sub.add_parser("page", help="one HTML page for a run: config, curves, embedding map, neighbours, tables")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory of moco pretrain")
     p.add_argument("--checkpoint", help="default: RUN_DIR/checkpoint_last.pth")
     p.add_argument("--points", type=_positive(int), default=1500, help="held-out images in the embedding map")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = all cores")
     p.set_defaults(func=_page)
 
-    p = sub.add_parser("export", help="write the backbone for torchvision, timm (ViT) or detectron2")
-    p.add_argument("checkpoint")
-    p.add_argument("--format", required=True, choices=tuple(EXPORTERS))
-    p.add_argument("--output", required=True, help="output file (metadata goes to OUTPUT.json)")
+    p = sub.add_parser("export", help="write the backbone for torchvision, timm (ViT) or detectron2",
+                       description="Write the query encoder's backbone, without its head, in another library's "
+                                   "format, and OUTPUT.json beside it: the encoder's spec and how to build the "
+                                   "network that loads it. A format that cannot hold the backbone is refused.")
+    p.add_argument("checkpoint", help="our checkpoint (DDP-wrapped or not), the reference's .pth.tar, or a state dict")
+    p.add_argument("--format", choices=tuple(EXPORTERS), default="torchvision",
+                   help="torchvision: a state dict under torchvision's ResNet names; timm: a ViT for timm's "
+                        "VisionTransformer; detectron2: a torchvision-shaped ResNet as detectron2's pickle")
+    p.add_argument("--output", "-o", required=True, metavar="FILE", help="output file (metadata goes to OUTPUT.json)")
     p.set_defaults(func=_export)
