@@ -296,8 +296,11 @@ def train_one_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
     run.window_start, run.window_images = time.perf_counter(), 0
     for images, _, indices in stop.batches(batches):
         train_step(run, epoch, images, indices)
-        stopping = stop.agreed()
-        if stopping or run.checkpointer.due(run.state.step, run.state.batch, run.steps_per_epoch):
+        due = run.checkpointer.due(run.state.step, run.state.batch, run.steps_per_epoch)
+        # Under torchrun the ranks agree on a stop signal by an all-reduce the host waits for: at
+        # logged steps and checkpoints only, the same steps on every rank. One process: every step.
+        stopping = stop.agreed() if dist_utils.world_size() == 1 or due or is_logged(run.state.step, run.config) else None
+        if stopping or due:
             saved = run.checkpoint(epoch_end=False)
             if stopping:
                 raise TrainingInterrupted(stopping, saved, run.state.step)
@@ -325,7 +328,7 @@ def train_step(run: Run, epoch: int, images: torch.Tensor, indices: torch.Tensor
     state.step += 1
     state.batch += 1
     run.window_images += images.shape[0] * dist_utils.world_size()
-    logged = state.step % config.train.log_every == 0 or state.step == 1
+    logged = is_logged(state.step, config)
     if not finite:  # train.on_nonfinite=skip rejected it (the guard read the loss already)
         read_pending_steps(run)
         run.log.write({"kind": "nonfinite", "step": state.step, "epoch": epoch + 1, "loss": str(loss.float().item()),
@@ -450,6 +453,11 @@ def _collapse_settings(config: Config, method: Method, images: int) -> str:
     return ", ".join([text, *method.collapse_settings(images)])
 
 
+def is_logged(step: int, config: Config) -> bool:
+    """Whether step ``step`` (counted from 1) writes a row: the first, then every ``train.log_every``."""
+    return step % config.train.log_every == 0 or step == 1
+
+
 def _logged_metrics(out: Any, method: Method) -> dict[str, torch.Tensor | float]:
     """What a logged step adds: the method's own metrics and, for momentum methods, the drift
     ||θ_target − θ_online|| / ||θ_online||; still on the device."""
@@ -484,7 +492,7 @@ def read_pending_steps(run: Run) -> None:
         state.epoch_feature_stds.append(stats.feature_std)
         state.epoch_cosines.append(stats.mean_cosine)
         state.chance_loss = stats.chance_loss
-        if p.step % run.config.train.log_every == 0 or p.step == 1:
+        if is_logged(p.step, run.config):
             accuracy = {"pretext_acc": stats.acc} if math.isfinite(stats.acc) else {}
             run.log.write({"kind": "train", "step": p.step, "epoch": p.epoch + 1, "loss": loss, **accuracy,
                            **stats.fields(), **extra, "lr": p.lr, "img_s": img_s})
