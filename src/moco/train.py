@@ -299,7 +299,8 @@ def train_one_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
         due = run.checkpointer.due(run.state.step, run.state.batch, run.steps_per_epoch)
         # Under torchrun the ranks agree on a stop signal by an all-reduce the host waits for: at
         # logged steps and checkpoints only, the same steps on every rank. One process: every step.
-        stopping = stop.agreed() if dist_utils.world_size() == 1 or due or is_logged(run.state.step, run.config) else None
+        agree_now = dist_utils.world_size() == 1 or due or is_logged(run.state.step, run.config)
+        stopping = stop.agreed() if agree_now else None
         if stopping or due:
             saved = run.checkpoint(epoch_end=False)
             if stopping:
