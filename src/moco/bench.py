@@ -48,7 +48,7 @@ from moco.config import Config, ConfigError, load_config
 from moco.methods import METHODS, method_class
 from moco.models.vit import VIT_ARCHS, default_patch_size
 from moco.progress import Progress
-from moco.runtime import peak_memory_mb_of_process
+from moco.runtime import peak_memory_mb_of_process, synchronize
 
 # Every registered method is a step case (moco, end_to_end, memory_bank, moco_v3, simclr, byol, swav).
 CASES = ("encoder", "encoder+sgd", *METHODS, "data", "loop", "lightly")
@@ -100,22 +100,17 @@ class CaseUnavailable(Exception):
 
 
 # --- timing ---------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_blocks(step: Callable[[], int], device: torch.device, timing: Timing) -> list[float]:
     """Images per second of each timed block; ``step`` runs one step and returns its images."""
     for _ in range(timing.warmup):
         step()
-    _sync(device)
+    synchronize(device)
     rates = []
     for _ in range(timing.repeats):
         start, images = time.perf_counter(), 0
         for _ in range(timing.steps):
             images += step()
-        _sync(device)
+        synchronize(device)
         rates.append(images / (time.perf_counter() - start))
     return rates
 

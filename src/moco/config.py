@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
+from moco.budget import parse_duration
 from moco.errors import ConfigError
 from moco.methods import METHODS, method_class
 from moco.models.vit import VIT_ARCHS, default_patch_size
@@ -148,6 +149,9 @@ class TrainConfig:
     on_collapse: str = "warn"          # warn | stop: what collapsed features or a loss back at chance do (moco.diagnostics)
     deterministic: bool = False        # torch.use_deterministic_algorithms + no cuDNN autotuning (for CUDA; CPU already is)
     compile: bool = False              # torch.compile the networks a step runs (minutes of compiling first; for GPUs)
+    budget: str = ""                   # wall time for training and evaluation, e.g. 90s, 15m, 2h: sizes optim.epochs=auto
+                                       # from a timed probe of the real step (given on the command line, it makes the
+                                       # config file's epochs auto unless optim.epochs is given there too)
 
 
 @dataclass
@@ -324,6 +328,9 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
     """Defaults <- YAML file <- ``section.key=value`` overrides (values parsed as YAML), then validated."""
     values = read_config_file(path) if path is not None else {}
+    given = dict(text.split("=", 1) for text in overrides if "=" in text)
+    if given.get("train.budget", "").strip() and "optim.epochs" not in given:  # the budget sizes the run
+        overrides = [*overrides, f"optim.epochs={AUTO}"]
     return from_dict(apply_overrides(values, overrides))
 
 
@@ -388,6 +395,8 @@ def validate(config: Config) -> None:
         (t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", f"must be >= 0, got {t.checkpoint_every_steps}"),
         (t.max_consecutive_skips >= 1, "train.max_consecutive_skips", f"must be >= 1, got {t.max_consecutive_skips}"),
     ]
+    if t.budget:
+        parse_duration(t.budget)  # a one-line error naming train.budget
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"{key}: {message}")

@@ -9,6 +9,7 @@ used as given.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,6 +145,8 @@ def derive_training_options(config: Config, pretrain_images: int, device: torch.
         queue = max(step, min(MAX_QUEUE, pretrain_images // 2) // step * step)
         _set(config, "model.K", queue, f"a multiple of the {step} keys a step enqueues, at most half the "
                                        f"{pretrain_images:,} pretraining images", notes)
+    if _pending(config, "optim.epochs") and config.train.budget:
+        o.epochs = math.floor(o.warmup_epochs) + 1  # a stand-in: set_up times the step and sizes the run to the budget
     if _pending(config, "optim.epochs"):
         # A step's cost grows with the feature maps' area: the view side after the stem.
         side = config.data.image_size / (config.model.stem_stride if config.model.small_images else 4)

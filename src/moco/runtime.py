@@ -75,6 +75,12 @@ def compile_networks(method: torch.nn.Module) -> list[str]:
     return names
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a timer's edges); nothing to wait for on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():

@@ -8,6 +8,7 @@ order of things and what a resume needs.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -20,8 +21,10 @@ import torch
 from torch import nn
 
 from moco import distributed as dist_utils
-from moco.checkpoint import CheckpointError, load_checkpoint, remove_stale_temp_files, rng_state, set_rng_state
-from moco.config import Config, ConfigError, save_config
+from moco.budget import BudgetPlan, parse_duration, plan_epochs
+from moco.checkpoint import (CheckpointError, load_checkpoint, preserved_rng, remove_stale_temp_files, rng_state,
+                             set_rng_state)
+from moco.config import Config, ConfigError, is_auto, save_config, validate
 from moco.data.augment import BatchAugment
 from moco.data.datasets import aspect_ratios_of, make_loader
 from moco.data.splits import Data, augment_spec, build_data, index_range, local_augment_spec
@@ -35,7 +38,7 @@ from moco.pretrained import encoder_spec
 from moco.reliability import (Checkpointer, NonFiniteGuard, StopSignals, TrainingInterrupted, check_paths, check_resume,
                               clear_run, make_deterministic)
 from moco.run_log import MetricsLog, NullLog, read_metrics
-from moco.runtime import (accelerator_settings, autocast, compile_networks, keep_freed_cpu_memory_mapped, preserved_cpu_threads, resolve_device,
+from moco.runtime import (accelerator_settings, autocast, compile_networks, synchronize, keep_freed_cpu_memory_mapped, preserved_cpu_threads, resolve_device,
                           resolve_memory_format, resolve_precision, say, seed_everything)
 from moco.schedule import learning_rate, momentum_at
 from moco.step import StepFunction, optimisation_step, step_function, step_stats
@@ -73,6 +76,7 @@ class LoopState:
     chance_loss: float = float("nan")                 # the loss when every logit ties
     collapse_lowest_ratio: float = float("inf")       # CollapseMonitor: lowest loss / chance_loss seen
     collapse_warned: list[str] = field(default_factory=list)  # CollapseMonitor: problems already reported
+    budget: dict[str, Any] = field(default_factory=dict)  # train.budget's plan (moco.budget.BudgetPlan), fixed at the start
 
 
 @dataclass
@@ -193,6 +197,9 @@ def set_up(config: Config, resume: str | None, overwrite: bool) -> Run:
     the method, optimiser, RNGs and the loop's position."""
     start_time = time.time()
     t = config.train
+    budgeted = bool(t.budget) and is_auto(config.optim.epochs)  # build_data resolves it; the budget sizes it below
+    if t.budget and not budgeted:
+        say(f"train.budget={t.budget} not used: optim.epochs={config.optim.epochs} is set (optim.epochs=auto uses it)")
     run_dir = Path(t.output_dir)
     check_paths(config, resume, overwrite)
     if t.threads:  # for the run only: pretrain puts them back afterwards
@@ -246,6 +253,14 @@ def set_up(config: Config, resume: str | None, overwrite: bool) -> Run:
         ckpt_path = run_dir / "checkpoint_last.pth" if resume == "auto" else Path(resume)
         state = _restore(ckpt_path, method, optimizer, scaler, identity, steps_per_epoch, t.seed)
         checkpointer.last_good = ckpt_path
+    if budgeted:  # sized once, at the start; a resume keeps the plan its checkpoint holds
+        if not state.budget:
+            plan = size_to_budget(config, data, method, view_augments, loader, device, precision, memory_format,
+                                  time.time() - start_time)
+            state.budget = plan.to_dict()
+            say(plan.describe(t.budget))
+        config.optim.epochs = state.budget["epochs"]
+        validate(config)
     guard = NonFiniteGuard(method, t.on_nonfinite, t.max_consecutive_skips, check_gradients=not scaler.is_enabled())
     guard.skipped, guard.consecutive = state.skipped_steps, state.consecutive_skips
     monitor = CollapseMonitor(t.on_collapse,
@@ -404,11 +419,12 @@ def finish(run: Run, test_scores: KnnScores | None) -> RunResult:
         from moco.plot import plot_run
 
         plot_run(run.run_dir)
+        budget = {"budget": {**run.state.budget, "wall_s": seconds}} if run.state.budget else {}  # this process's
         summary = {"final_loss": run.state.last_loss, "val_knn_top1": run.val_knn, "test_knn_top1": test_knn,
                    **(test_knn_fields(test_scores, t.knn_feature) if test_scores else {}), "seconds": seconds,
                    "training_seconds": run.elapsed(), "skipped_steps": run.guard.skipped,
                    "collapse_warnings": sorted(run.monitor.warned), "precision": run.precision,
-                   "device": str(run.device), "processes": dist_utils.world_size()}
+                   "device": str(run.device), "processes": dist_utils.world_size(), **budget}
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return result
 
@@ -529,6 +545,54 @@ def save_training_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.o
     if path is None:
         raise OSError(f"could not write {saver.latest}: {saver.error}")
     return path
+
+
+def size_to_budget(config: Config, data: Data, method: Method, view_augments: list[BatchAugment], loader: Any,
+                   device: torch.device, precision: str, memory_format: torch.memory_format,
+                   set_up_s: float) -> BudgetPlan:
+    """``train.budget``'s epochs, from a timed probe of the real step (:func:`time_steps`) and what
+    evaluation will encode: the monitor's bank and validation split per kNN run, the training and
+    test splits at the end."""
+    t = config.train
+    step_s = time_steps(config, data, method, view_augments, loader, device, precision, memory_format)
+    monitor = len(data.monitor_bank) + len(data.val) if t.knn_every and data.val is not None else 0
+    final = len(data.full_train) + len(data.test) if t.test_knn and data.test is not None and data.full_train else 0
+    return plan_epochs(parse_duration(t.budget), set_up_s + PROBE_STEPS * step_s, step_s, len(loader),
+                       config.optim.batch_size, method.encoder_passes(config), monitor, t.knn_every, final,
+                       min_epochs=math.floor(config.optim.warmup_epochs) + 1)
+
+
+PROBE_STEPS = 2 + 5  # warm-up steps, then timed ones
+
+
+def time_steps(config: Config, data: Data, method: Method, view_augments: list[BatchAugment], loader: Any,
+               device: torch.device, precision: str, memory_format: torch.memory_format) -> float:
+    """Seconds of one training step, loading and augmentation included: the median of a few steps
+    on copies of the method and optimiser, after two warm-up steps; the model, the optimiser and
+    every RNG are left as they were. Under several processes, the slowest rank's."""
+    probe = copy.deepcopy(method)
+    optimizer = build_optimizer(config, probe.parameter_groups(config.optim.weight_decay))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    guard, step = NonFiniteGuard(probe, "stop"), step_function(probe, device)
+    times = []
+    with preserved_rng():
+        loader.set_epoch(0, 0)
+        batches = iter(loader)
+        for _ in range(PROBE_STEPS):
+            synchronize(device)
+            tic = time.perf_counter()
+            try:
+                images, _, indices = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                images, _, indices = next(batches)
+            views = make_views(images, view_augments, device, memory_format, aspect_ratios_of(data.pretrain, indices))
+            optimisation_step(step, probe, Batch(views, indices.to(device)), StepContext(momentum=0.99), optimizer,
+                              scaler, guard, autocast(device, precision), "the budget's probe", "none")
+            synchronize(device)
+            times.append(time.perf_counter() - tic)
+    seconds = torch.tensor([float(np.median(times[2:]))], dtype=torch.float64, device=device)
+    return float(dist_utils.all_reduce_max(seconds))
 
 
 def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,

@@ -1,0 +1,69 @@
+"""``train.budget``: a run sized by wall time instead of by epochs.
+
+A budget such as ``15m`` counts what a user waits for. The run times a few of its own steps first
+(data, augmentation, the step, on copies of the model and optimiser, excluded from training), then
+fixes the number of epochs so that training, the kNN monitor and the final evaluation end inside
+the budget. The number is printed, stored in the checkpoint and the summary, and a resumed run keeps
+it, so ``--resume`` stays exact.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+from moco.errors import ConfigError
+
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``90s``, ``15m``, ``2h`` or ``1h30m`` (``train.budget``); a one-line error otherwise."""
+    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*", str(text))
+    if not text or parts is None or not any(parts.groups()):
+        raise ConfigError(f"train.budget: {text!r} is not a duration; write e.g. 90s, 15m, 2h or 1h30m")
+    seconds = sum(float(value) * unit for value, unit in zip(parts.groups(), (3600, 60, 1)) if value)
+    if seconds <= 0:
+        raise ConfigError(f"train.budget: {text!r} must be longer than nothing")
+    return seconds
+
+
+@dataclass
+class BudgetPlan:
+    """How a budgeted run sized itself: all times in seconds, as estimated before training."""
+
+    budget_s: float
+    measured_img_s: float      # images per second of the timed steps, loading included
+    epochs: int
+    training_s: float          # the chosen epochs' steps
+    evaluation_s: float        # kNN monitor runs and the final kNN
+    set_up_s: float            # spent before the plan was made
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self, budget: str) -> str:
+        return (f"train.budget={budget}: {self.measured_img_s:,.0f} img/s measured -> optim.epochs={self.epochs} "
+                f"(about {self.training_s:.0f} s of training, {self.evaluation_s:.0f} s of evaluation, "
+                f"{self.set_up_s:.0f} s spent setting up)" + (f"; {self.note}" if self.note else ""))
+
+
+def plan_epochs(budget_s: float, set_up_s: float, step_s: float, steps_per_epoch: int, batch: int,
+                encoder_passes: float, monitor_images: int, knn_every: int, final_images: int,
+                min_epochs: int = 1) -> BudgetPlan:
+    """The most epochs whose steps, monitor runs and final evaluation fit ``budget_s`` after
+    ``set_up_s``. Encoding an image for evaluation is costed as one forward pass, ``step_s / (batch
+    x encoder_passes)`` (a step trains ``encoder_passes`` passes' worth per image)."""
+    forward_s = step_s / max(batch * encoder_passes, 1e-9)
+    final_s = final_images * forward_s
+    monitor_s = monitor_images * forward_s
+    epoch_s = steps_per_epoch * step_s + (monitor_s / knn_every if knn_every else 0.0)
+    fits = math.floor((budget_s - set_up_s - final_s) / epoch_s) if epoch_s > 0 else min_epochs
+    epochs = max(min_epochs, fits)
+    note = "" if fits >= min_epochs else (f"the budget holds {max(fits, 0)} epoch(s); {min_epochs} run anyway, "
+                                          f"about {set_up_s + final_s + epochs * epoch_s:.0f} s in all")
+    monitor_runs = (math.ceil(epochs / knn_every) if knn_every else 0) if monitor_images else 0
+    return BudgetPlan(budget_s, batch / step_s, epochs, epochs * steps_per_epoch * step_s,
+                      final_s + monitor_runs * monitor_s, set_up_s, note)

@@ -1,0 +1,89 @@
+"""train.budget: a run sized by wall time from a timed probe of its own step, the plan printed,
+stored and kept by a resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from moco import train
+from moco.budget import parse_duration, plan_epochs
+from moco.config import ConfigError, load_config
+from moco.train import pretrain, read_metrics
+from tests.tiny import STEPS_PER_EPOCH, tiny_config
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("15m", 900), ("2h", 7200), ("1h30m", 5400), ("0.5m", 30)])
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["15", "fast", "m", "0s", "-5m"])
+def test_a_bad_duration_names_the_option(text: str) -> None:
+    with pytest.raises(ConfigError, match="train.budget"):
+        load_config(None, [f"train.budget={text}"])
+
+
+def test_the_plan_fits_steps_monitor_and_final_evaluation_into_the_budget() -> None:
+    # 0.1 s a step of 100 images at 4 passes: 1/4000 s to encode an image; 10 steps an epoch.
+    plan = plan_epochs(100.0, 10.0, 0.1, 10, 100, 4.0, monitor_images=4000, knn_every=1, final_images=40000,
+                       min_epochs=1)
+    # budget 100 - set-up 10 - final 10 = 80 s for epochs of 1 s of steps + 1 s of monitor: 40
+    assert (plan.epochs, plan.training_s, plan.evaluation_s) == (40, pytest.approx(40.0), pytest.approx(50.0))
+    assert plan.measured_img_s == pytest.approx(1000.0) and plan.note == ""
+    tight = plan_epochs(15.0, 10.0, 0.1, 10, 100, 4.0, 4000, 1, 40000, min_epochs=2)
+    assert tight.epochs == 2 and "the budget holds 0 epoch(s); 2 run anyway" in tight.note
+
+
+def test_a_budget_on_the_command_line_sizes_the_files_epochs_unless_they_are_given_too(tmp_path: Path) -> None:
+    config_path = tiny_config(tmp_path)  # its file says optim.epochs: 3
+    assert load_config(config_path, ["train.budget=1m"]).optim.epochs == "auto"
+    assert load_config(config_path, ["train.budget=1m", "optim.epochs=2"]).optim.epochs == 2
+    assert load_config(config_path, []).optim.epochs == 3
+
+
+def test_a_budgeted_run_sizes_itself_records_the_plan_and_a_resume_keeps_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config_path = tiny_config(tmp_path)
+    monkeypatch.setattr(train, "time_steps", lambda *args: 0.5)  # 32 img/s: 5 s an epoch of 10 steps
+    run = tmp_path / "run"
+    overrides = ["train.budget=17s", f"train.output_dir={run}", "train.knn_every=0", "train.test_knn=false"]
+    original_step, calls = torch.optim.SGD.step, [0]
+
+    def step(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        calls[0] += 1
+        if calls[0] == STEPS_PER_EPOCH + 4:  # stopped in the second epoch
+            signal.raise_signal(signal.SIGTERM)
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    with pytest.raises(train.TrainingInterrupted):
+        pretrain(load_config(config_path, overrides))
+    monkeypatch.undo()
+    monkeypatch.setattr(train, "time_steps", lambda *args: 50.0)  # a new probe would choose 1 epoch
+    pretrain(load_config(config_path, overrides), resume="auto")
+    summary = json.loads((run / "summary.json").read_text())
+    plan = summary["budget"]
+    # 17 s - set-up (a few tenths) - the probe's 7 steps (3.5 s) leaves 2 epochs of 5 s
+    assert plan["epochs"] == 2 and plan["budget_s"] == 17.0 and plan["measured_img_s"] == pytest.approx(32.0)
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["epochs"] == 2
+    assert max(row["epoch"] for row in read_metrics(run) if row["kind"] == "epoch") == 2
+
+
+def test_the_probe_leaves_the_run_as_it_would_have_been(tmp_path: Path) -> None:
+    """The timed steps run on copies with every RNG put back: a budgeted run that chose E epochs is
+    bit for bit the run with optim.epochs=E."""
+    from tests.tiny import assert_identical_runs
+
+    config_path = tiny_config(tmp_path)
+    common = ["train.knn_every=0", "train.test_knn=false"]
+    pretrain(load_config(config_path, ["train.budget=3s", f"train.output_dir={tmp_path / 'budget'}", *common]))
+    epochs = json.loads((tmp_path / "budget" / "summary.json").read_text())["budget"]["epochs"]
+    assert epochs >= 1
+    pretrain(load_config(config_path, [f"optim.epochs={epochs}", f"train.output_dir={tmp_path / 'fixed'}", *common]))
+    assert_identical_runs(tmp_path / "budget", tmp_path / "fixed")
