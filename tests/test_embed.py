@@ -39,7 +39,15 @@ def test_embed_then_search_finds_each_image_first_with_similarity_one(tmp_path: 
                                                                        capsys: pytest.CaptureFixture) -> None:
     torch.manual_seed(0)  # the untrained encoder's weights, so the similarities below are fixed
     checkpoint, _ = save_tiny_moco_checkpoint(tmp_path / "ckpt")
-    assert main(["embed", str(checkpoint), str(folder), "--out", str(tmp_path / "emb.npz"), "--workers", "0"]) == 0
+    command = ["embed", str(checkpoint), str(folder), "--out", str(tmp_path / "emb.npz"), "--workers", "0",
+               "--batch-size", "2"]
+    assert main(command) == 0
+    err = capsys.readouterr().err  # what it embeds, then (off a terminal) the estimate from the first batch
+    assert err.startswith(f"embedding 7 images of {folder} with the backbone of {checkpoint} on cpu, batches of 2\n")
+    assert "embedding: 7 images, about " in err and "(measured on the first 2)" in err and "\r" not in err
+    assert main(command) == 2  # a finished file is replaced only when asked
+    assert capsys.readouterr().err == f"moco: error: --output {tmp_path / 'emb.npz'} exists; --overwrite replaces it\n"
+    assert main([*command, "--overwrite"]) == 0
     index = Embeddings.load(tmp_path / "emb.npz")
     assert len(index.paths) == 7 and index.paths[0] == "class0/img0.png" and index.classes == ["class0", "class1"]
     torch.testing.assert_close(index.features.norm(dim=1), torch.ones(7))
@@ -66,7 +74,7 @@ def test_embed_then_search_finds_each_image_first_with_similarity_one(tmp_path: 
 def test_csv_layout_and_dataset_input(tmp_path: Path, folder: Path) -> None:
     torch.manual_seed(0)  # the untrained encoder's weights, so the similarities below are fixed
     checkpoint, _ = save_tiny_moco_checkpoint(tmp_path / "ckpt")
-    found = embed(checkpoint, str(folder), feature="encoder", workers=0, progress=False)
+    found = embed(checkpoint, str(folder), feature="encoder", workers=0)
     found.save(tmp_path / "emb.csv", "csv")
     with open(tmp_path / "emb.csv") as handle:
         rows = list(csv.reader(handle))
@@ -79,7 +87,7 @@ def test_a_planted_duplicate_is_found_and_nothing_else(tmp_path: Path, folder: P
                                                        capsys: pytest.CaptureFixture) -> None:
     torch.manual_seed(0)  # the untrained encoder's weights, so the similarities below are fixed
     checkpoint, _ = save_tiny_moco_checkpoint(tmp_path / "ckpt")
-    found = embed(checkpoint, str(folder), workers=0, progress=False)
+    found = embed(checkpoint, str(folder), workers=0)
     sims = found.features @ found.features.T
     threshold = 0.9999
     off_diagonal = sims[~torch.eye(7, dtype=torch.bool)]
@@ -89,7 +97,10 @@ def test_a_planted_duplicate_is_found_and_nothing_else(tmp_path: Path, folder: P
     assert main(["search", "--duplicates", str(folder), "--checkpoint", str(checkpoint), "--threshold",
                  str(threshold), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["groups"] == [["class0/img2.png", "class1/copy_of_img2.png"]]
-    assert "1 group(s) of near-duplicates" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "1 group(s) of near-duplicates" in printed.out and printed.err.startswith("embedding 7 images of ")
+    assert main(["search", "--duplicates", str(folder), "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    assert f"--output {out} exists; --overwrite replaces it" in capsys.readouterr().err
 
 
 def test_bad_search_arguments_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

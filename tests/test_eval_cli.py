@@ -45,6 +45,12 @@ def test_report_runs_every_evaluation_and_baseline(tmp_path: Path) -> None:
     for label in ("| MoCo |", "| MoCo (PCA-whitened) |", "| MoCo (encoder output) |", "| random init |", "| raw pixels |", "| supervised from scratch |"):
         assert label in markdown
     assert markdown in result.stdout
+    # Off a terminal: the plan with its estimate, then a plain line per finished part, no bar.
+    err = result.stderr
+    assert err.startswith("report: 12 parts on 600 training / 200 test images (fashion_mnist, 28 px)")
+    assert "  estimate: about " in err and "[1/12] kNN, MoCo: k=5 top-1 " in err and "\r" not in err
+    assert "[12/12] scratch 100% seed 0: top-1 " in err
+    assert report["complete"] and report["pending"] == []
 
 
 @needs_fashion_mnist
@@ -73,7 +79,52 @@ def test_knn_lincls_finetune_commands_write_their_files(tmp_path: Path, capsys: 
     finetune = json.loads((out / "finetune.json").read_text())
     assert [(r["init"], r["labels"], r["steps"]) for r in finetune["rows"]] == [("scratch", 600, 2)]
     assert "| supervised from scratch | 100% | 600 | 0 | 2 | 0.1 |" in (out / "finetune.md").read_text()
-    capsys.readouterr()
+    err = capsys.readouterr().err  # each command's plan, then a line per finished row
+    for line in ("knn: 2 feature set(s) on 600 training / 200 test images", "[2/2] kNN, MoCo (encoder output): k=1 ",
+                 "lincls: 2 probe(s) (cached, augmented)", "linear probe, MoCo (cached): lr choice 1 (1/2): ",
+                 "[2/2] linear probe, MoCo (augmented): augmented top-1 ", "finetune: 1 rows",
+                 "  protocol quick (the default on a CPU: ", "[1/1] scratch 100% seed 0: top-1 "):
+        assert line in err, line
+
+
+@needs_fashion_mnist
+def test_an_interrupted_finetune_keeps_its_finished_rows_and_a_rerun_skips_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+
+    from moco.evaluate import finetune
+
+    path, _ = save_tiny_moco_checkpoint(tmp_path)
+    command = ["finetune", str(path), *SMALL, "--steps", "2", "--lr", "0.05", "--fractions", "0.1", "--init", "moco",
+               "random", "--no-progress", "--threads", "1"]
+    row = finetune.finetune_row
+
+    def killed_in_the_second_row(ctx, init, fraction, options):  # noqa: ANN001, ANN202
+        if init == "random":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return row(ctx, init, fraction, options)
+
+    monkeypatch.setattr(finetune, "finetune_row", killed_in_the_second_row)
+    assert main(command) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "[1/2] moco 10% seed 0: top-1 " in err and "stopped: 1 of 2 rows finished and kept in " in err
+    kept = json.loads((tmp_path / "finetune.json").read_text())
+    assert [(r["init"], r["fraction"]) for r in kept["rows"]] == [("moco", 0.1)]
+    assert not kept["complete"] and kept["pending"] == ["random 10% seed 0"]
+    assert "Unfinished: 1 row still to run (random 10% seed 0)" in (tmp_path / "finetune.md").read_text()
+
+    monkeypatch.setattr(finetune, "finetune_row", row)
+    assert main(command) == 0
+    err = capsys.readouterr().err
+    assert "1 of 2 rows kept from an earlier run" in err and "[1/2] moco 10% seed 0: kept from an earlier run" in err
+    assert "estimate: about " in err and "for 1 row (random 10% seed 0 " in err
+    done = json.loads((tmp_path / "finetune.json").read_text())
+    assert done["complete"] and done["rows"][0] == kept["rows"][0]  # the kept row, as it was
+    assert [(r["init"], r["fraction"]) for r in done["rows"]] == [("moco", 0.1), ("random", 0.1)]
+    assert len(done["gain"]) == 1
+    assert main([*command, "--overwrite"]) == 0
+    assert "kept from an earlier run" not in capsys.readouterr().err
 
 
 @needs_fashion_mnist
@@ -133,10 +184,11 @@ def test_a_probe_that_moved_its_frozen_backbone_is_one_error_line(command: str, 
     def moved(*_: object, **__: object) -> None:
         linear.check_unchanged(bn, before)
 
-    ctx = SimpleNamespace(pretrained=SimpleNamespace(backbone=lambda: bn))
+    ctx = SimpleNamespace(pretrained=SimpleNamespace(backbone=lambda: bn), device=torch.device("cpu"),
+                          run_dir=tmp_path)
     monkeypatch.setattr(cli_eval, "_context", lambda _: ctx)
-    monkeypatch.setattr(report, "run_report", moved)
-    monkeypatch.setattr(linear, "run_lincls", moved)
+    monkeypatch.setattr(report, "report_tasks", moved)
+    monkeypatch.setattr(linear, "lincls_tasks", moved)
     assert main([command, str(tmp_path / "ckpt.pth")]) == 1
     assert capsys.readouterr().err == ("moco: error: the frozen backbone changed during linear-probe training "
                                        "(1 tensors, e.g. running_mean); the probe's accuracy would not measure the "

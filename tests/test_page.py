@@ -3,6 +3,8 @@ headless browser loads."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import shutil
 import subprocess
@@ -25,7 +27,9 @@ def page(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = load_config(tiny_config(tmp), ["optim.epochs=2"])
     run = pretrain(config).run_dir
     (run / "knn.md").write_text("| features | k | top-1 (%) |\n|---|---|---|\n| MoCo | 20 | 81.25 |\n")
-    assert main(["page", str(run), "--points", "60"]) == 0
+    with contextlib.redirect_stderr(io.StringIO()) as progress:
+        assert main(["page", str(run), "--points", "60"]) == 0
+    (run / "page_progress.txt").write_text(progress.getvalue())
     return run / "page" / "index.html"
 
 
@@ -37,6 +41,12 @@ def test_the_page_references_only_files_that_exist(page: Path) -> None:
         assert (page.parent / source).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", source
     assert not re.findall(r'(?:src|href)="(?:https?:)?//', text)  # nothing from a server
     assert "<td>81.25</td>" in text and "t-SNE" in text and "model:" in text
+
+
+def test_the_page_says_what_it_draws_and_how_long_embedding_takes(page: Path) -> None:
+    lines = (page.parent.parent / "page_progress.txt").read_text().splitlines()
+    assert lines[0].startswith(f"page for {page.parent.parent}: curves of ") and "a map of 60 embedded" in lines[0]
+    assert lines[1].startswith("embedding ") and " images of fashion_mnist:test with the backbone of " in lines[1]
 
 
 @pytest.mark.skipif(BROWSER is None, reason="no headless chromium (scripts/test.sh installs chromium-headless-shell)")

@@ -46,7 +46,10 @@ def _ablate(args: argparse.Namespace) -> int:
     if args.preset is None:
         print("\n".join(list_presets()))
         return 0
-    sweep(args.ablation, args.preset, args.overrides, output=args.output, jobs=args.jobs, threads=args.threads)
+    from moco.progress import Progress
+
+    sweep(args.ablation, args.preset, args.overrides, output=args.output, jobs=args.jobs, threads=args.threads,
+          progress=Progress.for_command(args.no_progress, sys.stdout), overwrite=args.overwrite)
     return 0
 
 
@@ -64,6 +67,9 @@ def _add_ablate_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--threads", type=int, default=0, help="threads per point (default: cores / jobs)")
     a.add_argument("--output", *OUTPUT_ALIASES, default=None,
                    help="sweep folder (default runs/ablate/<preset>/<ablation>)")
+    from moco.cli_eval import add_progress_options
+
+    add_progress_options(a, "train finished points again, from scratch (default: keep them, resume the others)")
     a.set_defaults(func=_ablate)
 
 
@@ -80,7 +86,11 @@ def _bench(args: argparse.Namespace) -> int:
 
         print(f"wrote {write_json({'host_reads': host_reads(setting, args.steps)}, args.out)}")
         return 0
-    summary = run_bench(setting, args.cases.split(","), args.queue_sizes, args.mode, rounds=args.rounds)
+    from moco.progress import Progress
+
+    progress = Progress.for_command(args.no_progress)
+    summary = run_bench(setting, args.cases.split(","), args.queue_sizes, args.mode, report=progress.result,
+                        rounds=args.rounds, progress=progress)
     print(f"wrote {write_json(summary, args.out)}")
     return 0
 
@@ -122,6 +132,9 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--host-reads", action="store_true",
                    help="instead of timing: count, for every method, the reads of a tensor's value back to the host "
                         "in --steps and 2 x --steps unlogged steps of the real loop (each would stall a GPU)")
+    from moco.cli_eval import add_progress_options
+
+    add_progress_options(b)
     b.set_defaults(func=_bench)
 
 
@@ -186,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     from moco.checkpoint import CheckpointError
     from moco.data.images import BadImageError
     from moco.evaluate.linear import BackboneChangedError
+    from moco.progress import Interrupted
     from moco.reliability import TrainingInterrupted
 
     parser = build_parser()
@@ -213,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"moco: error: {err}", file=sys.stderr)  # a rank died, timed out, or drifted
         return 1
+    except Interrupted as err:  # SIGTERM during an evaluation: its finished rows are kept (it said where)
+        print(f"moco: interrupted by {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("moco: interrupted", file=sys.stderr)
         return 130

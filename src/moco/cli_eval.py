@@ -1,20 +1,24 @@
 """Subcommands that consume a checkpoint: ``moco lincls|knn|finetune|report|export``.
 
 The evaluation commands take ``CHECKPOINT [data.key=value ...]``: data options default to the
-config stored in our checkpoints. Each prints its table and writes ``<name>.json`` and
-``<name>.md`` into the checkpoint's directory (or ``--output-dir``).
+config stored in our checkpoints. Each prints its plan with a time estimate, shows its progress,
+writes ``<name>.json`` and ``<name>.md`` into the checkpoint's directory (or ``--output``)
+after every finished row, and skips the rows an earlier run with the same settings finished
+(:mod:`moco.progress`).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable
+from dataclasses import replace
+from typing import Any, Callable, Sequence
 
 from moco.config import ConfigError
-from moco.evaluate.finetune import FRACTIONS, HEAD_INITS, INITS, FinetuneOptions
+from moco.evaluate.finetune import FRACTIONS, HEAD_INITS, INITS, PROTOCOLS, FinetuneOptions
 from moco.evaluate.linear import MODES, LinclsOptions
 from moco.evaluate.report import KS, KnnOptions, ReportOptions
+from moco.progress import ROWS_FILE, Progress
 from moco.cli_help import OUTPUT_ALIASES
 from moco.exporters import EXPORTERS
 
@@ -48,6 +52,18 @@ def _fraction(text: str) -> float:
     return value
 
 
+def add_progress_options(p: argparse.ArgumentParser, overwrite: str | None = None) -> None:
+    """``--no-progress`` and, where a command keeps finished work, ``--overwrite`` (``overwrite``: its help)."""
+    p.add_argument("--no-progress", action="store_true",
+                   help="plain progress lines instead of bars (what a log or a pipe gets anyway)")
+    if overwrite:
+        p.add_argument("--overwrite", action="store_true", help=overwrite)
+
+
+KEPT_ROWS_HELP = (f"compute again the rows an earlier run with the same settings finished (kept in {ROWS_FILE}); "
+                  "default: skip them")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="our checkpoint (DDP-wrapped or not), the reference's .pth.tar, or a state dict")
     p.add_argument("overrides", nargs="*", help="data.key=value options (default: the checkpoint's config), "
@@ -57,6 +73,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = all cores")
     p.add_argument("--eval-batch-size", type=_positive(int), default=512, help="batch for feature extraction")
+    add_progress_options(p, KEPT_ROWS_HELP)
 
 
 def _add_knn(p: argparse.ArgumentParser, whiten: bool = False) -> None:
@@ -94,12 +111,16 @@ def _add_lincls(p: argparse.ArgumentParser, prefix: str = "", lrs: tuple[float, 
 
 
 def _add_finetune(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    d = FinetuneOptions()
-    p.add_argument(f"--{prefix}steps", type=_positive(int), default=d.steps, help="optimiser steps per row")
+    d, quick, full = FinetuneOptions(), PROTOCOLS["quick"], PROTOCOLS["full"]
+    p.add_argument("--protocol", choices=("auto", *PROTOCOLS), default="auto",
+                   help=f"fine-tuning protocol: quick ({quick.describe()}) or full ({full.describe()}); auto: quick "
+                        f"on a CPU, full on a GPU. --{prefix}steps, --{prefix}lr and --{prefix}val-size override it")
+    p.add_argument(f"--{prefix}steps", type=_positive(int),
+                   help="optimiser steps per training (default: the protocol's)")
     p.add_argument(f"--{prefix}batch-size", type=_positive(int), default=d.batch_size, help="fine-tuning batch")
-    p.add_argument(f"--{prefix}lr", type=_positive(float), nargs="+", default=list(d.lrs),
+    p.add_argument(f"--{prefix}lr", type=_positive(float), nargs="+",
                    help="fine-tuning lr of the moco and random rows; several: each row keeps the one with the best "
-                        f"top-1 on --{prefix}val-size labelled training images (default: {' '.join(map(str, d.lrs))})")
+                        f"top-1 on --{prefix}val-size labelled training images (default: the protocol's)")
     p.add_argument("--scratch-lr", type=_positive(float), default=d.scratch_lr, help="supervised-from-scratch lr")
     p.add_argument(f"--{prefix}weight-decay", type=_nonnegative_float, default=d.weight_decay,
                    help="fine-tuning weight decay")
@@ -108,8 +129,9 @@ def _add_finetune(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}head-init", choices=HEAD_INITS, default=d.head_init,
                    help="the MoCo start's new linear layer: probe = first fitted on the frozen features (LP-FT); "
                         "random-init rows always start with a random layer")
-    p.add_argument(f"--{prefix}val-size", type=_positive(int), default=d.val_size,
-                   help="validation images (from the training split, never the test split) for the lr choice")
+    p.add_argument(f"--{prefix}val-size", type=_positive(int),
+                   help="validation images (from the training split, never the test split) for the lr choice "
+                        "(default: the protocol's)")
     p.add_argument(f"--{prefix}precision", choices=("auto", "fp32", "bf16", "fp16"), default=d.precision,
                    help="auto: bf16 autocast on CUDA and on CPUs with fast bf16, else fp32")
     p.add_argument("--fractions", type=_fraction, nargs="+", default=list(FRACTIONS), help="label fractions")
@@ -128,13 +150,21 @@ def _lincls_options(args: argparse.Namespace, prefix: str = "") -> LinclsOptions
                          crop_scale=tuple(sorted(_get(args, prefix, "crop-scale"))), seed=args.seed)
 
 
-def _finetune_options(args: argparse.Namespace, prefix: str = "") -> FinetuneOptions:
-    return FinetuneOptions(steps=_get(args, prefix, "steps"), batch_size=_get(args, prefix, "batch-size"),
-                           lrs=tuple(dict.fromkeys(_get(args, prefix, "lr"))), scratch_lr=args.scratch_lr,
-                           weight_decay=_get(args, prefix, "weight-decay"),
-                           crop_scale=tuple(sorted(_get(args, prefix, "crop-scale"))),
-                           head_init=_get(args, prefix, "head-init"), val_size=_get(args, prefix, "val-size"),
-                           precision=_get(args, prefix, "precision"), seed=args.seed)
+def _finetune_options(args: argparse.Namespace, prefix: str, device: Any) -> tuple[FinetuneOptions, str]:
+    """The fine-tuning options and the protocol they start from (``auto``: by ``device``)."""
+    from moco.evaluate.finetune import protocol_for
+
+    protocol = protocol_for(device) if args.protocol == "auto" else args.protocol
+    base = PROTOCOLS[protocol]
+    options = FinetuneOptions(steps=_get(args, prefix, "steps") or base.steps,
+                              batch_size=_get(args, prefix, "batch-size"),
+                              lrs=tuple(dict.fromkeys(_get(args, prefix, "lr") or base.lrs)),
+                              scratch_lr=args.scratch_lr, weight_decay=_get(args, prefix, "weight-decay"),
+                              crop_scale=tuple(sorted(_get(args, prefix, "crop-scale"))),
+                              head_init=_get(args, prefix, "head-init"),
+                              val_size=_get(args, prefix, "val-size") or base.val_size,
+                              precision=_get(args, prefix, "precision"), seed=args.seed)
+    return options, protocol
 
 
 def _knn_options(args: argparse.Namespace) -> KnnOptions:
@@ -146,39 +176,82 @@ def _context(args: argparse.Namespace):
     from moco.evaluate.common import make_context
 
     return make_context(args.checkpoint, args.overrides, args.output_dir, args.device, args.threads,
-                        args.eval_batch_size)
+                        args.eval_batch_size, Progress.for_command(args.no_progress))
 
 
-def _finish(ctx: Any, name: str, results: dict[str, Any], table: str) -> int:
-    from moco.evaluate.common import write_results
+def _run(ctx: Any, cache: Any, title: str, details: Sequence[str], tasks: list, shared: dict,
+         measure: Callable[[], Any], written: Callable[[list], Any], what: str = "row",
+         more: Callable[[Any], Sequence[str]] = lambda rates: ()) -> list:
+    """Print the plan (with ``more`` lines once the probe's rates are known), then run the rows."""
+    from moco.progress import announce, run_tasks
 
-    json_path, md_path = write_results(ctx.run_dir, name, results, table)
+    rates = announce(ctx.progress, title, details, tasks, cache, measure, shared, what)
+    for line in more(rates) if rates is not None else ():
+        ctx.progress.say(f"  {line}")
+    return run_tasks(tasks, ctx.progress, cache, written, what)
+
+
+def _finish(paths: Sequence[Any], table: str) -> int:
     print(table, end="")
-    print(f"wrote {json_path} and {md_path}")
+    print(f"wrote {' and '.join(map(str, paths))}")
     return 0
 
 
+def _rows_of(values: list) -> list:
+    """Finished values in plan order, lists of rows flattened."""
+    rows = []
+    for value in values:
+        if value is not None:
+            rows += value if isinstance(value, list) else [value]
+    return rows
+
+
+def _results(ctx: Any, tasks: list, values: list, extra: dict[str, Any], table: str) -> tuple[dict[str, Any], str]:
+    """A command's JSON (with ``complete`` and the ``pending`` rows) and markdown, finished or not."""
+    from moco.evaluate.common import describe, unfinished_note
+
+    pending = [t.label for t, v in zip(tasks, values) if v is None]
+    results = {"provenance": describe(ctx), **extra, "complete": not pending, "pending": pending}
+    return results, table + (unfinished_note(pending) if pending else "")
+
+
 def _lincls(args: argparse.Namespace) -> int:
-    from moco.evaluate.common import describe, markdown_table
-    from moco.evaluate.linear import lincls_table, run_lincls
+    from moco.evaluate import linear
+    from moco.evaluate.common import markdown_table, time_forward, where, write_results
+    from moco.progress import Rates, RowCache
 
     ctx = _context(args)
     options = _lincls_options(args)
     modes = MODES if args.mode == "both" else (args.mode,)
-    rows = run_lincls(ctx, ctx.pretrained.backbone(), modes, options, lr_candidates=tuple(dict.fromkeys(args.lr)))
-    for row in rows:
+    candidates = tuple(dict.fromkeys(args.lr))
+    cache = RowCache(ctx.run_dir, args.overwrite)
+    tasks, shared = linear.lincls_tasks(ctx, modes, options, candidates, cache)
+
+    def files(values: list) -> tuple[Any, str]:
+        rows = _rows_of(values)
+        extra = {"options": {**options.to_dict(), "lr_candidates": args.lr}, "rows": rows}
+        results, table = _results(ctx, tasks, values, extra, markdown_table(*linear.lincls_table(rows)))
+        return write_results(ctx.run_dir, "lincls", results, table), table
+
+    choice = (f"lr chosen among {' '.join(f'{lr:g}' for lr in candidates)} on a 10% holdout of the training "
+              f"features ({max(1, options.epochs // 5)}-epoch probes)" if len(candidates) > 1
+              else f"lr {candidates[0]:g}")
+    values = _run(ctx, cache, f"lincls: {len(tasks)} probe(s) ({', '.join(modes)}) on {where(ctx)}",
+                  [f"{options.epochs} epochs of batch {options.batch_size}, {choice}"], tasks, shared,
+                  lambda: Rates.measure(forward=lambda: time_forward(ctx),
+                                        linear=lambda: linear.time_linear_step(ctx, options)),
+                  lambda values: files(values)[0], what="probe")
+    for row in _rows_of(values):
         if not row["converged"]:
             print(f"moco: warning: the {row['mode']} probe's training loss ended at {row['final_loss']:.2f}, near "
                   f"chance level; lower --lr (features of small encoders often need far less than 30)", file=sys.stderr)
-    results = {"provenance": describe(ctx), "options": {**options.to_dict(), "lr_candidates": args.lr}, "rows": rows}
-    return _finish(ctx, "lincls", results, markdown_table(*lincls_table(rows)))
+    return _finish(*files(values))
 
 
 def _knn(args: argparse.Namespace) -> int:
-    from moco.evaluate.common import describe, extract_feature_set, markdown_table
-    from dataclasses import replace
-
-    from moco.evaluate.report import ENCODER_OUTPUT, encoder_output_set, knn_rows, knn_table
+    from moco.evaluate.common import markdown_table, time_forward, where, write_results
+    from moco.evaluate.report import knn_table, knn_tasks
+    from moco.progress import Rates, RowCache
 
     ctx = _context(args)
     options = _knn_options(args)
@@ -188,47 +261,113 @@ def _knn(args: argparse.Namespace) -> int:
         print(f"moco: error: --feature {feature}: {args.checkpoint} holds no projection head, so there is no "
               "encoder output to evaluate; use --feature backbone", file=sys.stderr)
         return 2
-    features = extract_feature_set(ctx.pretrained.backbone(), ctx)
-    n, rows = ctx.data.num_classes, []
-    if feature in ("backbone", "both"):
-        rows += knn_rows(features, "MoCo", options, n)
-    if feature in ("encoder", "both"):
-        rows += knn_rows(encoder_output_set(ctx.pretrained.encoder(), features), "MoCo" + ENCODER_OUTPUT,
-                         replace(options, whiten=False), n)
-    results = {"provenance": describe(ctx), "options": {**vars(options), "ks": list(options.ks),
-                                                        "feature": feature}, "rows": rows}
-    return _finish(ctx, "knn", results, markdown_table(*knn_table(rows)))
+    cache = RowCache(ctx.run_dir, args.overwrite)
+    tasks, shared = knn_tasks(ctx, options, feature)
+
+    def files(values: list) -> tuple[Any, str]:
+        rows = _rows_of(values)
+        extra = {"options": {**vars(options), "ks": list(options.ks), "feature": feature}, "rows": rows}
+        results, table = _results(ctx, tasks, values, extra, markdown_table(*knn_table(rows)))
+        return write_results(ctx.run_dir, "knn", results, table), table
+
+    values = _run(ctx, cache, f"knn: {len(tasks)} feature set(s) on {where(ctx)}",
+                  [f"k = {' '.join(map(str, options.ks))}, temperature {options.temperature:g}"
+                   + (", also PCA-whitened" if options.whiten else "")], tasks, shared,
+                  lambda: Rates.measure(forward=lambda: time_forward(ctx)), lambda values: files(values)[0],
+                  what="feature set")
+    return _finish(*files(values))
+
+
+def _finetune_plan(options: FinetuneOptions, protocol: str, inits: Sequence[str], cache: Any,
+                   tasks_for: Callable[[FinetuneOptions], list]) -> tuple[list[str], Callable[[Any], list[str]]]:
+    """The plan's line on the rows, and (once the rates are known) on the protocol and how to ask
+    for the full one, with its estimate here."""
+    from moco.evaluate.finetune import describe_rows
+    from moco.progress import duration, estimate, pending
+
+    def more(rates: Any) -> list[str]:
+        if protocol != "quick":
+            return [f"protocol {protocol}"]
+        full = PROTOCOLS["full"]
+        wide = replace(options, steps=full.steps, lrs=full.lrs, val_size=full.val_size)
+        seconds = estimate(pending(tasks_for(wide), cache), rates)
+        return [f"protocol quick (the default on a CPU: {PROTOCOLS['quick'].describe()}); the full protocol "
+                f"({full.describe()}): --protocol full, about {duration(seconds)} here"]
+    return [describe_rows(options, inits)], more
+
+
+def _finetune_rates(ctx: Any, options: FinetuneOptions, training: bool = True) -> Any:
+    """The probe's rates: fine-tuning steps (when ``training``), the forward pass, linear-probe steps."""
+    from moco.evaluate.common import time_forward
+    from moco.evaluate.finetune import time_training_step
+    from moco.evaluate.linear import time_linear_step
+    from moco.progress import Rates
+
+    return Rates.measure(train=(lambda: time_training_step(ctx, options)) if training else None,
+                         forward=lambda: time_forward(ctx), linear=lambda: time_linear_step(ctx, LinclsOptions()))
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from moco.evaluate.common import describe, markdown_table
-    from moco.evaluate.finetune import finetune_table, gain_table, pretraining_gain, run_finetune
+    from moco.evaluate.common import markdown_table, where, write_results
+    from moco.evaluate.finetune import finetune_table, finetune_tasks, gain_table, pretraining_gain
+    from moco.progress import RowCache
 
     ctx = _context(args)
     seeds = tuple(dict.fromkeys(args.seed))
     args.seed = seeds[0]
-    options = _finetune_options(args)
-    rows = run_finetune(ctx, options, tuple(args.fractions), tuple(dict.fromkeys(args.init)), seeds)
-    gains = pretraining_gain(rows)
-    results = {"provenance": describe(ctx), "options": {**options.to_dict(), "seeds": list(seeds)}, "rows": rows,
-               "gain": gains}
-    table = markdown_table(*finetune_table(rows))
-    if gains:
-        table += "\nWhat pretraining adds (MoCo minus random init, mean over seeds):\n\n" + markdown_table(*gain_table(gains))
-    return _finish(ctx, "finetune", results, table)
+    options, protocol = _finetune_options(args, "", ctx.device)
+    inits, fractions = tuple(dict.fromkeys(args.init)), tuple(args.fractions)
+    cache = RowCache(ctx.run_dir, args.overwrite)
+    tasks_for = lambda chosen: finetune_tasks(ctx, chosen, fractions, inits, seeds)  # noqa: E731
+    tasks = tasks_for(options)
+
+    def files(values: list) -> tuple[Any, str]:
+        rows = _rows_of(values)
+        gains = pretraining_gain(rows)
+        table = markdown_table(*finetune_table(rows))
+        if gains:
+            table += ("\nWhat pretraining adds (MoCo minus random init, mean over seeds):\n\n"
+                      + markdown_table(*gain_table(gains)))
+        extra = {"options": {**options.to_dict(), "seeds": list(seeds), "protocol": protocol}, "rows": rows,
+                 "gain": gains}
+        results, table = _results(ctx, tasks, values, extra, table)
+        return write_results(ctx.run_dir, "finetune", results, table), table
+
+    details, more = _finetune_plan(options, protocol, inits, cache, tasks_for)
+    values = _run(ctx, cache, f"finetune: {len(tasks)} rows on {where(ctx)}", details, tasks, {},
+                  lambda: _finetune_rates(ctx, options), lambda values: files(values)[0], more=more)
+    return _finish(*files(values))
 
 
 def _report(args: argparse.Namespace) -> int:
-    from moco.evaluate.report import report_markdown, run_report
+    from moco.evaluate import report
+    from moco.evaluate.common import where
+    from moco.evaluate.finetune import finetune_tasks
+    from moco.progress import RowCache, announce
 
     ctx = _context(args)
+    finetune, protocol = _finetune_options(args, "finetune-", ctx.device)
     options = ReportOptions(knn=_knn_options(args), lincls=_lincls_options(args, "lincls-"),
                             lincls_lrs=tuple(dict.fromkeys(args.lincls_lr)),
                             augmented_epochs=max(0, args.lincls_augmented_epochs),
-                            finetune=_finetune_options(args, "finetune-"), fractions=tuple(args.fractions),
+                            finetune=finetune, fractions=tuple(args.fractions),
                             finetune_rows=not args.no_finetune)
-    results = run_report(ctx, options)
-    print(report_markdown(results), end="")
+    cache = RowCache(ctx.run_dir, args.overwrite)
+    tasks, shared = report.report_tasks(ctx, options, cache)
+    count = {kind: sum(t.key["kind"] == kind for t in tasks) for kind in ("knn", "lincls", "finetune")}
+    details = [f"kNN (k = {' '.join(map(str, options.knn.ks))}) on {count['knn']} representations, "
+               f"{count['lincls']} linear probes ({options.lincls.epochs} epochs), {count['finetune']} fine-tuning rows"]
+    more: Callable[[Any], Sequence[str]] = lambda rates: ()  # noqa: E731
+    if count["finetune"]:
+        lines, more = _finetune_plan(finetune, protocol, INITS, cache,
+                                     lambda chosen: finetune_tasks(ctx, chosen, options.fractions))
+        details += lines
+    rates = announce(ctx.progress, f"report: {len(tasks)} parts on {where(ctx)}", details, tasks, cache,
+                     lambda: _finetune_rates(ctx, finetune, training=count["finetune"] > 0), shared, "part")
+    for line in more(rates) if rates is not None else ():
+        ctx.progress.say(f"  {line}")
+    results = report.run_report(ctx, options, cache, tasks)
+    print(report.report_markdown(results), end="")
     print(f"wrote {ctx.run_dir / 'report.json'} and {ctx.run_dir / 'report.md'}")
     return 0
 
@@ -242,13 +381,15 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from moco.embed import embed
+    from moco.embed import embed, refuse_to_replace, saved_path
 
+    refuse_to_replace(saved_path(args.out, args.format), "--output", args.overwrite)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    found = embed(args.checkpoint, args.data, args.feature, args.batch_size, args.device, args.workers)
+    found = embed(args.checkpoint, args.data, args.feature, args.batch_size, args.device, args.workers,
+                  Progress.for_command(args.no_progress))
     path = found.save(args.out, args.format)
     labelled = int((found.labels >= 0).sum())
     print(f"wrote {path}: {len(found.paths)} images x {found.features.shape[1]} features ({args.feature}), "
@@ -260,12 +401,15 @@ def _search(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from moco.embed import (Embeddings, duplicate_groups, embed, load_thumbnail, nearest, neighbour_grid,
-                            query_features, search_table, thumbnail_of_file)
+                            query_features, refuse_to_replace, search_table, thumbnail_of_file)
 
+    progress = Progress.for_command(args.no_progress)
     if args.duplicates:
         if not args.checkpoint:
             raise ConfigError("--duplicates DIR needs --checkpoint CKPT (the encoder that embeds the folder)")
-        index = embed(args.checkpoint, args.duplicates, args.feature, device=args.device)
+        if args.out:
+            refuse_to_replace(Path(args.out), "--output", args.overwrite)
+        index = embed(args.checkpoint, args.duplicates, args.feature, device=args.device, progress=progress)
         groups = duplicate_groups(index.features, args.threshold)
         print(f"{len(groups)} group(s) of near-duplicates at cosine similarity >= {args.threshold} "
               f"among {len(index.paths)} images")
@@ -284,7 +428,7 @@ def _search(args: argparse.Namespace) -> int:
     if Path(args.index).is_dir():
         if not args.checkpoint:
             raise ConfigError("--index DIR (a folder) needs --checkpoint CKPT to embed it")
-        index = embed(args.checkpoint, args.index, args.feature, device=args.device)
+        index = embed(args.checkpoint, args.index, args.feature, device=args.device, progress=progress)
     else:
         index = Embeddings.load(args.index)
     queries = query_features(index, args.queries, args.checkpoint, args.device)
@@ -304,7 +448,8 @@ def _page(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    path = write_page(args.run_dir, args.checkpoint, points=args.points, device=args.device)
+    path = write_page(args.run_dir, args.checkpoint, points=args.points, device=args.device,
+                      progress=Progress.for_command(args.no_progress))
     print(f"wrote {path} (open it in a browser)")
     return 0
 
@@ -364,6 +509,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding the images")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = all cores")
+    add_progress_options(p, "replace an existing --output file (default: refuse)")
     p.set_defaults(func=_embed)
 
     p = sub.add_parser("search", help="nearest images by cosine similarity, or groups of near-duplicates")
@@ -381,6 +527,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", *OUTPUT_ALIASES, dest="out", metavar="FILE",
                    help="--duplicates: also write the groups to this JSON file")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_progress_options(p, "--duplicates: replace an existing --output file (default: refuse)")
     p.set_defaults(func=_search)
 
     p = sub.add_parser("page", help="one HTML page for a run: config, curves, embedding map, neighbours, tables")
@@ -389,6 +536,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--points", type=_positive(int), default=1500, help="held-out images in the embedding map")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = all cores")
+    add_progress_options(p)
     p.set_defaults(func=_page)
 
     p = sub.add_parser("export", help="write the backbone for torchvision, timm (ViT) or detectron2",
