@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -231,3 +232,24 @@ def test_into_memory_keeps_every_image_and_the_aspect_ratios(tmp_path: Path) -> 
     assert memory.aspect.tolist() == [2.0] * 8
     assert torch.equal(aspect_ratios_of(memory.subset(torch.tensor([1, 7])), torch.tensor([1])), torch.tensor([2.0]))
     assert into_memory(folder).aspect is None  # centre-cropped images were not squeezed
+
+
+def test_a_folder_runs_summary_sets_its_knn_beside_raw_pixels_and_an_untrained_encoder(tmp_path: Path) -> None:
+    """On a user's labelled folder the final report says at once whether pretraining paid: centred
+    raw pixels at k = 10 and 200 and the untrained encoder, by the same kNN, beside the run's own."""
+    from moco.monitor import pixel_knn
+    from moco.train import pretrain
+    from tests.tiny import tiny_config
+
+    config_path = tiny_config(tmp_path, folder_workers=1, optim__epochs=1, train__knn_every=0)
+    (tmp_path / "data" / "test").symlink_to(tmp_path / "data" / "train")  # a labelled test split
+    config = load_config(config_path, ["data.in_memory_mb=64"])
+    pretrain(config)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    baselines = summary["baselines"]
+    assert set(baselines) == {"raw_pixels_k10", "raw_pixels_k200", "random_init_backbone", "random_init_encoder"}
+    assert all(0 <= value <= 100 for value in baselines.values())
+    data = build_data(config)
+    assert pixel_knn(data.full_train, data.test, data, config) == {10: baselines["raw_pixels_k10"],
+                                                                  200: baselines["raw_pixels_k200"]}
+    assert baselines["raw_pixels_k10"] > 90  # the stripes' positions are plain in the pixels

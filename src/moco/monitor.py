@@ -16,7 +16,8 @@ from moco.config import Config
 from moco.data.augment import EvalTransform
 from moco.data.datasets import make_loader
 from moco.data.splits import Data
-from moco.evaluate.knn import PCAWhitening, extract_features, head_outputs, knn_accuracy
+from moco.evaluate.knn import (PCAWhitening, extract_features, head_outputs, knn_accuracy, knn_predict_many,
+                               topk_accuracy)
 
 
 @dataclass
@@ -34,6 +35,7 @@ class KnnScores:
     encoder: float
     whitened: float | None = None
     whitened_note: str | None = None
+    baselines: dict[str, float] | None = None  # raw pixels and the untrained encoder (a user's folder)
 
     def of(self, feature: str) -> float:
         return self.backbone if feature == "backbone" else self.encoder
@@ -92,6 +94,31 @@ def knn_eval(encoder: nn.Module, bank: Any, queries: Any, data: Data, config: Co
     return scores
 
 
+PIXEL_KS = (10, 200)
+
+
+@torch.no_grad()
+def pixel_knn(bank: Any, queries: Any, data: Data, config: Config) -> dict[int, float]:
+    """Weighted kNN top-1 (%) on the images themselves, for k = 10 and 200: the evaluation's
+    preprocessing, flattened, centred on the bank's mean pixel vector and L2-normalised. What a
+    pretrained encoder has to beat to have learnt anything: on small, centred objects raw pixels
+    are a strong neighbour search."""
+    preprocess = EvalTransform(config.data.image_size, data.mean, data.std)
+
+    def pixels(ds: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        batches = [(preprocess(images).flatten(1), torch.as_tensor(labels))
+                   for images, labels, _ in make_loader(ds, 512, shuffle=False, drop_last=False,
+                                                        workers=config.data.workers)]
+        return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+    bank_x, bank_y = pixels(bank)
+    query_x, query_y = pixels(queries)
+    centre = bank_x.mean(0, keepdim=True)
+    bank_x, query_x = F.normalize(bank_x - centre, dim=1), F.normalize(query_x - centre, dim=1)
+    scores = knn_predict_many(bank_x, bank_y, query_x, data.num_classes, PIXEL_KS, config.train.knn_t)
+    return {k: topk_accuracy(s, query_y, ks=(1,))[1] for k, s in scores.items()}
+
+
 def val_knn_text(row: dict[str, Any], feature: str) -> str:
     text = f", val kNN top-1 {row['val_knn_top1']:.2f}%"
     if row["val_knn_top1_backbone"] == row["val_knn_top1_encoder"]:
@@ -103,7 +130,9 @@ def val_knn_text(row: dict[str, Any], feature: str) -> str:
 def test_knn_fields(scores: KnnScores, feature: str) -> dict[str, Any]:
     fields = {"knn_feature": feature, "test_knn_top1_backbone": scores.backbone,
               "test_knn_top1_encoder": scores.encoder, "test_knn_top1_whitened": scores.whitened}
-    return {**fields, "test_knn_whitened_note": scores.whitened_note} if scores.whitened_note else fields
+    if scores.whitened_note:
+        fields["test_knn_whitened_note"] = scores.whitened_note
+    return {**fields, "baselines": scores.baselines} if scores.baselines else fields
 
 
 def test_knn_line(scores: KnnScores, feature: str, k: int, temperature: float) -> str:
@@ -112,5 +141,11 @@ def test_knn_line(scores: KnnScores, feature: str, k: int, temperature: float) -
     other = "encoder" if feature == "backbone" else "backbone"
     whitened = (f"{scores.whitened:.2f}% on PCA-whitened backbone features" if scores.whitened is not None
                 else scores.whitened_note or "no PCA-whitened kNN")
-    return (f"test kNN top-1 (k={k}, T={temperature}): {scores.of(feature):.2f}% on the {names[feature]}; "
+    line = (f"test kNN top-1 (k={k}, T={temperature}): {scores.of(feature):.2f}% on the {names[feature]}; "
             f"{scores.of(other):.2f}% on the {names[other]}, {whitened}")
+    b = scores.baselines
+    if b:
+        line += (f"\n  baselines: centred raw pixels {b['raw_pixels_k10']:.2f}% (k=10), {b['raw_pixels_k200']:.2f}% "
+                 f"(k=200); the untrained encoder {b['random_init_backbone']:.2f}% (backbone), "
+                 f"{b['random_init_encoder']:.2f}% (encoder output)")
+    return line

@@ -32,7 +32,7 @@ from moco.derive import check_queue_fits
 from moco.diagnostics import CollapseMonitor, StepStats, collapse_advice, momentum_drift
 from moco.methods import Batch, Method, StepContext, build_method, sync_bn_choice
 from moco.methods.base import same_views
-from moco.monitor import KnnScores, knn_eval, test_knn_fields, test_knn_line, val_knn_text
+from moco.monitor import KnnScores, knn_eval, pixel_knn, test_knn_fields, test_knn_line, val_knn_text
 from moco.optim import build_optimizer
 from moco.pretrained import encoder_spec
 from moco.reliability import (Checkpointer, NonFiniteGuard, StopSignals, TrainingInterrupted, check_paths, check_resume,
@@ -400,10 +400,27 @@ def final_evaluation(run: Run) -> KnnScores | None:
         return None
     scores = knn_eval(run.method.encoder, data.full_train, data.test, data, run.config, run.device, run.memory_format,
                       whitened=True)
+    if run.config.data.dataset == "folder":  # a user's own images: did pretraining pay?
+        scores.baselines = baselines(run)
     run.log.write({"kind": "test", "step": run.state.step, "epoch": run.config.optim.epochs,
                    "test_knn_top1": scores.of(t.knn_feature), **test_knn_fields(scores, t.knn_feature)})
     say(test_knn_line(scores, t.knn_feature, t.knn_k, t.knn_t))
     return scores
+
+
+def baselines(run: Run) -> dict[str, float]:
+    """What the run's test kNN is measured against on a user's folder: centred raw pixels (k = 10 and
+    200) and the run's encoder untrained (the same architecture at a random initialisation seeded by
+    ``train.seed``), by the same kNN as the run (k = ``train.knn_k``)."""
+    config, data = run.config, run.data
+    with preserved_rng():
+        seed_everything(config.train.seed)
+        untrained = build_method(config, data.channels, run.device, bank_size=index_range(data.pretrain))
+        untrained = untrained.to(run.device).to(memory_format=run.memory_format)
+    random_init = knn_eval(untrained.encoder, data.full_train, data.test, data, config, run.device, run.memory_format)
+    pixels = pixel_knn(data.full_train, data.test, data, config)
+    return {**{f"raw_pixels_k{k}": value for k, value in pixels.items()},
+            "random_init_backbone": random_init.backbone, "random_init_encoder": random_init.encoder}
 
 
 def finish(run: Run, test_scores: KnnScores | None) -> RunResult:
