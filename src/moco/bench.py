@@ -20,7 +20,7 @@ where each case runs in a process of its own).
 - ``lightly``: lightly's MoCo recipe (its NT-Xent with a memory bank, ``update_momentum``,
   ``batch_shuffle``) on the same backbone, views, batch, K and device, where lightly is installed.
 
-The ratios the performance issue sets targets for are printed at the end and written to the JSON.
+The ratios between the cases are printed at the end and written to the JSON.
 On a shared host whose speed drifts by 2x within a minute, separate processes minutes apart say
 little about a ratio: so by default (``--mode interleaved``) every case is built in one process
 and one block of each is timed in turn, so each round's ratios compare blocks seconds apart; the
@@ -454,8 +454,8 @@ def plan(cases: list[str], queue_sizes: list[int], config_K: int) -> list[tuple[
 
 
 def ratios(results: list[CaseResult], config_K: int) -> dict[str, float]:
-    """The performance issue's ratios: times per image, except the loop's, which is a speed
-    (the issue asks for the loop at >= 0.9x the step's speed)."""
+    """The ratios between cases: times per image, except the loop's, which is a speed (the loop's
+    speed against the isolated step's, where 1 means the loop adds nothing)."""
     rate = {r.case: r.img_s for r in results if r.img_s and r.case not in ("moco", "lightly")}
     moco = {r.K: r.img_s for r in results if r.case == "moco" and r.img_s}
     out: dict[str, float] = {}
