@@ -1,4 +1,4 @@
-"""``moco bench``: the cases time what they say, the ratios are the issue's, the JSON is complete."""
+"""``moco bench``: the cases time what they say, the ratios are taken between the right cases, the JSON is complete."""
 
 from __future__ import annotations
 

@@ -202,7 +202,7 @@ def test_a_resumed_run_remembers_what_the_monitor_saw(tmp_path: Path, monkeypatc
     assert_identical_runs(reference / "run", tmp_path / "run")
 
 
-# --- the consistency the paper argues for, made visible (issue 24) ---------------------------------
+# --- the consistency the paper argues for, made visible ------------------------------------------
 def test_alignment_and_uniformity_equal_hand_computed_values() -> None:
     from moco.diagnostics import alignment, uniformity
 

@@ -250,7 +250,7 @@ def test_a_runs_thread_setting_holds_during_the_run_and_not_after_it(tmp_path: P
     config = load_config(tiny_config(tmp_path), ["optim.epochs=1", "train.threads=1", "train.knn_every=0"])
     pretrain(config)
     assert json.loads((Path(config.train.output_dir) / "resolved.json").read_text())["threads"] == 1
-    assert torch.get_num_threads() == 2  # a notebook or test session is not left on one core
+    assert torch.get_num_threads() == 2  # a notebook or test run is not left on one core
 
 
 @pytest.mark.parametrize("name", ["moco", "moco_v3"])

@@ -32,7 +32,7 @@ def seed_everything(seed: int) -> None:
 @contextlib.contextmanager
 def preserved_cpu_threads() -> Iterator[None]:
     """Put torch's intra-op CPU threads back as they were after the block: a run with
-    ``train.threads=1`` must not leave a notebook or a test session on one core."""
+    ``train.threads=1`` must not leave a notebook or a test run on one core."""
     previous = torch.get_num_threads()
     try:
         yield
