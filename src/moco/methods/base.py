@@ -127,7 +127,7 @@ class Method(nn.Module):
         (:data:`TRAINED_VIEW`, :data:`TARGET_VIEW`); MoCo v1/v2's query and key make 4. The
         ``folder`` preset divides its derived epochs by it against MoCo v2's, so every method gets
         about the same time within the 20-800 epoch bounds; ``moco bench --cases moco,NAME``
-        measures it (docs/own-data.md)."""
+        measures it (docs/benchmarks.md)."""
         raise NotImplementedError(f"{cls.__name__} does not declare encoder_passes")
 
     @classmethod
