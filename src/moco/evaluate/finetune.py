@@ -23,7 +23,7 @@ start (measured: 70% instead of 80% at 1% of the labels).
 
 Two protocols: ``full`` (five lrs, 500 steps, 5,000 validation images) and ``quick`` (two lrs,
 200 steps, 1,000 validation images), the default on a CPU so that a few thousand images take
-minutes, not an hour (docs/results.md, "Progress, kept rows and the CPU protocol").
+minutes, not an hour (docs/evaluate.md).
 """
 
 from __future__ import annotations
