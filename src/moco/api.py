@@ -68,11 +68,11 @@ def _set_overrides(values: dict[str, Any], options: Mapping[str, Any]) -> dict[s
 
 
 def load_config(config: str | os.PathLike[str] | Config | None = DEFAULT_CONFIG, **options: Any) -> Config:
-    """A validated :class:`~moco.config.Config` from a shipped preset's name, a YAML path or a
+    """A validated `Config` from a shipped preset's name, a YAML path or a
     ``Config``, with ``section__key=value`` overrides applied.
 
-    ``None`` starts from the defaults in :mod:`moco.config` alone. Errors are
-    :class:`~moco.errors.ConfigError` and name the option, as on the command line."""
+    ``None`` starts from the defaults in `moco.config` alone. Errors are
+    `ConfigError` and name the option, as on the command line."""
     from moco.config import read_config_file
     from moco.presets import resolve_config_path
 
@@ -90,7 +90,7 @@ def pretrain(config: str | os.PathLike[str] | Config | None = DEFAULT_CONFIG, *,
     """Pretrain as ``moco pretrain CONFIG [section.key=value ...]`` does, and return the summary.
 
     ``config`` is a shipped preset's name (``moco.shipped_configs()``), a YAML path or a
-    :class:`~moco.config.Config`; ``options`` are ``section__key=value`` overrides.
+    `Config`; ``options`` are ``section__key=value`` overrides.
     ``resume=True`` continues ``train.output_dir/checkpoint_last.pth`` (or give a checkpoint path);
     ``overwrite=True`` replaces a finished run there. Without either, a directory that holds a run is
     refused, so no result is lost by accident. Interrupting (Ctrl-C) saves a resumable checkpoint."""
@@ -115,7 +115,7 @@ def export(checkpoint: str | os.PathLike[str], output: str | os.PathLike[str], f
     ``format`` is ``torchvision`` (ResNets), ``timm`` (Vision Transformers) or ``detectron2``
     (ResNets of torchvision's shape); ``output.json`` records how to build the network that loads
     it. Returns ``output``. A format that cannot hold this backbone is refused before anything is
-    written (:class:`~moco.exporters.ExportError`)."""
+    written (`ExportError`)."""
     from moco.exporters import export_checkpoint
 
     return export_checkpoint(checkpoint, format, output)
