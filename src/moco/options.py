@@ -2,7 +2,7 @@
 
 The typed dataclasses of :mod:`moco.config` (and each method's ``Options``) are the one place an
 option is defined; its comment there is its documentation. This module reads both back, so the
-config reference (``docs/reference/config.md``) and ``moco configs --options`` cannot drift from
+config reference (``docs/reference/config.md``) cannot drift from
 the code.
 """
 
