@@ -44,7 +44,7 @@ def _tasks(calls: list[str], stop_at: str | None = None) -> list[Task]:
         calls.append(name)
         return {"name": name, "top1": 50.0 + len(name)}
 
-    return [Task(name, {"kind": "test", "row": name}, lambda name=name: run(name), Work(train_steps=10),
+    return [Task(name, {"kind": "test", "row": name}, lambda name=name: run(name), Work(train_images=10),
                  lambda row: f"top-1 {row['top1']:.1f}%") for name in ("a", "bb", "ccc")]
 
 
@@ -95,8 +95,8 @@ def test_sigterm_stops_a_run_between_rows_and_keeps_the_finished_ones(tmp_path: 
 
 
 def test_the_plan_estimates_each_row_from_measured_rates_and_counts_shared_work_once(tmp_path: Path) -> None:
-    rates = Rates(train_step_s=0.5, forward_image_s=0.001, linear_step_s=0.01)
-    tasks = [Task(name, {"row": name}, dict, Work(train_steps=100, forward_images=1000), needs=("features",))
+    rates = Rates(train_image_s=0.005, forward_image_s=0.001, linear_step_s=0.01)
+    tasks = [Task(name, {"row": name}, dict, Work(train_images=10_000, forward_images=1000), needs=("features",))
              for name in ("x", "y")]
     assert estimate(tasks, rates, {"features": Work(forward_images=60_000)}) == pytest.approx(2 * 51 + 60)
     assert [t.estimate_s for t in tasks] == pytest.approx([111, 51])  # the first needing the features pays
@@ -109,6 +109,7 @@ def test_the_plan_estimates_each_row_from_measured_rates_and_counts_shared_work_
     assert stream.getvalue().splitlines() == [
         "test: 2 rows", "  detail",
         f"  1 of 2 rows kept from an earlier run ({cache.path}); --overwrite computes them again",
-        "  probe: 0.500 s a training step, 1.00 ms an image through the network, 10.00 ms a linear-probe step "
+        "  probe: 5.00 ms an image in a fine-tuning step, 1.00 ms an image through the network, 10.00 ms a "
+        "linear-probe step "
         "(measured in 0 s)",
         "  estimate: about 1 m 51 s for 1 row (y 1 m 51 s)"]  # the kept row's features are not needed

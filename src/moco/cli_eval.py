@@ -278,7 +278,7 @@ def _knn(args: argparse.Namespace) -> int:
     return _finish(*files(values))
 
 
-def _finetune_plan(options: FinetuneOptions, protocol: str, inits: Sequence[str], cache: Any,
+def _finetune_plan(ctx: Any, options: FinetuneOptions, protocol: str, inits: Sequence[str], cache: Any,
                    tasks_for: Callable[[FinetuneOptions], list]) -> tuple[list[str], Callable[[Any], list[str]]]:
     """The plan's line on the rows, and (once the rates are known) on the protocol and how to ask
     for the full one, with its estimate here."""
@@ -287,23 +287,23 @@ def _finetune_plan(options: FinetuneOptions, protocol: str, inits: Sequence[str]
 
     def more(rates: Any) -> list[str]:
         if protocol != "quick":
-            return [f"protocol {protocol}"]
+            return [f"protocol {protocol} ({PROTOCOLS[protocol].describe()})"]
         full = PROTOCOLS["full"]
         wide = replace(options, steps=full.steps, lrs=full.lrs, val_size=full.val_size)
         seconds = estimate(pending(tasks_for(wide), cache), rates)
         return [f"protocol quick (the default on a CPU: {PROTOCOLS['quick'].describe()}); the full protocol "
                 f"({full.describe()}): --protocol full, about {duration(seconds)} here"]
-    return [describe_rows(options, inits)], more
+    return [describe_rows(ctx, options, inits)], more
 
 
 def _finetune_rates(ctx: Any, options: FinetuneOptions, training: bool = True) -> Any:
     """The probe's rates: fine-tuning steps (when ``training``), the forward pass, linear-probe steps."""
     from moco.evaluate.common import time_forward
-    from moco.evaluate.finetune import time_training_step
+    from moco.evaluate.finetune import time_training
     from moco.evaluate.linear import time_linear_step
     from moco.progress import Rates
 
-    return Rates.measure(train=(lambda: time_training_step(ctx, options)) if training else None,
+    return Rates.measure(train=(lambda: time_training(ctx, options)) if training else None,
                          forward=lambda: time_forward(ctx), linear=lambda: time_linear_step(ctx, LinclsOptions()))
 
 
@@ -333,7 +333,7 @@ def _finetune(args: argparse.Namespace) -> int:
         results, table = _results(ctx, tasks, values, extra, table)
         return write_results(ctx.run_dir, "finetune", results, table), table
 
-    details, more = _finetune_plan(options, protocol, inits, cache, tasks_for)
+    details, more = _finetune_plan(ctx, options, protocol, inits, cache, tasks_for)
     values = _run(ctx, cache, f"finetune: {len(tasks)} rows on {where(ctx)}", details, tasks, {},
                   lambda: _finetune_rates(ctx, options), lambda values: files(values)[0], more=more)
     return _finish(*files(values))
@@ -359,7 +359,7 @@ def _report(args: argparse.Namespace) -> int:
                f"{count['lincls']} linear probes ({options.lincls.epochs} epochs), {count['finetune']} fine-tuning rows"]
     more: Callable[[Any], Sequence[str]] = lambda rates: ()  # noqa: E731
     if count["finetune"]:
-        lines, more = _finetune_plan(finetune, protocol, INITS, cache,
+        lines, more = _finetune_plan(ctx, finetune, protocol, INITS, cache,
                                      lambda chosen: finetune_tasks(ctx, chosen, options.fractions))
         details += lines
     rates = announce(ctx.progress, f"report: {len(tasks)} parts on {where(ctx)}", details, tasks, cache,

@@ -171,11 +171,11 @@ class Progress:
         phase = Phase(self, self.name(name), total, unit, estimate)
         try:
             yield phase
-        finally:
-            if sys.exc_info()[0] is None:
-                phase.close()
-            elif phase.bar is not None:
+        except BaseException:  # stopped or failed: clear the bar, say nothing of a result
+            if phase.bar is not None:
                 phase.bar.close()
+            raise
+        phase.close()
 
     def iterate(self, items: Iterable[T], name: str, total: int, unit: str = "image",
                 size: Callable[[T], int] = lambda batch: len(batch[0]), estimate: bool = False) -> Iterator[T]:
@@ -191,16 +191,16 @@ class Progress:
 class Work:
     """What a row costs, in units a short probe can time."""
 
-    train_steps: int = 0        # optimiser steps through the whole network (fine-tuning)
+    train_images: int = 0       # images through fine-tuning steps (steps x their batch)
     forward_images: int = 0     # images through the network without gradients (features, evaluation)
     linear_steps: int = 0       # steps of a linear layer on stored features (probes)
 
     def __add__(self, other: "Work") -> "Work":
-        return Work(self.train_steps + other.train_steps, self.forward_images + other.forward_images,
+        return Work(self.train_images + other.train_images, self.forward_images + other.forward_images,
                     self.linear_steps + other.linear_steps)
 
     def seconds(self, rates: "Rates") -> float:
-        return (self.train_steps * rates.train_step_s + self.forward_images * rates.forward_image_s
+        return (self.train_images * rates.train_image_s + self.forward_images * rates.forward_image_s
                 + self.linear_steps * rates.linear_step_s)
 
 
@@ -208,7 +208,7 @@ class Work:
 class Rates:
     """Seconds per unit of :class:`Work`, measured on this machine by a probe."""
 
-    train_step_s: float = 0.0
+    train_image_s: float = 0.0
     forward_image_s: float = 0.0
     linear_step_s: float = 0.0
     probe_s: float = 0.0        # how long measuring them took
@@ -222,7 +222,7 @@ class Rates:
         return cls(*rates, probe_s=time.perf_counter() - tic)
 
     def text(self) -> str:
-        parts = [f"{self.train_step_s:.3f} s a training step"] if self.train_step_s else []
+        parts = [f"{1000 * self.train_image_s:.2f} ms an image in a fine-tuning step"] if self.train_image_s else []
         parts += [f"{1000 * self.forward_image_s:.2f} ms an image through the network"] if self.forward_image_s else []
         parts += [f"{1000 * self.linear_step_s:.2f} ms a linear-probe step"] if self.linear_step_s else []
         return ", ".join(parts) + f" (measured in {duration(self.probe_s)})"

@@ -260,20 +260,24 @@ def settings(ctx: EvalContext, options: FinetuneOptions) -> dict[str, Any]:
 
 
 def row_work(ctx: EvalContext, init: str, fraction: float, options: FinetuneOptions) -> Work:
-    """What one row costs: its trainings' steps, the images its LP-FT, validation and test pass
-    through the network, and its LP-FT probe's steps."""
+    """What one row costs: the images through its trainings' steps (a small subset trains in
+    smaller batches), the images its LP-FT, validation and test send through the network, and its
+    LP-FT probes' steps."""
     labels = labels_of(ctx.data.full_train)
-    picks = len(balanced_subset(labels, fraction, options.seed))
+    picks = balanced_subset(labels, fraction, options.seed)
     candidates = options.candidates(init)
-    fit, val = picks, 0
-    if len(candidates) > 1:
-        val_picks = validation_split(labels, options.val_size, options.seed)
-        fit, val = picks - int(torch.isin(balanced_subset(labels, fraction, options.seed), val_picks).sum()), len(val_picks)
-    trainings = len(candidates) + (1 if fit < picks else 0)
+    val = validation_split(labels, options.val_size, options.seed) if len(candidates) > 1 else picks[:0]
+    fit = len(picks) - int(torch.isin(picks, val).sum())
+    retrain = fit < len(picks)  # the candidates trained without the validation images
     lp_ft = init == "moco" and options.head_init == "probe"
-    forward = len(candidates) * (val + (fit if lp_ft else 0)) + (picks if lp_ft and fit < picks else 0)
-    return Work(train_steps=trainings * options.steps, forward_images=forward + len(ctx.data.test),
-                linear_steps=trainings * PROBE_RECIPE.steps if lp_ft else 0)
+
+    def trained(images: int) -> int:
+        return options.steps * options.recipe(1.0, images).batch_size
+
+    return Work(train_images=len(candidates) * trained(fit) + retrain * trained(len(picks)),
+                forward_images=len(candidates) * (len(val) + lp_ft * fit) + retrain * lp_ft * len(picks)
+                + len(ctx.data.test),
+                linear_steps=(len(candidates) + retrain) * lp_ft * PROBE_RECIPE.steps)
 
 
 def finetune_tasks(ctx: EvalContext, options: FinetuneOptions, fractions: Sequence[float] = FRACTIONS,
@@ -298,10 +302,10 @@ def row_summary(row: dict[str, Any]) -> str:
     return f"top-1 {row['top1']:.2f}% at lr {row['lr']:g}"
 
 
-def time_training_step(ctx: EvalContext, options: FinetuneOptions, steps: int = 3) -> float:
-    """Seconds per fine-tuning step on this machine (random start; the options' batch, augmentation
-    and precision; data loading included), after one warm-up step. Leaves the random number
-    generators as they were."""
+def time_training(ctx: EvalContext, options: FinetuneOptions, steps: int = 3) -> float:
+    """Seconds per image of a fine-tuning step on this machine (random start; the options' batch,
+    augmentation and precision; data loading included), after one warm-up step. Leaves the random
+    number generators as they were."""
     with torch.random.fork_rng(devices=[]):
         model = build_model(ctx, "random", options.seed)
         fmt = memory_format_for(ctx)
@@ -311,17 +315,20 @@ def time_training_step(ctx: EvalContext, options: FinetuneOptions, steps: int = 
         train = dict(transform=ctx.augment(options.crop_scale), device=ctx.device, memory_format=fmt,
                      precision=resolve_precision(options.precision, ctx.device))
         train_classifier(model, model.parameters(), batches, recipe, **train)
-        return train_classifier(model, model.parameters(), batches, replace(recipe, steps=steps), **train).seconds / steps
+        timed = train_classifier(model, model.parameters(), batches, replace(recipe, steps=steps), **train)
+        return timed.seconds / (steps * recipe.batch_size)
 
 
-def describe_rows(options: FinetuneOptions, inits: Sequence[str]) -> str:
-    """What each row runs, for the printed plan."""
+def describe_rows(ctx: EvalContext, options: FinetuneOptions, inits: Sequence[str]) -> str:
+    """What each row runs, for the printed plan (with the validation images there really are)."""
     lrs = options.candidates("moco")
     tuned = [i for i in inits if i != "scratch"]
     parts = []
     if tuned:
-        choice = (f"lr {' or '.join(f'{lr:g}' for lr in lrs)} chosen on {options.val_size:,} labelled training "
-                  "images (100% rows then retrain at the chosen lr)" if len(lrs) > 1 else f"lr {lrs[0]:g}")
+        val = len(validation_split(labels_of(ctx.data.full_train), options.val_size, options.seed))
+        choice = (f"one training per lr in {', '.join(f'{lr:g}' for lr in lrs)}, the best on {val:,} labelled "
+                  "training images kept (100% rows then retrain at it on all labels)" if len(lrs) > 1
+                  else f"lr {lrs[0]:g}")
         parts.append(f"each {' and '.join(tuned)} row: {choice}")
     if "scratch" in inits:
         parts.append(f"the scratch row: lr {options.scratch_lr:g}")
