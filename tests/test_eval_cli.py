@@ -51,6 +51,13 @@ def test_report_runs_every_evaluation_and_baseline(tmp_path: Path) -> None:
     assert "  estimate: about " in err and "[1/12] kNN, MoCo: k=5 top-1 " in err and "\r" not in err
     assert "[12/12] scratch 100% seed 0: top-1 " in err
     assert report["complete"] and report["pending"] == []
+    # Again: every part is kept, nothing is measured or trained, the same numbers are written.
+    again = subprocess.run(result.args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "12 of 12 parts kept from an earlier run" in again.stderr and "probe:" not in again.stderr
+    assert "in this run (12 parts kept from an earlier one)" in again.stdout
+    kept = json.loads((tmp_path / "report.json").read_text())
+    assert [r["top1"] for r in kept["finetune"]] == [r["top1"] for r in report["finetune"]]
 
 
 @needs_fashion_mnist

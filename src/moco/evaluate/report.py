@@ -29,7 +29,7 @@ from moco.evaluate.finetune import (FRACTIONS, FinetuneOptions, finetune_table, 
 from moco.evaluate.knn import PCAWhitening, head_outputs, knn_accuracies
 from moco.evaluate.linear import (LinclsOptions, choice_key, choose_lr, frozen_features, lincls_table, probe_task,
                                   selection_options)
-from moco.progress import NoCache, RowCache, Task, Work, kept, run_tasks
+from moco.progress import NoCache, RowCache, Task, Work, kept, pending, run_tasks
 
 KS = (10, 20, 100, 200)
 
@@ -171,8 +171,9 @@ def report_tasks(ctx: EvalContext, options: ReportOptions, cache: RowCache) -> t
 
 
 def report_results(ctx: EvalContext, options: ReportOptions, tasks: Sequence[Task], values: Sequence[Any],
-                   seconds: float) -> dict[str, Any]:
-    """report.json from the parts finished so far; ``pending`` names those still to run."""
+                   seconds: float, kept_parts: int = 0) -> dict[str, Any]:
+    """report.json from the parts finished so far; ``pending`` names those still to run,
+    ``kept_parts`` counts those an earlier run finished (``seconds`` is this run's)."""
     parts = {"knn": [], "lincls": [], "finetune": []}
     for task, value in zip(tasks, values):
         if value is not None:
@@ -183,7 +184,7 @@ def report_results(ctx: EvalContext, options: ReportOptions, tasks: Sequence[Tas
                         "lincls": options.lincls.to_dict(),
                         "lincls_lrs": list(options.lincls_lrs), "augmented_epochs": options.augmented_epochs,
                         "finetune": options.finetune.to_dict(), "fractions": list(options.fractions)},
-            "seconds": seconds, "complete": all(v is not None for v in values),
+            "seconds": seconds, "kept_parts": kept_parts, "complete": all(v is not None for v in values),
             "pending": [t.label for t, v in zip(tasks, values) if v is None]}
 
 
@@ -195,13 +196,14 @@ def run_report(ctx: EvalContext, options: ReportOptions, cache: RowCache | None 
     tic = time.perf_counter()
     cache = cache if cache is not None else NoCache()
     planned = tasks if tasks is not None else report_tasks(ctx, options, cache)[0]
+    kept_parts = len(planned) - len(pending(planned, cache))
 
     def written(values: list[Any]) -> tuple[Any, ...]:
-        results = report_results(ctx, options, planned, values, time.perf_counter() - tic)
+        results = report_results(ctx, options, planned, values, time.perf_counter() - tic, kept_parts)
         return write_results(ctx.run_dir, "report", results, report_markdown(results))
 
     values = run_tasks(planned, ctx.progress, cache, written, what="part")
-    results = report_results(ctx, options, planned, values, time.perf_counter() - tic)
+    results = report_results(ctx, options, planned, values, time.perf_counter() - tic, kept_parts)
     write_results(ctx.run_dir, "report", results, report_markdown(results))
     return results
 
@@ -237,7 +239,9 @@ def report_markdown(results: dict[str, Any]) -> str:
     parts = [f"# Evaluation of `{p['checkpoint']}`\n",
              f"{p['dataset']} ({p['train_images']} train / {p['test_images']} test images), encoder "
              f"{p['encoder']['arch']} widths {p['encoder']['widths']}, device {p['device']}, {p['threads']} threads; "
-             f"{results['seconds']:.0f} s in all. Top-1 accuracy (%) on the test split.\n",
+             f"{results['seconds']:.0f} s" + (f" in this run ({results['kept_parts']} parts kept from an earlier one)"
+                                              if results.get("kept_parts") else " in all")
+             + ". Top-1 accuracy (%) on the test split.\n",
              markdown_table(*summary_table(results)), "\n## kNN (cosine, temperature-weighted votes)\n",
              markdown_table(*knn_table(results["knn"])), "\n## Linear probes (frozen backbone)\n",
              markdown_table(*lincls_table(results["lincls"]))]
