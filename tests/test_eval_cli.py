@@ -56,6 +56,8 @@ def test_report_runs_every_evaluation_and_baseline(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr
     assert "12 of 12 parts kept from an earlier run" in again.stderr and "probe:" not in again.stderr
     assert "in this run (12 parts kept from an earlier one)" in again.stdout
+    assert "(quick protocol: a first look that favours the pretrained start; --protocol full measures the gain)" \
+        in again.stdout
     kept = json.loads((tmp_path / "report.json").read_text())
     assert [r["top1"] for r in kept["finetune"]] == [r["top1"] for r in report["finetune"]]
 
@@ -129,7 +131,8 @@ def test_an_interrupted_finetune_keeps_its_finished_rows_and_a_rerun_skips_them(
     done = json.loads((tmp_path / "finetune.json").read_text())
     assert done["complete"] and done["rows"][0] == kept["rows"][0]  # the kept row, as it was
     assert [(r["init"], r["fraction"]) for r in done["rows"]] == [("moco", 0.1), ("random", 0.1)]
-    assert len(done["gain"]) == 1
+    assert len(done["gain"]) == 1 and done["options"]["protocol"] == "quick"  # the default on a CPU
+    assert "quick protocol: a first look that favours the pretrained start" in (tmp_path / "finetune.md").read_text()
     assert main([*command, "--overwrite"]) == 0
     assert "kept from an earlier run" not in capsys.readouterr().err
 

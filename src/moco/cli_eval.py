@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 from moco.config import ConfigError
-from moco.evaluate.finetune import FRACTIONS, HEAD_INITS, INITS, PROTOCOLS, FinetuneOptions
+from moco.evaluate.finetune import FRACTIONS, HEAD_INITS, INITS, PROTOCOLS, QUICK_GAIN_NOTE, FinetuneOptions
 from moco.evaluate.linear import MODES, LinclsOptions
 from moco.evaluate.report import KS, KnnOptions, ReportOptions
 from moco.progress import ROWS_FILE, Progress
@@ -326,7 +326,8 @@ def _finetune(args: argparse.Namespace) -> int:
         gains = pretraining_gain(rows)
         table = markdown_table(*finetune_table(rows))
         if gains:
-            table += ("\nWhat pretraining adds (MoCo minus random init, mean over seeds):\n\n"
+            note = f"; {QUICK_GAIN_NOTE}" if protocol == "quick" else ""
+            table += (f"\nWhat pretraining adds (MoCo minus random init, mean over seeds{note}):\n\n"
                       + markdown_table(*gain_table(gains)))
         extra = {"options": {**options.to_dict(), "seeds": list(seeds), "protocol": protocol}, "rows": rows,
                  "gain": gains}
@@ -350,7 +351,7 @@ def _report(args: argparse.Namespace) -> int:
     options = ReportOptions(knn=_knn_options(args), lincls=_lincls_options(args, "lincls-"),
                             lincls_lrs=tuple(dict.fromkeys(args.lincls_lr)),
                             augmented_epochs=max(0, args.lincls_augmented_epochs),
-                            finetune=finetune, fractions=tuple(args.fractions),
+                            finetune=finetune, finetune_protocol=protocol, fractions=tuple(args.fractions),
                             finetune_rows=not args.no_finetune)
     cache = RowCache(ctx.run_dir, args.overwrite)
     tasks, shared = report.report_tasks(ctx, options, cache)

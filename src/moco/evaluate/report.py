@@ -24,8 +24,8 @@ from torch import nn
 
 from moco.evaluate.common import (EvalContext, FeatureSet, describe, extract_feature_set, features_work,
                                   markdown_table, pixel_feature_set, unfinished_note, write_results)
-from moco.evaluate.finetune import (FRACTIONS, FinetuneOptions, finetune_table, finetune_tasks, gain_table,
-                                   pretraining_gain)
+from moco.evaluate.finetune import (FRACTIONS, QUICK_GAIN_NOTE, FinetuneOptions, finetune_table, finetune_tasks,
+                                   gain_table, pretraining_gain)
 from moco.evaluate.knn import PCAWhitening, head_outputs, knn_accuracies
 from moco.evaluate.linear import (LinclsOptions, choice_key, choose_lr, frozen_features, lincls_table, probe_task,
                                   selection_options)
@@ -119,6 +119,7 @@ class ReportOptions:
     lincls_lrs: tuple[float, ...] = (30.0, 3.0, 0.3)  # several: chosen on a training holdout (select_lr)
     augmented_epochs: int = 0  # > 0: also the paper's augmented probe, this many epochs (milestones scaled)
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
+    finetune_protocol: str = "full"  # which protocol ``finetune`` comes from (quick: a first look)
     fractions: tuple[float, ...] = FRACTIONS
     finetune_rows: bool = True
 
@@ -183,7 +184,8 @@ def report_results(ctx: EvalContext, options: ReportOptions, tasks: Sequence[Tas
             "options": {"knn": vars(options.knn) | {"ks": list(options.knn.ks)},
                         "lincls": options.lincls.to_dict(),
                         "lincls_lrs": list(options.lincls_lrs), "augmented_epochs": options.augmented_epochs,
-                        "finetune": options.finetune.to_dict(), "fractions": list(options.fractions)},
+                        "finetune": options.finetune.to_dict(), "finetune_protocol": options.finetune_protocol,
+                        "fractions": list(options.fractions)},
             "seconds": seconds, "kept_parts": kept_parts, "complete": all(v is not None for v in values),
             "pending": [t.label for t, v in zip(tasks, values) if v is None]}
 
@@ -248,7 +250,9 @@ def report_markdown(results: dict[str, Any]) -> str:
     if results["finetune"]:
         parts += ["\n## Fine-tuning\n", markdown_table(*finetune_table(results["finetune"]))]
         if results.get("finetune_gain"):
-            parts += ["\nWhat pretraining adds (MoCo minus random init):\n", markdown_table(*gain_table(results["finetune_gain"]))]
+            note = f" ({QUICK_GAIN_NOTE})" if results["options"].get("finetune_protocol") == "quick" else ""
+            parts += [f"\nWhat pretraining adds (MoCo minus random init){note}:\n",
+                      markdown_table(*gain_table(results["finetune_gain"]))]
     if results.get("pending"):
         parts.append(unfinished_note(results["pending"], "part"))
     return "\n".join(parts)
