@@ -304,7 +304,7 @@ def test_every_checkpoint_is_read_onto_the_cpu_whatever_device_the_run_trains_on
     CPU and let ``load_state_dict`` place the weights."""
     import shutil
 
-    from moco.export import export
+    from moco.exporters import export_checkpoint as export
     from moco.pretrained import load_pretrained
 
     config_path, reference_run = tiny_reference

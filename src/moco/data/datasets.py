@@ -21,8 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from moco.data import folder_index
-from moco.data.folder_index import list_images
+from moco.data.folder_index import list_images, packed_paths, scan
 from moco.data.images import BadImageError, BadImageWarning, ImageInfo, decode, describe, inspect
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -212,7 +211,7 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"on_bad_image must be 'skip' or 'fail', got {on_bad_image!r}")
         self.load_size, self.channels, self.on_bad_image = load_size, channels, on_bad_image
         self.classes, candidates = list_images(self.root, IMAGE_EXTENSIONS)
-        infos = folder_index.scan(self.root, candidates, _inspect_all)  # headers read once, then cached
+        infos = scan(self.root, candidates, _inspect_all)  # headers read once, then cached
         reasons = [info.reason for info in infos]
         self.skipped = [(self.root / f.relative, reason) for f, reason in zip(candidates, reasons) if reason]
         if self.skipped and on_bad_image == "fail":
@@ -224,7 +223,7 @@ class ImageFolderDataset(Dataset):
         if not usable_files:
             raise NoUsableImagesError(f"no usable images in {self.root}: "
                                       f"{describe(self.skipped, len(candidates), self.root)}")
-        self.files = folder_index.packed_paths([f.relative for f in usable_files])  # shared with workers as is
+        self.files = packed_paths([f.relative for f in usable_files])  # shared with workers as is
         self.labels = torch.tensor([f.label for f in usable_files], dtype=torch.long)
         usable = [info for info in infos if not info.reason]
         self.sizes = torch.tensor([(info.width, info.height) for info in usable], dtype=torch.long)  # N x (w, h)
