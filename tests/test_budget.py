@@ -87,3 +87,21 @@ def test_the_probe_leaves_the_run_as_it_would_have_been(tmp_path: Path) -> None:
     assert epochs >= 1
     pretrain(load_config(config_path, [f"optim.epochs={epochs}", f"train.output_dir={tmp_path / 'fixed'}", *common]))
     assert_identical_runs(tmp_path / "budget", tmp_path / "fixed")
+
+
+@pytest.mark.parametrize("device, overrides, budget, epochs_auto", [
+    ("cpu", [], "15m", True),                      # a CPU run is sized by the time it takes
+    ("cuda", [], "", True),                        # a GPU's epochs follow the images seen
+    ("cpu", ["optim.epochs=7"], "", False),        # epochs set by hand win
+    ("cpu", ["train.budget=90s"], "90s", True),    # a budget set by hand is kept
+])
+def test_the_folder_presets_budget_auto(device: str, overrides: list[str], budget: str, epochs_auto: bool) -> None:
+    from moco.derive import derive_budget
+    from moco.presets import resolve_config_path
+
+    config = load_config(resolve_config_path("folder"), ["data.root=/nonexistent", *overrides])
+    assert (config.optim.epochs == "auto") == epochs_auto
+    notes = derive_budget(config, torch.device(device))
+    assert config.train.budget == budget
+    if "train.budget=90s" not in overrides:
+        assert notes and notes[0].startswith(f"train.budget={budget or 'none'} (")

@@ -28,7 +28,8 @@ AUTO = "auto"
 # Options that may be ``auto``: derived from the data when a run starts (moco.derive), printed,
 # and stored resolved in the run's config.yaml. Any of them set to a value is used as given.
 AUTO_OPTIONS = ("data.image_size", "data.channels", "data.val_size", "model.stem_stride", "model.small_images",
-                "model.K", "model.bn_splits", "optim.batch_size", "optim.epochs", "aug.crop_scale", "aug.blur_p")
+                "model.K", "model.bn_splits", "optim.batch_size", "optim.epochs", "aug.crop_scale", "aug.blur_p",
+                "train.budget")
 
 
 def is_auto(value: Any) -> bool:
@@ -138,6 +139,10 @@ class TrainConfig:
     knn_feature: str = "backbone"      # backbone (pooled, before the head; what export keeps) | encoder (output, head
                                        # included: the reference CIFAR demo's monitor). The test line reports both.
     test_knn: bool = True              # final kNN on the test split
+    online_probe: bool = False         # also train a linear classifier on each step's detached backbone features of
+                                       # the query view (labelled images only) and score it on the validation split
+                                       # at every epoch's end: online_probe_acc (docs/evaluate.md)
+    online_probe_lr: float = 1e-3      # the online probe's AdamW lr (no weight decay)
     keep_checkpoints: int = 1          # epoch checkpoints kept besides checkpoint_last.pth
     # Several processes (torchrun; docs/distributed.md):
     dist_timeout_s: float = 600.0      # a collective waiting longer than this (a rank died or hangs) is an error
@@ -151,7 +156,8 @@ class TrainConfig:
     compile: bool = False              # torch.compile the networks a step runs (minutes of compiling first; for GPUs)
     budget: str = ""                   # wall time for training and evaluation, e.g. 90s, 15m, 2h: sizes optim.epochs=auto
                                        # from a timed probe of the real step (given on the command line, it makes the
-                                       # config file's epochs auto unless optim.epochs is given there too)
+                                       # config file's epochs auto unless optim.epochs is given there too); auto: 15m
+                                       # on a CPU, none on a GPU (the epochs then follow the images seen)
 
 
 @dataclass
@@ -391,11 +397,12 @@ def validate(config: Config) -> None:
         (m.sync_bn is not True or m.bn_splits == 1, "model.sync_bn", "SyncBatchNorm replaces split BN; set model.bn_splits=1"),
         (t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}"),
         (t.knn_every >= 0, "train.knn_every", f"must be >= 0, got {t.knn_every}"),
+        (t.online_probe_lr > 0, "train.online_probe_lr", f"must be > 0, got {t.online_probe_lr}"),
         (t.keep_checkpoints >= 0, "train.keep_checkpoints", f"must be >= 0, got {t.keep_checkpoints}"),
         (t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", f"must be >= 0, got {t.checkpoint_every_steps}"),
         (t.max_consecutive_skips >= 1, "train.max_consecutive_skips", f"must be >= 1, got {t.max_consecutive_skips}"),
     ]
-    if t.budget:
+    if t.budget and not is_auto(t.budget):
         parse_duration(t.budget)  # a one-line error naming train.budget
     for ok, key, message in checks:
         if not ok:
@@ -422,7 +429,7 @@ def _validate_resolvable(config: Config, pending: set[str]) -> None:
     probe = copy.deepcopy(config)
     placeholders = {"data.image_size": 32, "data.channels": 0, "data.val_size": 0, "model.stem_stride": 1,
                     "model.small_images": True, "optim.epochs": max(2, int(config.optim.warmup_epochs) + 1),
-                    "aug.crop_scale": [0.2, 1.0], "aug.blur_p": 0.5}
+                    "aug.crop_scale": [0.2, 1.0], "aug.blur_p": 0.5, "train.budget": ""}
     for key, value in placeholders.items():
         if key in pending:
             section, name = key.split(".")

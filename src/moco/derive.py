@@ -30,6 +30,7 @@ GPU_IMAGE_SIZE = 224
 CPU_VIEWS = 300_000        # MoCo v2 images per run on a CPU (11-13 min for 64 px views on one core, docs/benchmarks.md); GPU: 5x
 V2_ENCODER_PASSES = TRAINED_VIEW + TARGET_VIEW  # what CPU_VIEWS was measured with: MoCo v2's query and key
 MIN_EPOCHS, MAX_EPOCHS = 20, 800
+CPU_BUDGET = "15m"         # train.budget=auto on a CPU: a run a user waits for, whatever the machine's speed
 SMALL_IMAGE = 32           # images up to this side keep most of themselves in a crop, and are not blurred
 
 
@@ -145,6 +146,7 @@ def derive_training_options(config: Config, pretrain_images: int, device: torch.
         queue = max(step, min(MAX_QUEUE, pretrain_images // 2) // step * step)
         _set(config, "model.K", queue, f"a multiple of the {step} keys a step enqueues, at most half the "
                                        f"{pretrain_images:,} pretraining images", notes)
+    notes += derive_budget(config, device)
     if _pending(config, "optim.epochs") and config.train.budget:
         o.epochs = math.floor(o.warmup_epochs) + 1  # a stand-in: set_up times the step and sizes the run to the budget
     if _pending(config, "optim.epochs"):
@@ -158,6 +160,22 @@ def derive_training_options(config: Config, pretrain_images: int, device: torch.
         cost = "" if work == 1 else f"; {work:.3g}x MoCo v2's encoder work per image: MoCo v2 would get {v2_epochs}"
         _set(config, "optim.epochs", epochs, f"about {epochs * pretrain_images:,} images seen{cost}", notes)
     return notes
+
+
+def derive_budget(config: Config, device: torch.device) -> list[str]:
+    """``train.budget=auto``: on a CPU a run is sized by the time it takes (CPUs differ 2.5x in
+    speed, so a count of images seen would take 6 minutes on one and 17 on another); on a GPU the
+    epochs follow the images seen. Epochs set by hand win over either."""
+    if not _pending(config, "train.budget"):
+        return []
+    if device.type == "cpu" and is_auto(config.optim.epochs):
+        notes: list[str] = []
+        _set(config, "train.budget", CPU_BUDGET, "a CPU's default: the run sizes its epochs to end within it", notes)
+        return notes
+    config.train.budget = ""
+    why = (f"optim.epochs={config.optim.epochs} is set" if not is_auto(config.optim.epochs)
+           else f"on {device.type} the epochs follow the images seen")
+    return [f"train.budget=none ({why})"]
 
 
 def _draws_k_negatives(config: Config) -> bool:

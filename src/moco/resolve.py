@@ -41,7 +41,7 @@ def _data_decisions(config: Config) -> list[Decision]:
     probe.data.in_memory_mb = 0  # headers only: nothing is decoded to print the plan
     data = build_data(probe, resolve_device(config.train.device), pretraining=False)
     in_memory_mb = config.data.in_memory_mb
-    for section in ("model", "data", "aug", "optim"):
+    for section in ("model", "data", "aug", "optim", "train"):
         setattr(config, section, getattr(probe, section))
     config.data.in_memory_mb = in_memory_mb
     decisions = []

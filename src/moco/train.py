@@ -33,6 +33,8 @@ from moco.diagnostics import CollapseMonitor, StepStats, collapse_advice, moment
 from moco.methods import Batch, Method, StepContext, build_method, sync_bn_choice
 from moco.methods.base import same_views
 from moco.monitor import KnnScores, knn_eval, pixel_knn, test_knn_fields, test_knn_line, val_knn_text
+from moco.online_probe import (OnlineProbe, build_online_probe, probe_checkpoint, probe_epoch_fields, probe_step,
+                               probe_summary, probe_text, restore_probe)
 from moco.optim import build_optimizer
 from moco.pretrained import encoder_spec
 from moco.reliability import (Checkpointer, NonFiniteGuard, StopSignals, TrainingInterrupted, check_paths, check_resume,
@@ -123,6 +125,7 @@ class Run:
     show_progress: Callable[..., None] = lambda **_: None
     window_start: float = field(default_factory=time.perf_counter)  # img/s over the steps read back together
     window_images: int = 0
+    probe: OnlineProbe | None = None  # train.online_probe (moco.online_probe)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -143,8 +146,9 @@ class Run:
         loop = dict(vars(state), epoch_losses=list(state.epoch_losses), epoch_accs=list(state.epoch_accs),
                     epoch_feature_stds=list(state.epoch_feature_stds), epoch_cosines=list(state.epoch_cosines),
                     elapsed_s=self.elapsed())
-        return self.checkpointer.save(training_state(self.method, self.optimizer, self.scaler, self.config,
-                                                     self.identity, loop, rng_of_ranks), epoch_end)
+        return self.checkpointer.save({**training_state(self.method, self.optimizer, self.scaler, self.config,
+                                                        self.identity, loop, rng_of_ranks),
+                                       **probe_checkpoint(self.probe)}, epoch_end)
 
 
 def run_identity(config: Config, channels: int) -> dict[str, Any]:
@@ -197,9 +201,7 @@ def set_up(config: Config, resume: str | None, overwrite: bool) -> Run:
     the method, optimiser, RNGs and the loop's position."""
     start_time = time.time()
     t = config.train
-    budgeted = bool(t.budget) and is_auto(config.optim.epochs)  # build_data resolves it; the budget sizes it below
-    if t.budget and not budgeted:
-        say(f"train.budget={t.budget} not used: optim.epochs={config.optim.epochs} is set (optim.epochs=auto uses it)")
+    epochs_auto = is_auto(config.optim.epochs)  # build_data resolves it; a budget sizes it below
     run_dir = Path(t.output_dir)
     check_paths(config, resume, overwrite)
     if t.threads:  # for the run only: pretrain puts them back afterwards
@@ -215,6 +217,9 @@ def set_up(config: Config, resume: str | None, overwrite: bool) -> Run:
     data = build_data(config, device)
     if data.derived:
         say("derived from the data (set any of them to override):\n  " + "\n  ".join(data.derived))
+    budgeted = bool(t.budget) and epochs_auto  # train.budget=auto is resolved by now too
+    if t.budget and not budgeted:
+        say(f"train.budget={t.budget} not used: optim.epochs={config.optim.epochs} is set (optim.epochs=auto uses it)")
     if len(data.pretrain) < config.optim.batch_size:
         raise ConfigError(f"optim.batch_size: {config.optim.batch_size} is larger than the "
                           f"{len(data.pretrain)} pretraining images")
@@ -224,6 +229,7 @@ def set_up(config: Config, resume: str | None, overwrite: bool) -> Run:
     if dist_utils.world_size() > 1:
         say(f"model.sync_bn: {'on' if sync_bn else 'off'} ({sync_bn_reason})")
     method = method.to(device).to(memory_format=memory_format)
+    probe = build_online_probe(config, data, method.encoder, device)
     if t.compile:
         say(f"train.compile: compiling {', '.join(compile_networks(method))} (the first steps take longer)")
     local_batch = dist_utils.local_batch_size(config.optim.batch_size)  # optim.batch_size is global
@@ -251,7 +257,7 @@ def set_up(config: Config, resume: str | None, overwrite: bool) -> Run:
     state = LoopState(steps_per_epoch=steps_per_epoch)
     if resume:
         ckpt_path = run_dir / "checkpoint_last.pth" if resume == "auto" else Path(resume)
-        state = _restore(ckpt_path, method, optimizer, scaler, identity, steps_per_epoch, t.seed)
+        state = _restore(ckpt_path, method, optimizer, scaler, identity, steps_per_epoch, t.seed, probe)
         checkpointer.last_good = ckpt_path
     if budgeted:  # sized once, at the start; a resume keeps the plan its checkpoint holds
         if not state.budget:
@@ -283,7 +289,7 @@ def set_up(config: Config, resume: str | None, overwrite: bool) -> Run:
     val_knn = _val_knn_so_far(run_dir) if resume and dist_utils.is_main_process() else {}
     return Run(config, run_dir, device, precision, memory_format, data, method, optimizer, scaler, view_augments,
                loader, identity, checkpointer, state, step_function(method, device), guard, monitor, log, start_time,
-               val_knn)
+               val_knn, probe=probe)
 
 
 def view_augmentations(config: Config, data: Data, method: Method) -> list[BatchAugment]:
@@ -309,8 +315,9 @@ def train_one_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
     run.method.train()
     batches, run.show_progress = _progress(run.loader, epoch, run.config)
     run.window_start, run.window_images = time.perf_counter(), 0
-    for images, _, indices in stop.batches(batches):
-        train_step(run, epoch, images, indices)
+    for images, labels, indices in stop.batches(batches):
+        with probe_step(run.probe, labels):  # the online probe learns from the step's features
+            train_step(run, epoch, images, indices)
         due = run.checkpointer.due(run.state.step, run.state.batch, run.steps_per_epoch)
         # Under torchrun the ranks agree on a stop signal by an all-reduce the host waits for: at
         # logged steps and checkpoints only, the same steps on every rank. One process: every step.
@@ -378,10 +385,11 @@ def end_of_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
         run.val_knn[epoch + 1] = scores.of(t.knn_feature)
         row.update(val_knn_top1=run.val_knn[epoch + 1], val_knn_top1_backbone=scores.backbone,
                    val_knn_top1_encoder=scores.encoder)
+    row.update(probe_epoch_fields(run.probe, run.method.encoder, run.data, config, run.device, run.memory_format))
     run.log.write(row)
     say(f"epoch {epoch + 1}/{config.optim.epochs}: loss "
         + (f"{row['loss']:.4f}" if row["loss"] is not None else "n/a (every step skipped)")
-        + (val_knn_text(row, t.knn_feature) if "val_knn_top1" in row else "")
+        + (val_knn_text(row, t.knn_feature) if "val_knn_top1" in row else "") + probe_text(row)
         + (f", {run.guard.skipped} non-finite steps skipped so far" if run.guard.skipped else "")
         + f" ({row['elapsed_s']:.0f} s)")
     _check_collapse(run, epoch)
@@ -441,7 +449,8 @@ def finish(run: Run, test_scores: KnnScores | None) -> RunResult:
                    **(test_knn_fields(test_scores, t.knn_feature) if test_scores else {}), "seconds": seconds,
                    "training_seconds": run.elapsed(), "skipped_steps": run.guard.skipped,
                    "collapse_warnings": sorted(run.monitor.warned), "precision": run.precision,
-                   "device": str(run.device), "processes": dist_utils.world_size(), **budget}
+                   "device": str(run.device), "processes": dist_utils.world_size(), **budget,
+                   **probe_summary(run.run_dir)}
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return result
 
@@ -574,6 +583,8 @@ def size_to_budget(config: Config, data: Data, method: Method, view_augments: li
     step_s = time_steps(config, data, method, view_augments, loader, device, precision, memory_format)
     monitor = len(data.monitor_bank) + len(data.val) if t.knn_every and data.val is not None else 0
     final = len(data.full_train) + len(data.test) if t.test_knn and data.test is not None and data.full_train else 0
+    if config.data.dataset == "folder":
+        final *= 2  # the baselines encode both splits again with the untrained encoder
     return plan_epochs(parse_duration(t.budget), set_up_s + PROBE_STEPS * step_s, step_s, len(loader),
                        config.optim.batch_size, method.encoder_passes(config), monitor, t.knn_every, final,
                        min_epochs=math.floor(config.optim.warmup_epochs) + 1)
@@ -613,8 +624,8 @@ def time_steps(config: Config, data: Data, method: Method, view_augments: list[B
 
 
 def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-             identity: dict[str, Any], steps_per_epoch: int, seed: int) -> LoopState:
-    """Load a checkpoint into the model, optimiser, scaler and RNGs; returns the loop's position.
+             identity: dict[str, Any], steps_per_epoch: int, seed: int, probe: OnlineProbe | None = None) -> LoopState:
+    """Load a checkpoint into the model, optimiser, scaler, online probe and RNGs; returns the loop's position.
     The file is read onto the CPU (:func:`moco.checkpoint.load_checkpoint`); each ``load_state_dict``
     puts its part where the model and the optimiser's parameters already are."""
     try:
@@ -629,6 +640,7 @@ def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sca
         raise ConfigError(f"--resume: {path} does not fit this model ({detail})") from None
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
+    restore_probe(probe, ckpt, path)
     _restore_rng(ckpt, seed + ckpt["step"])
     if "loop" in ckpt:
         return LoopState(**ckpt["loop"])
