@@ -167,8 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The shipped presets: pass a name to moco pretrain (a YAML path works too).")
     c.set_defaults(func=lambda _: print_configs(shipped_configs()) or 0)
     from moco.cli_eval import add_commands  # lincls, knn, finetune, report, export
+    from moco.transfer import add_commands as add_transfer_commands  # transfer detect, ...
 
     add_commands(sub)
+    add_transfer_commands(sub)
     use_defaults_help(parser)
     return parser
 

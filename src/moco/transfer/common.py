@@ -145,6 +145,19 @@ def backbone_for(init: str, checkpoint: str | os.PathLike, supervised: str | os.
     return backbone.train(), spec
 
 
+def input_stats(pretrained: PretrainedEncoder) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std the backbone's input was normalised with in pretraining: the stored
+    config's ``data.mean``/``data.std``, else its dataset's statistics, else ImageNet's (gray: 0.5)."""
+    from moco.data.splits import default_stats
+
+    data = (pretrained.config or {}).get("data", {}) if isinstance((pretrained.config or {}).get("data"), Mapping) else {}
+    channels = pretrained.spec.in_channels
+    mean, std = data.get("mean"), data.get("std")
+    if mean is None or std is None or len(mean) != channels or len(std) != channels:
+        mean, std = default_stats(str(data.get("dataset", "folder")), channels)
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
 def resnet_stages(spec: EncoderSpec) -> dict[str, int]:
     """Channels of the four stages' outputs (``layer1`` .. ``layer4``), what an FPN or a segmentation head reads."""
     expansion = ARCHS[spec.arch][0].expansion
