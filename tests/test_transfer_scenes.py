@@ -73,8 +73,9 @@ def test_layout_counts_and_categories(scene_set: Path) -> None:
         assert [c["id"] for c in coco["categories"]] == list(range(1, 11))
         assert coco["categories"][0]["name"] == "T-shirt/top" and coco["categories"][9]["name"] == "Ankle boot"
         for entry in coco["images"]:
-            image = np.asarray(Image.open(scene_set / split / "images" / entry["file_name"]))
-            labels = np.asarray(Image.open(scene_set / split / "labels" / entry["file_name"]))
+            assert entry["file_name"].startswith("images/")  # relative to the json, as COCO tools read it
+            image = np.asarray(Image.open(scene_set / split / entry["file_name"]))
+            labels = np.asarray(Image.open(scene_set / split / "labels" / Path(entry["file_name"]).name))
             assert image.shape == labels.shape == (64, 64) and image.dtype == labels.dtype == np.uint8
             assert set(np.unique(labels).tolist()) <= {*range(11), IGNORE}
         per_image = np.bincount([a["image_id"] for a in coco["annotations"]], minlength=count + 1)[1:]
@@ -89,7 +90,7 @@ def test_boxes_areas_and_masks_agree_with_label_maps(scene_set: Path) -> None:
     for split in COUNTS:
         coco = _load(scene_set, split)
         for entry in coco["images"]:
-            labels = np.asarray(Image.open(scene_set / split / "labels" / entry["file_name"]))
+            labels = np.asarray(Image.open(scene_set / split / "labels" / Path(entry["file_name"]).name))
             mine = [a for a in coco["annotations"] if a["image_id"] == entry["id"]]
             union = {c: np.zeros_like(labels, bool) for c in range(1, 11)}
             taken = np.zeros_like(labels, np.int32)

@@ -23,6 +23,7 @@ from moco.transfer.common import INITS, TransferOptions, backbone_for, convert_b
 # task name -> the module that implements it
 TASKS: dict[str, str] = {
     "detect": "moco.transfer.detect",
+    "segment": "moco.transfer.segment",
     "scenes": "moco.transfer.scenes",    # writes the scene set the tasks can be measured on
 }
 

@@ -38,6 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from moco.cli_help import OUTPUT_ALIASES
 from moco.config import ConfigError
 from moco.data.datasets import FASHION_MNIST_CLASSES, IMAGE_EXTENSIONS, fashion_mnist
 
@@ -341,7 +342,7 @@ def write_split(output: Path, split: str, count: int, pool: Garments, options: S
         name = f"{index:06d}.png"
         Image.fromarray(scene.image).save(images_dir / name)
         Image.fromarray(label_map(scene, options.ignore_band)).save(labels_dir / name)
-        image_entries.append({"id": index + 1, "file_name": name, "width": options.canvas,
+        image_entries.append({"id": index + 1, "file_name": f"images/{name}", "width": options.canvas,
                               "height": options.canvas, "background": scene.background})
         photo_scenes += scene.background != "plain"
         for g_index, garment in enumerate(scene.garments):
@@ -413,11 +414,12 @@ def _range(text: str) -> tuple[int, int]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``moco transfer scenes``."""
     d = SceneOptions()
-    p.add_argument("--output", "-o", required=True, metavar="DIR", help="where the scene set goes")
-    p.add_argument("--train", type=int, default=3000, help="training scenes")
-    p.add_argument("--val", type=int, default=500, help="validation scenes")
-    p.add_argument("--test", type=int, default=1000, help="test scenes")
-    p.add_argument("--canvas", type=int, default=d.canvas, help="side of each scene in pixels")
+    p.add_argument("--output", "-o", *OUTPUT_ALIASES, dest="output", required=True, metavar="DIR",
+                   help="where the scene set goes")
+    p.add_argument("--train", type=int, default=3000, metavar="N", help="training scenes")
+    p.add_argument("--val", type=int, default=500, metavar="N", help="validation scenes")
+    p.add_argument("--test", type=int, default=1000, metavar="N", help="test scenes")
+    p.add_argument("--canvas", type=int, default=d.canvas, metavar="PX", help="side of each scene in pixels")
     p.add_argument("--objects", type=_range, default=(d.min_objects, d.max_objects), metavar="LO-HI",
                    help="garments drawn per scene (those that find no place keeping the others visible are left out)")
     p.add_argument("--sizes", type=_range, default=(d.min_size, d.max_size), metavar="LO-HI",
@@ -430,7 +432,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-band", type=int, default=d.ignore_band, metavar="PX",
                    help="label maps mark pixels within PX of an object's outline 255 (ignored); 0: no band")
     p.add_argument("--fashion-mnist", metavar="DIR", help="Fashion-MNIST's IDX files (default: Debian's dataset-fashion-mnist)")
-    p.add_argument("--seed", type=int, default=d.seed, help="the same seed writes the same files")
+    p.add_argument("--seed", type=int, default=d.seed, help="the same seed (and photographs) writes the same files")
     p.add_argument("--overwrite", action="store_true", help="replace a scene set already in --output (default: refuse)")
 
 
