@@ -240,12 +240,12 @@ class CocoDetection(Dataset):
         self.data, self.channels, self.transform = data, channels, transform
         all_images = data.coco.dataset["images"]
         self.images = [all_images[i] for i in indices] if indices is not None else list(all_images)
-        self.targets, cleaning = [], Cleaning()
+        self.targets, counts = [], [0, 0, 0]
         for image in self.images:
-            anns, counts = self._training_annotations(image)
+            anns, found = self._training_annotations(image)
             self.targets.append(anns)
-            cleaning = Cleaning(*(a + b for a, b in zip(vars(cleaning).values(), counts)))
-        self.cleaning = cleaning
+            counts = [a + b for a, b in zip(counts, found)]
+        self.cleaning = cleaning = Cleaning(*counts)
         if cleaning.clipped or cleaning.dropped:
             warnings.warn(f"{data.path}: {cleaning.clipped} box(es) partly outside their image clipped to it, "
                           f"{cleaning.dropped} left without area dropped from training", CocoWarning, stacklevel=2)
@@ -290,7 +290,9 @@ class CocoDetection(Dataset):
             "image_id": image["id"],
         }
         if self.data.masks:
-            masks = [self.data.coco.annToMask(ann) for ann, _ in anns]
+            with warnings.catch_warnings():  # pycocotools' numpy-2 deprecation notice, about its own code
+                warnings.simplefilter("ignore", DeprecationWarning)
+                masks = [self.data.coco.annToMask(ann) for ann, _ in anns]
             stacked = np.stack(masks) if masks else np.zeros((0, *size), dtype=np.uint8)
             target["masks"] = tv_tensors.Mask(torch.from_numpy(stacked))
         return target

@@ -97,8 +97,10 @@ class TransferOptions:
 
 
 # --- the backbone -----------------------------------------------------------------------------------
-def _same_shape(a: EncoderSpec, b: EncoderSpec) -> bool:
-    fields = ("family", "arch", "widths", "small_images", "in_channels", "stem_stride")
+def _same_weights_shape(a: EncoderSpec, b: EncoderSpec) -> bool:
+    """Whether the weights of one fit the other (a stem's stride is not in its weights: a supervised
+    state dict cannot say it, and the supervised row takes the checkpoint's)."""
+    fields = ("family", "arch", "widths", "small_images", "in_channels")
     return all(getattr(a, f) == getattr(b, f) for f in fields)
 
 
@@ -133,10 +135,11 @@ def backbone_for(init: str, checkpoint: str | os.PathLike, supervised: str | os.
             raise ConfigError("--init supervised needs --supervised FILE (a torchvision ResNet state dict, a moco "
                               "export, or any checkpoint moco reads) of the checkpoint's shape")
         other = load_resnet(supervised)
-        if not _same_shape(other.spec, spec):
+        if not _same_weights_shape(other.spec, spec):
             raise TransferError(f"--supervised {supervised} is a {_shape_text(other.spec)} but {checkpoint} is a "
                                 f"{_shape_text(spec)}; the comparison needs the same backbone shape")
-        backbone = other.backbone()
+        backbone = spec.build_backbone()
+        backbone.load_state_dict(other.backbone_state_dict(), strict=True)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -359,6 +359,7 @@ def run_row(run: DetectRun, init: str, seed: int) -> dict[str, Any]:
         save_detector(model, run.description, directory,
                       {"init": init, "seed": seed, "checkpoint": str(run.checkpoint), "metrics": metrics,
                        "categories": {str(label): cid for label, cid in enumerate(run.train.category_ids, 1)}})
+        row.path.unlink(missing_ok=True)  # the row is finished: detector.pth holds its weights
     return result
 
 
