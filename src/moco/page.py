@@ -64,12 +64,16 @@ def _plot_knn(rows: list[dict[str, Any]], out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     epochs = [r for r in rows if r.get("kind") == "epoch" and "val_knn_top1" in r]
-    if not epochs:
+    probed = [r for r in rows if r.get("kind") == "epoch" and "online_probe_acc" in r]
+    if not epochs and not probed:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    for key, label in (("val_knn_top1_backbone", "backbone"), ("val_knn_top1_encoder", "encoder output")):
-        ax.plot([r["epoch"] for r in epochs], [r.get(key, r["val_knn_top1"]) for r in epochs], "o-", label=label)
-    ax.set(xlabel="epoch", ylabel="val kNN top-1 (%)", title="kNN monitor on held-out images")
+    for key, label in (("val_knn_top1_backbone", "kNN, backbone"), ("val_knn_top1_encoder", "kNN, encoder output")):
+        if epochs:
+            ax.plot([r["epoch"] for r in epochs], [r.get(key, r["val_knn_top1"]) for r in epochs], "o-", label=label)
+    if probed:
+        ax.plot([r["epoch"] for r in probed], [r["online_probe_acc"] for r in probed], "s-", label="online linear probe")
+    ax.set(xlabel="epoch", ylabel="val top-1 (%)", title="monitors on held-out images")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -1,4 +1,4 @@
-"""Training curves of a run directory: loss per step and kNN top-1 per epoch, as one PNG."""
+"""Training curves of a run directory: loss per step and kNN top-1 (and the online probe's) per epoch, as one PNG."""
 
 from __future__ import annotations
 
@@ -29,13 +29,18 @@ def plot_run(run_dir: str | os.PathLike, filename: str = "curves.png") -> Path:
     ax_loss.legend()
     for key, label, colour in _knn_series(knn):
         ax_knn.plot([r["epoch"] for r in knn], [r[key] for r in knn], "o-", color=colour, label=label)
+    probed = [r for r in epochs if "online_probe_acc" in r]
+    if probed:  # train.online_probe: the linear classifier trained beside the run, on the same images
+        ax_knn.plot([r["epoch"] for r in probed], [r["online_probe_acc"] for r in probed], "s--", color="C4",
+                    label="validation, online linear probe")
     for r in test:
         for key, name, colour, marker in _test_points(r):
             prefix = f"test, {name}" if name else "test"
             ax_knn.scatter([r["epoch"]], [r[key]], marker=marker, s=120, color=colour,
                            label=f"{prefix} {r[key]:.2f}%", zorder=3)
-    ax_knn.set(xlabel="epoch", ylabel="kNN top-1 (%)", title="weighted kNN monitor (k=200)")
-    if knn or test:
+    ax_knn.set(xlabel="epoch", ylabel="top-1 (%)" if probed else "kNN top-1 (%)",
+               title="weighted kNN monitor (k=200)" + (" and online probe" if probed else ""))
+    if knn or test or probed:
         ax_knn.legend()
     fig.tight_layout()
     out = run_dir / filename
