@@ -83,6 +83,7 @@ def test_learns_the_easy_set_and_exports_a_model_that_rebuilds(data: dict[str, P
     written = json.loads((out / "segment.json").read_text())
     assert written["rows"][0]["metrics"] == row["metrics"]
     assert "| moco | 0 |" in (out / "segment.md").read_text()
+    assert not (out / "moco_seed0" / "state.pth").exists()  # a finished row keeps its model, not its resume state
     # the export rebuilds from its JSON and scores what the row scored
     model = load_segmenter(out / "moco_seed0" / "segmenter.json")
     images = torch.stack([torch.from_numpy(np.array(Image.open(p))).float().div(255)[None]

@@ -475,6 +475,7 @@ def run_row(run: SegmentRun, init: str, seed: int) -> dict[str, Any]:
         save_segmenter(model, run.description, directory,
                        {"init": init, "seed": seed, "checkpoint": str(run.checkpoint), "metrics": metrics,
                         "ignore_index": IGNORE_INDEX})
+        row.path.unlink(missing_ok=True)  # the row is finished: segmenter.pth holds its weights
     return result
 
 
