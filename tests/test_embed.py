@@ -108,3 +108,37 @@ def test_bad_search_arguments_are_one_line_errors(tmp_path: Path, capsys: pytest
     assert "--index:" in capsys.readouterr().err
     assert main(["search", "--duplicates", str(tmp_path)]) == 2
     assert "needs --checkpoint" in capsys.readouterr().err
+
+
+def test_a_centred_checkpoint_embeds_centred_features_and_queries_share_the_index_centre(tmp_path: Path,
+                                                                                          folder: Path) -> None:
+    """train.knn_centre (the folder presets): embed compares as the run's kNN does: features centred
+    on the embedded set's mean, then normalised; a query from outside the index gets the index's centre."""
+    from moco.embed import query_features
+    from moco.pretrained import load_pretrained
+
+    torch.manual_seed(0)
+    checkpoint, _ = save_tiny_moco_checkpoint(tmp_path / "ckpt", extra=["train.knn_centre=true"])
+    found = embed(checkpoint, str(folder), workers=0)
+    plain = embed(save_tiny_moco_checkpoint(tmp_path / "plain")[0], str(folder), workers=0)
+    assert plain.centre is None and found.centre is not None
+    raw = found.features  # rebuild from the backbone by hand
+    from moco.data.augment import EvalTransform
+    from moco.data.splits import default_stats
+    from moco.evaluate.knn import extract_features
+    from moco.data.datasets import make_loader
+
+    pretrained = load_pretrained(checkpoint)
+    mean, std = default_stats(pretrained.config["data"]["dataset"], 1)
+    by_hand, _ = extract_features(pretrained.backbone(), make_loader(found.dataset, 8, shuffle=False, drop_last=False,
+                                                                     workers=0),
+                                  EvalTransform(pretrained.config["data"]["image_size"], mean, std), normalize=False)
+    torch.testing.assert_close(found.centre, by_hand.mean(0))
+    torch.testing.assert_close(raw, torch.nn.functional.normalize(by_hand - by_hand.mean(0), dim=1))
+    found.save(tmp_path / "centred.npz")
+    index = Embeddings.load(tmp_path / "centred.npz")
+    torch.testing.assert_close(index.centre, found.centre)
+    outside = tmp_path / "outside.png"
+    shutil.copyfile(folder / "class0" / "img0.png", outside)  # the same picture, embedded alone
+    query = query_features(index, [str(outside)], str(checkpoint), "cpu")
+    torch.testing.assert_close(query[0], index.features[0], atol=1e-5, rtol=1e-5)

@@ -195,7 +195,7 @@ def test_a_probe_that_moved_its_frozen_backbone_is_one_error_line(command: str, 
         linear.check_unchanged(bn, before)
 
     ctx = SimpleNamespace(pretrained=SimpleNamespace(backbone=lambda: bn), device=torch.device("cpu"),
-                          run_dir=tmp_path)
+                          run_dir=tmp_path, config=SimpleNamespace(train=SimpleNamespace(knn_centre=False)))
     monkeypatch.setattr(cli_eval, "_context", lambda _: ctx)
     monkeypatch.setattr(report, "report_tasks", moved)
     monkeypatch.setattr(linear, "lincls_tasks", moved)

@@ -220,3 +220,20 @@ def test_the_whitened_diagnostic_is_skipped_above_a_bank_size_and_says_so(tiny_r
                                     f"{len(data.monitor_bank) - 1:,}")
     assert monitor.test_knn_fields(scores, "backbone")["test_knn_whitened_note"] == scores.whitened_note
     assert monitor.test_knn_line(scores, "backbone", 5, 0.1).endswith(scores.whitened_note)
+
+
+def test_centred_knn_sees_what_tells_classes_apart_along_the_features_mean() -> None:
+    """Pooled post-ReLU features all point near their large positive mean. The cosine of uncentred
+    features is blind along that direction: classes that differ in how strongly they fire look the
+    same. train.knn_centre centres on the bank's mean first, and then they separate."""
+    from moco.evaluate.common import FeatureSet
+    from moco.evaluate.report import CENTRED, KnnOptions, knn_rows
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(400) % 2
+    common = 1 + torch.rand(1, 16, generator=g)  # the direction every image shares
+    features = (5 + 2 * labels[:, None].float()) * common + 0.3 * torch.randn(400, 16, generator=g)  # class 1 fires more
+    sets = FeatureSet(features[:300], labels[:300], features[300:], labels[300:])
+    plain = knn_rows(sets, "f", KnnOptions(ks=(10,)), 2)[0]
+    centred = knn_rows(sets, "f", KnnOptions(ks=(10,), centre=True), 2)[0]
+    assert plain["top1"] < 65 and centred["top1"] > 95 and centred["features"] == "f" + CENTRED

@@ -245,9 +245,13 @@ def test_a_folder_runs_summary_sets_its_knn_beside_raw_pixels_and_an_untrained_e
 
     config_path = tiny_config(tmp_path, folder_workers=1, optim__epochs=1, train__knn_every=0)
     (tmp_path / "data" / "test").symlink_to(tmp_path / "data" / "train")  # a labelled test split
-    config = load_config(config_path, ["data.in_memory_mb=64"])
+    config = load_config(config_path, ["data.in_memory_mb=64", "train.knn_centre=true", "train.knn_k=200"])
     pretrain(config)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    # the exported feature at the pixel baseline's k, centred as the baseline is; k=200 is the headline
+    assert summary["knn_centred"] is True
+    assert summary["test_knn_top1_backbone_k200"] == summary["test_knn_top1_backbone"]
+    assert 0 <= summary["test_knn_top1_backbone_k10"] <= 100
     baselines = summary["baselines"]
     assert set(baselines) == {"raw_pixels_k10", "raw_pixels_k200", "random_init_backbone", "random_init_encoder"}
     assert all(0 <= value <= 100 for value in baselines.values())

@@ -167,9 +167,10 @@ def _finetune_options(args: argparse.Namespace, prefix: str, device: Any) -> tup
     return options, protocol
 
 
-def _knn_options(args: argparse.Namespace) -> KnnOptions:
+def _knn_options(args: argparse.Namespace, centre: bool = False) -> KnnOptions:
+    """``centre``: the checkpoint's ``train.knn_centre``, so a run's kNN and ``moco knn`` agree."""
     return KnnOptions(ks=tuple(dict.fromkeys(args.k)), temperature=args.temperature, chunk_size=args.chunk_size,
-                      backend=args.backend, whiten=args.whiten)
+                      backend=args.backend, whiten=args.whiten, centre=centre)
 
 
 def _context(args: argparse.Namespace):
@@ -254,7 +255,7 @@ def _knn(args: argparse.Namespace) -> int:
     from moco.progress import Rates, RowCache
 
     ctx = _context(args)
-    options = _knn_options(args)
+    options = _knn_options(args, ctx.config.train.knn_centre)
     has_head = ctx.pretrained.spec.head != "none"
     feature = args.feature or ("both" if has_head else "backbone")
     if feature != "backbone" and not has_head:
@@ -272,6 +273,7 @@ def _knn(args: argparse.Namespace) -> int:
 
     values = _run(ctx, cache, f"knn: {len(tasks)} feature set(s) on {where(ctx)}",
                   [f"k = {' '.join(map(str, options.ks))}, temperature {options.temperature:g}"
+                   + (", centred on the training features' mean (train.knn_centre)" if options.centre else "")
                    + (", also PCA-whitened" if options.whiten else "")], tasks, shared,
                   lambda: Rates.measure(forward=lambda: time_forward(ctx)), lambda values: files(values)[0],
                   what="feature set")
@@ -348,7 +350,7 @@ def _report(args: argparse.Namespace) -> int:
 
     ctx = _context(args)
     finetune, protocol = _finetune_options(args, "finetune-", ctx.device)
-    options = ReportOptions(knn=_knn_options(args), lincls=_lincls_options(args, "lincls-"),
+    options = ReportOptions(knn=_knn_options(args, ctx.config.train.knn_centre), lincls=_lincls_options(args, "lincls-"),
                             lincls_lrs=tuple(dict.fromkeys(args.lincls_lr)),
                             augmented_epochs=max(0, args.lincls_augmented_epochs),
                             finetune=finetune, finetune_protocol=protocol, fractions=tuple(args.fractions),

@@ -138,6 +138,9 @@ class TrainConfig:
     knn_bank_size: int = 0             # training images in the monitor's feature bank; 0 = all
     knn_feature: str = "backbone"      # backbone (pooled, before the head; what export keeps) | encoder (output, head
                                        # included: the reference CIFAR demo's monitor). The test line reports both.
+    knn_centre: bool = False           # centre bank and queries on the bank's mean before the cosine, as the raw-pixel
+                                       # baseline is: pooled post-ReLU features share a large common part that
+                                       # dominates every cosine (the folder presets: on)
     test_knn: bool = True              # final kNN on the test split
     online_probe: bool = False         # also train a linear classifier on each step's detached backbone features of
                                        # the query view (labelled images only) and score it on the validation split

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from moco.config import ConfigError, from_dict
 from moco.data.augment import EvalTransform
@@ -44,6 +45,7 @@ class Embeddings:
     checkpoint: str = ""
     feature: str = "backbone"
     dataset: Any = None       # where the images are (not saved): thumbnails of in-memory datasets
+    centre: torch.Tensor | None = None  # subtracted before normalising (train.knn_centre): queries get the same
 
     def save(self, path: str | os.PathLike, fmt: str = "npz") -> Path:
         path = Path(path)
@@ -56,7 +58,8 @@ class Embeddings:
             return path
         np.savez(path, features=self.features.numpy().astype(np.float32), paths=np.array(self.paths),
                  labels=self.labels.numpy(), classes=np.array(self.classes), root=self.root,
-                 checkpoint=self.checkpoint, feature=self.feature)
+                 checkpoint=self.checkpoint, feature=self.feature,
+                 centre=np.zeros(0, np.float32) if self.centre is None else self.centre.numpy().astype(np.float32))
         return saved_path(path, fmt)
 
     @classmethod
@@ -66,9 +69,11 @@ class Embeddings:
             raise ConfigError(f"--index: {path} does not exist")
         try:
             data = np.load(path, allow_pickle=False)
+            centre = data["centre"] if "centre" in data.files else np.zeros(0)
             return cls(torch.from_numpy(data["features"]), [str(p) for p in data["paths"]],
                        torch.from_numpy(data["labels"]), [str(c) for c in data["classes"]], str(data["root"]),
-                       str(data["checkpoint"]), str(data["feature"]))
+                       str(data["checkpoint"]), str(data["feature"]),
+                       centre=torch.from_numpy(centre) if centre.size else None)
         except (ValueError, KeyError, OSError) as err:
             raise ConfigError(f"--index: {path} is not an embedding file written by moco embed ({err})") from None
 
@@ -103,10 +108,15 @@ def _dataset_for(data: str, config: Any, channels: int, workers: int) -> tuple[A
 
 
 def embed(checkpoint: str | os.PathLike, data: str, feature: str = "backbone", batch_size: int = 256,
-          device: str = "auto", workers: int = 2, progress: Progress | None = None) -> Embeddings:
+          device: str = "auto", workers: int = 2, progress: Progress | None = None,
+          centre_on: torch.Tensor | None = None) -> Embeddings:
     """L2-normalised features of ``data`` (a folder or ``dataset[:split]``) from ``checkpoint``'s
     encoder: its backbone, or with ``feature="encoder"`` its output, head included. ``progress``
-    says what is embedded and, from the first batch, how long it will take."""
+    says what is embedded and, from the first batch, how long it will take.
+
+    A checkpoint trained with ``train.knn_centre`` (the folder presets) is compared as its kNN
+    monitor compares: features centred before normalising, on ``centre_on`` (an index's centre,
+    for queries) or else on the mean of the images embedded together."""
     if feature not in FEATURES:
         raise ConfigError(f"--feature: {feature!r} is not one of {', '.join(FEATURES)}")
     pretrained = load_pretrained(checkpoint)
@@ -125,8 +135,13 @@ def embed(checkpoint: str | os.PathLike, data: str, feature: str = "backbone", b
     batches = progress.iterate(make_loader(dataset, batch_size, shuffle=False, drop_last=False, workers=workers),
                                "embedding", len(dataset), estimate=True)
     features, labels = extract_features(model.to(target), batches, EvalTransform(config.data.image_size, mean, std),
-                                        target, head=True, normalize=True)
-    return Embeddings(features, paths, labels.long(), classes, root, str(checkpoint), feature, dataset)
+                                        target, head=True, normalize=False)
+    centre = None
+    if config.train.knn_centre and len(features):
+        centre = centre_on if centre_on is not None else features.mean(0)
+        features = features - centre
+    return Embeddings(F.normalize(features, dim=1), paths, labels.long(), classes, root, str(checkpoint), feature,
+                      dataset, centre)
 
 
 # --- search -----------------------------------------------------------------------------------------
@@ -236,8 +251,10 @@ def neighbour_grid(queries: Sequence[np.ndarray], query_names: Sequence[str], in
     return Path(out)
 
 
-def embed_files(checkpoint: str, files: Sequence[str], feature: str, device: str = "auto") -> torch.Tensor:
-    """Embed individual image files (the queries) with the checkpoint that built the index."""
+def embed_files(checkpoint: str, files: Sequence[str], feature: str, device: str = "auto",
+                centre_on: torch.Tensor | None = None) -> torch.Tensor:
+    """Embed individual image files (the queries) with the checkpoint that built the index, centred
+    on the index's centre when it has one."""
     import shutil
     import tempfile
 
@@ -249,7 +266,7 @@ def embed_files(checkpoint: str, files: Sequence[str], feature: str, device: str
             name = f"{i:06d}{Path(file).suffix.lower()}"
             shutil.copyfile(file, Path(tmp) / name)
             names.append(name)
-        found = embed(checkpoint, tmp, feature, device=device, workers=0)
+        found = embed(checkpoint, tmp, feature, device=device, workers=0, centre_on=centre_on)
         if len(found.paths) != len(files):
             raise ConfigError(f"some queries are not readable images: {', '.join(files)}")
         return found.features[[found.paths.index(n) for n in names]]
@@ -264,7 +281,7 @@ def query_features(index: Embeddings, queries: Sequence[str], checkpoint: str | 
     ckpt = checkpoint or index.checkpoint
     if not ckpt or not Path(ckpt).is_file():
         raise ConfigError("queries outside the index need the checkpoint that built it (--checkpoint)")
-    new = embed_files(ckpt, [q for q, i in zip(queries, known) if i is None], index.feature, device)
+    new = embed_files(ckpt, [q for q, i in zip(queries, known) if i is None], index.feature, device, index.centre)
     out, fresh = [], iter(new)
     for i in known:
         out.append(index.features[i] if i is not None else next(fresh))

@@ -56,8 +56,12 @@ def detectron2_checkpoint(pretrained: PretrainedEncoder) -> dict:
 def _metadata(pretrained: PretrainedEncoder, fmt: str, **extra: object) -> dict:
     spec = pretrained.spec
     moco_build = {"moco_resnet_kwargs": spec.resnet_kwargs()} if spec.family == "resnet" else {}
+    centred = bool(((pretrained.config or {}).get("train") or {}).get("knn_centre"))
+    comparing = {"compare_features": "pooled features centred on the mean of the set they are compared in, then "
+                                     "L2-normalised (as the run's kNN and moco embed do)" if centred
+                 else "pooled features, L2-normalised"}
     return {"format": fmt, "source": str(pretrained.path), "source_kind": pretrained.source,
-            "encoder": spec.to_dict(), **moco_build, "moco_constructor": spec.constructor(), **extra}
+            "encoder": spec.to_dict(), **moco_build, "moco_constructor": spec.constructor(), **comparing, **extra}
 
 
 def _write_metadata(output: Path, metadata: dict) -> None:

@@ -36,6 +36,7 @@ class KnnScores:
     whitened: float | None = None
     whitened_note: str | None = None
     baselines: dict[str, float] | None = None  # raw pixels and the untrained encoder (a user's folder)
+    backbone_at: dict[int, float] | None = None  # the backbone at the pixel baseline's k (a user's folder)
 
     def of(self, feature: str) -> float:
         return self.backbone if feature == "backbone" else self.encoder
@@ -47,10 +48,11 @@ WHITENED_MAX_BANK = 300_000
 
 
 def knn_eval(encoder: nn.Module, bank: Any, queries: Any, data: Data, config: Config, device: torch.device,
-             memory_format: torch.memory_format, whitened: bool = False) -> KnnScores:
+             memory_format: torch.memory_format, whitened: bool = False, backbone_ks: tuple[int, ...] = ()) -> KnnScores:
     """Weighted kNN (``train.knn_k``, ``train.knn_t``) of ``queries`` against ``bank`` with the
     online ``encoder`` (head included), on its backbone features and on its output (see ``KnnScores``); with
-    ``whitened`` also on PCA-whitened backbone features.
+    ``whitened`` also on PCA-whitened backbone features, with ``backbone_ks`` also on the backbone at these k.
+    ``train.knn_centre`` centres both sets on the bank's mean first.
 
     The backbone is run once; the head is applied to its features. Under several processes every
     rank encodes its shard of both sets with rank 0's BN statistics, the bank features are
@@ -74,10 +76,15 @@ def knn_eval(encoder: nn.Module, bank: Any, queries: Any, data: Data, config: Co
         bank_f, bank_y = dist_utils.gather_uneven(bank_f), dist_utils.gather_uneven(bank_y.to(device))
         query_f, query_y = feats(queries)
 
+    def searchable(bank_features: torch.Tensor, query_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if config.train.knn_centre:
+            centre = bank_features.mean(0, keepdim=True)
+            bank_features, query_features = bank_features - centre, query_features - centre
+        return (F.normalize(bank_features, dim=1).to(search_dtype), F.normalize(query_features, dim=1).to(search_dtype))
+
     def accuracy(bank_features: torch.Tensor, query_features: torch.Tensor) -> float:
-        top1 = knn_accuracy(F.normalize(bank_features, dim=1).to(search_dtype), bank_y,
-                            F.normalize(query_features, dim=1).to(search_dtype), query_y,
-                            config.train.knn_k, config.train.knn_t, data.num_classes)
+        bank_n, query_n = searchable(bank_features, query_features)
+        top1 = knn_accuracy(bank_n, bank_y, query_n, query_y, config.train.knn_k, config.train.knn_t, data.num_classes)
         return dist_utils.weighted_mean_over_ranks(top1, len(query_y))
 
     backbone = accuracy(bank_f, query_f)
@@ -91,6 +98,11 @@ def knn_eval(encoder: nn.Module, bank: Any, queries: Any, data: Data, config: Co
     elif whitened:
         whiten = PCAWhitening(bank_f)
         scores.whitened = accuracy(whiten(bank_f), whiten(query_f))
+    if backbone_ks:
+        bank_n, query_n = searchable(bank_f, query_f)
+        votes = knn_predict_many(bank_n, bank_y, query_n, data.num_classes, backbone_ks, config.train.knn_t)
+        scores.backbone_at = {k: dist_utils.weighted_mean_over_ranks(topk_accuracy(v, query_y, ks=(1,))[1], len(query_y))
+                              for k, v in votes.items()}
     return scores
 
 
@@ -127,23 +139,30 @@ def val_knn_text(row: dict[str, Any], feature: str) -> str:
     return text + f" ({feature}; {other} {row[f'val_knn_top1_{other}']:.2f}%)"
 
 
-def test_knn_fields(scores: KnnScores, feature: str) -> dict[str, Any]:
-    fields = {"knn_feature": feature, "test_knn_top1_backbone": scores.backbone,
+def test_knn_fields(scores: KnnScores, feature: str, centred: bool = False) -> dict[str, Any]:
+    fields = {"knn_feature": feature, "knn_centred": centred, "test_knn_top1_backbone": scores.backbone,
               "test_knn_top1_encoder": scores.encoder, "test_knn_top1_whitened": scores.whitened}
     if scores.whitened_note:
         fields["test_knn_whitened_note"] = scores.whitened_note
+    if scores.backbone_at:
+        fields.update({f"test_knn_top1_backbone_k{k}": value for k, value in scores.backbone_at.items()})
     return {**fields, "baselines": scores.baselines} if scores.baselines else fields
 
 
-def test_knn_line(scores: KnnScores, feature: str, k: int, temperature: float) -> str:
+def test_knn_line(scores: KnnScores, feature: str, k: int, temperature: float, centred: bool = False) -> str:
     """The final report: the monitored feature first, the others beside it, each named."""
     names = {"backbone": "backbone features", "encoder": "encoder output (head included)"}
+    if centred:
+        names = {key: f"{name}, centred" for key, name in names.items()}
     other = "encoder" if feature == "backbone" else "backbone"
     whitened = (f"{scores.whitened:.2f}% on PCA-whitened backbone features" if scores.whitened is not None
                 else scores.whitened_note or "no PCA-whitened kNN")
     line = (f"test kNN top-1 (k={k}, T={temperature}): {scores.of(feature):.2f}% on the {names[feature]}; "
             f"{scores.of(other):.2f}% on the {names[other]}, {whitened}")
     b = scores.baselines
+    if scores.backbone_at:
+        line += "\n  the backbone (what export keeps): " + ", ".join(
+            f"{value:.2f}% (k={at})" for at, value in scores.backbone_at.items())
     if b:
         line += (f"\n  baselines: centred raw pixels {b['raw_pixels_k10']:.2f}% (k=10), {b['raw_pixels_k200']:.2f}% "
                  f"(k=200); the untrained encoder {b['random_init_backbone']:.2f}% (backbone), "

@@ -32,7 +32,7 @@ from moco.derive import check_queue_fits
 from moco.diagnostics import CollapseMonitor, StepStats, collapse_advice, momentum_drift
 from moco.methods import Batch, Method, StepContext, build_method, sync_bn_choice
 from moco.methods.base import same_views
-from moco.monitor import KnnScores, knn_eval, pixel_knn, test_knn_fields, test_knn_line, val_knn_text
+from moco.monitor import PIXEL_KS, KnnScores, knn_eval, pixel_knn, test_knn_fields, test_knn_line, val_knn_text
 from moco.online_probe import (OnlineProbe, build_online_probe, probe_checkpoint, probe_epoch_fields, probe_step,
                                probe_summary, probe_text, restore_probe)
 from moco.optim import build_optimizer
@@ -406,13 +406,14 @@ def final_evaluation(run: Run) -> KnnScores | None:
     t, data = run.config.train, run.data
     if not (t.test_knn and data.test is not None and data.full_train is not None):
         return None
+    folder = run.config.data.dataset == "folder"  # a user's own images: did pretraining pay?
     scores = knn_eval(run.method.encoder, data.full_train, data.test, data, run.config, run.device, run.memory_format,
-                      whitened=True)
-    if run.config.data.dataset == "folder":  # a user's own images: did pretraining pay?
+                      whitened=True, backbone_ks=PIXEL_KS if folder else ())
+    if folder:
         scores.baselines = baselines(run)
     run.log.write({"kind": "test", "step": run.state.step, "epoch": run.config.optim.epochs,
-                   "test_knn_top1": scores.of(t.knn_feature), **test_knn_fields(scores, t.knn_feature)})
-    say(test_knn_line(scores, t.knn_feature, t.knn_k, t.knn_t))
+                   "test_knn_top1": scores.of(t.knn_feature), **test_knn_fields(scores, t.knn_feature, t.knn_centre)})
+    say(test_knn_line(scores, t.knn_feature, t.knn_k, t.knn_t, t.knn_centre))
     return scores
 
 
@@ -446,7 +447,7 @@ def finish(run: Run, test_scores: KnnScores | None) -> RunResult:
         plot_run(run.run_dir)
         budget = {"budget": {**run.state.budget, "wall_s": seconds}} if run.state.budget else {}  # this process's
         summary = {"final_loss": run.state.last_loss, "val_knn_top1": run.val_knn, "test_knn_top1": test_knn,
-                   **(test_knn_fields(test_scores, t.knn_feature) if test_scores else {}), "seconds": seconds,
+                   **(test_knn_fields(test_scores, t.knn_feature, t.knn_centre) if test_scores else {}), "seconds": seconds,
                    "training_seconds": run.elapsed(), "skipped_steps": run.guard.skipped,
                    "collapse_warnings": sorted(run.monitor.warned), "precision": run.precision,
                    "device": str(run.device), "processes": dist_utils.world_size(), **budget,

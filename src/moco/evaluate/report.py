@@ -41,9 +41,11 @@ class KnnOptions:
     chunk_size: int = 1024
     backend: str = "auto"      # auto (faiss when importable) | torch | faiss
     whiten: bool = False       # also report kNN on PCA-whitened features (extra rows, see PCAWhitening)
+    centre: bool = False       # centre both sets on the training features' mean first (train.knn_centre)
 
 
 WHITENED = " (PCA-whitened)"
+CENTRED = ", centred"
 ENCODER_OUTPUT = " (encoder output)"
 
 
@@ -57,6 +59,7 @@ def encoder_output_set(encoder: nn.Module, features: FeatureSet) -> FeatureSet:
 def knn_rows(features: FeatureSet, label: str, options: KnnOptions, num_classes: int) -> list[dict[str, Any]]:
     """kNN accuracy for each k on L2-normalised ``features`` (the standard protocol); with
     ``options.whiten`` also on PCA-whitened ones, as rows labelled ``label + WHITENED``."""
+    label += CENTRED if options.centre else ""
     rows = _knn_rows(features.train, features.test, features, label, options, num_classes)
     if options.whiten:
         tic = time.perf_counter()
@@ -69,6 +72,9 @@ def knn_rows(features: FeatureSet, label: str, options: KnnOptions, num_classes:
 def _knn_rows(train: torch.Tensor, test: torch.Tensor, features: FeatureSet, label: str, options: KnnOptions,
               num_classes: int, extra_seconds: float = 0.0) -> list[dict[str, Any]]:
     tic = time.perf_counter()
+    if options.centre:
+        mean = train.mean(0, keepdim=True)
+        train, test = train - mean, test - mean
     train, test = F.normalize(train, dim=1), F.normalize(test, dim=1)
     accs = knn_accuracies(train, features.train_labels, test, features.test_labels, options.ks, options.temperature,
                           num_classes, options.chunk_size, options.backend)
@@ -89,7 +95,7 @@ def knn_task(ctx: EvalContext, label: str, options: KnnOptions, features: Callab
         return knn_rows(features(), label, options, ctx.data.num_classes)
 
     key = {"kind": "knn", **ctx.identity, "features": label, "ks": list(options.ks),
-           "temperature": options.temperature, "whiten": options.whiten}
+           "temperature": options.temperature, "whiten": options.whiten, "centre": options.centre}
     if seed is not None:  # a random init's draw
         key["seed"] = seed
     return Task(f"kNN, {label}", key, run, Work(), knn_summary, needs=(features_name,))
