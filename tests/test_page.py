@@ -78,3 +78,17 @@ def test_markdown_tables_become_html_tables() -> None:
     out = markdown_to_html("# Title\n\n| a | b |\n|---|---|\n| 1 | <2> |\ntext")
     assert "<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td><td>&lt;2&gt;</td></tr>" in out
     assert "<p>Title</p>" in out and "<p>text</p>" in out
+
+
+def test_a_folder_runs_page_sets_its_backbone_beside_the_baselines() -> None:
+    from moco.page import baselines_table, markdown_to_html
+
+    summary = {"knn_centred": True, "test_knn_top1_backbone": 71.5, "test_knn_top1_backbone_k10": 73.25,
+               "test_knn_top1_backbone_k200": 71.5,
+               "baselines": {"raw_pixels_k10": 68.65, "raw_pixels_k200": 64.53, "random_init_backbone": 40.0,
+                             "random_init_encoder": 38.0}}
+    table = baselines_table(summary)
+    assert table.splitlines()[2] == "| this run's backbone, centred | 73.25 | 71.50 |"
+    assert table.splitlines()[3] == "| centred raw pixels | 68.65 | 64.53 |"
+    html = markdown_to_html(table)
+    assert html.count("<tr>") == 4 and "73.25" in html and "40.00" in html

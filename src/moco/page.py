@@ -204,10 +204,29 @@ def write_page(run_dir: str | Path, checkpoint: str | Path | None = None, points
         sections.append("<h2>Evaluation</h2>" + "".join(
             f"<h3>{name}</h3>" + markdown_to_html((ckpt.parent / name).read_text()) for name in tables))
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    if summary.get("baselines"):
+        sections.insert(0, "<h2>Did pretraining pay?</h2>" + markdown_to_html(baselines_table(summary)))
     page = PAGE.format(title=html.escape(str(run_dir)), summary=html.escape(json.dumps(summary, indent=1)),
                        config=html.escape(config_text), sections="\n".join(sections))
     (out / "index.html").write_text(page)
     return out / "index.html"
+
+
+def baselines_table(summary: dict[str, Any]) -> str:
+    """The run's test kNN of the backbone (what export keeps) beside centred raw pixels and the
+    untrained encoder, as a markdown table: whether pretraining paid, at a glance."""
+    b, centred = summary["baselines"], ", centred" if summary.get("knn_centred") else ""
+    own = [summary.get("test_knn_top1_backbone_k10"), summary.get("test_knn_top1_backbone_k200")]
+    if own[1] is None:  # a run without the k = 10 figure: its headline k
+        own[1] = summary.get("test_knn_top1_backbone")
+
+    def cell(value: float | None) -> str:
+        return "" if value is None else f"{value:.2f}"
+
+    rows = [f"| this run's backbone{centred} | {cell(own[0])} | {cell(own[1])} |",
+            f"| centred raw pixels | {cell(b.get('raw_pixels_k10'))} | {cell(b.get('raw_pixels_k200'))} |",
+            f"| the same encoder, untrained (backbone{centred}) | | {cell(b.get('random_init_backbone'))} |"]
+    return "\n".join(["| test kNN top-1 (%) | k = 10 | k = 200 |", "|---|---|---|", *rows])
 
 
 PAGE = """<!doctype html>
