@@ -46,7 +46,10 @@ def _arguments_table(parser: argparse.ArgumentParser) -> list[str]:
     """One row per argument: its spellings, its help, its default."""
     rows = ["| argument | what | default |", "|---|---|---|"]
     for action in parser._actions:
-        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+        if isinstance(action, argparse._HelpAction):
+            continue
+        if isinstance(action, argparse._SubParsersAction):  # a command's own sub-commands (moco transfer TASK)
+            rows.append(f"| `{action.dest}` | {_cell(action.help or '')} (one of: {', '.join(action.choices)}) |  |")
             continue
         names = ", ".join(f"`{n}`" for n in action.option_strings) or f"`{action.dest}`"
         if action.metavar and action.option_strings:
@@ -70,11 +73,22 @@ def cli_reference() -> str:
              "([config options](config.md)).", "", "```", parser.format_usage().strip(), "```", "",
              *_arguments_table(parser), ""]
     for name, command in sub.choices.items():
-        lines += [f"## moco {name}", "", _cell(helps.get(name) or ""), ""]
-        if command.description:
-            lines += [command.description, ""]
-        lines += ["```", command.format_usage().strip(), "```", "", *_arguments_table(command), ""]
+        lines += _command_section(f"moco {name}", helps.get(name) or "", command)
     return "\n".join(lines)
+
+
+def _command_section(name: str, help_text: str, command: argparse.ArgumentParser) -> list[str]:
+    """A command's section; a command with sub-commands (``moco transfer``) gets one for each."""
+    lines = [f"## {name}", "", _cell(help_text), ""]
+    if command.description:
+        lines += [command.description, ""]
+    lines += ["```", command.format_usage().strip(), "```", "", *_arguments_table(command), ""]
+    for action in command._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for sub_name, sub_command in action.choices.items():
+                lines += _command_section(f"{name} {sub_name}", helps.get(sub_name) or "", sub_command)
+    return lines
 
 
 # --- the config ----------------------------------------------------------------------------------------
