@@ -25,6 +25,7 @@ TASKS: dict[str, str] = {
     "detect": "moco.transfer.detect",
     "segment": "moco.transfer.segment",
     "scenes": "moco.transfer.scenes",    # writes the scene set the tasks can be measured on
+    "supervised": "moco.transfer.supervised",  # trains the supervised start of the comparison
 }
 
 __all__ = ["INITS", "TASKS", "TransferOptions", "add_commands", "backbone_for", "convert_bn_for", "resnet_stages",
