@@ -79,4 +79,8 @@ def test_print_config_shows_each_derived_value_with_its_reason_and_trains_nothin
     assert "#   data.image_size=16 (12 px images upsampled" in printed
     assert "#   optim.batch_size=16 (a power of two up to 1/8 of 154 images" in printed
     assert "#   effective lr=0.00375 (optim.lr 0.06 x optim.batch_size 16 / optim.base_batch_size 256)" in printed
+    # on a CPU the epochs are sized by the budget when the run starts: only the run can time its step
+    assert resolved["train"]["budget"] == "15m" and resolved["optim"]["epochs"] == "auto"
+    assert "#   optim.epochs=auto (sized when the run starts: it times its own step and fits its epochs into " \
+           "train.budget=15m)" in printed
     assert not out_dir.exists()

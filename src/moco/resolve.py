@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from moco.config import Config, auto_options
+from moco.config import Config, auto_options, is_auto
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def _data_decisions(config: Config) -> list[Decision]:
     probe = copy.deepcopy(config)
     probe.data.in_memory_mb = 0  # headers only: nothing is decoded to print the plan
     data = build_data(probe, resolve_device(config.train.device), pretraining=False)
-    in_memory_mb = config.data.in_memory_mb
+    in_memory_mb, epochs = config.data.in_memory_mb, config.optim.epochs
     for section in ("model", "data", "aug", "optim", "train"):
         setattr(config, section, getattr(probe, section))
     config.data.in_memory_mb = in_memory_mb
@@ -49,6 +49,9 @@ def _data_decisions(config: Config) -> list[Decision]:
         option, rest = note.split("=", 1)
         value, why = rest.split(" (", 1)
         decisions.append(Decision(option, value, why.removesuffix(")")))
+    if config.train.budget and is_auto(epochs):  # only the run itself can time its step (a stand-in until then)
+        decisions.append(Decision("optim.epochs", "auto", f"sized when the run starts: it times its own step and "
+                                                          f"fits its epochs into train.budget={config.train.budget}"))
     return decisions
 
 
@@ -94,7 +97,10 @@ def resolve(config: Config) -> tuple[Config, list[Decision]]:
 def describe_plan(config: Config) -> str:
     """The resolved config as YAML, then the decisions: what ``--print-config`` prints."""
     resolved, decisions = resolve(config)
-    lines = [yaml.safe_dump(resolved.to_dict(), sort_keys=False).rstrip(), "",
+    values = resolved.to_dict()
+    if any(d.option == "optim.epochs" and d.value == "auto" for d in decisions):
+        values["optim"]["epochs"] = "auto"  # sized by train.budget when the run starts
+    lines = [yaml.safe_dump(values, sort_keys=False).rstrip(), "",
              "# decided for this run (set any of them to override):"]
     lines += [f"#   {decision.line()}" for decision in decisions]
     return "\n".join(lines) + "\n"

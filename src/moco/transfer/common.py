@@ -31,9 +31,10 @@ from moco import distributed as dist_utils
 from moco.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from moco.cli_help import OUTPUT_ALIASES
 from moco.errors import ConfigError
-from moco.evaluate.common import markdown_table
+from moco.evaluate.common import markdown_table, write_results
 from moco.pretrained import EncoderSpec, PretrainedEncoder, load_pretrained
-from moco.progress import Progress
+from moco.progress import Progress, RowCache, Task, canonical, run_tasks
+from moco.runtime import preserved_cpu_threads, resolve_device
 from moco.models.resnet import ARCHS
 
 INITS = ("moco", "supervised", "random")
@@ -433,3 +434,44 @@ def options_from_args(args: argparse.Namespace, task: str) -> TransferOptions:
                            label_fraction=args.label_fraction, device=args.device, threads=args.threads,
                            workers=args.workers, output_dir=output, overwrite=args.overwrite,
                            no_progress=args.no_progress)
+
+
+# --- running a task's rows ------------------------------------------------------------------------------
+class ReadingCache(RowCache):
+    """Processes other than the first read the kept rows but never write them."""
+
+    def put(self, key: dict[str, Any], value: Any) -> None:
+        self.rows[canonical(key)] = value
+
+
+def run_rows(task: str, output: Path, tasks: list[Task], options: TransferOptions, progress: Progress,
+             results_of: Callable[[list[Any]], tuple[dict[str, Any], str]]) -> dict[str, Any]:
+    """Run every row (kept ones skipped, on the first process rewriting ``OUTPUT/TASK.json`` and
+    ``.md`` after each), then print the table: what every transfer task ends with."""
+    main = dist_utils.is_main_process()
+    cache = RowCache(output, options.overwrite) if main else ReadingCache(output, options.overwrite)
+
+    def written(values: list[Any]) -> list[Path]:
+        return list(write_results(output, task, *results_of(values))) if main else []
+
+    values = run_tasks(tasks, progress, cache, written)
+    results, table = results_of(values)
+    if main:
+        written(values)
+        print(table, end="")
+        print(f"wrote {output / (task + '.json')} and {output / (task + '.md')}")
+    return results
+
+
+def run_command(args: argparse.Namespace, task: str,
+                transfer: Callable[[argparse.Namespace, TransferOptions], Any]) -> int:
+    """``moco transfer TASK``: the options, the threads for this command only, and a process group
+    under torchrun (none otherwise)."""
+    options = options_from_args(args, task)
+    device = resolve_device(options.device)
+    with preserved_cpu_threads():
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        with dist_utils.process_group(device, timeout_s=1800):
+            transfer(args, options)
+    return 0

@@ -38,16 +38,16 @@ from torch.utils.data import DataLoader, Subset
 
 from moco import distributed as dist_utils
 from moco.checkpoint import load_checkpoint, save_atomic
-from moco.evaluate.common import write_results
 from moco.models.resnet import TORCHVISION_WIDTHS, resnet
 from moco.pretrained import EncoderSpec
-from moco.progress import Progress, RowCache, Task, canonical, file_digest, run_tasks
-from moco.runtime import preserved_cpu_threads, resolve_device
+from moco.progress import Progress, Task, file_digest
+from moco.runtime import resolve_device
 from moco.transfer.coco import (BOX_METRICS, CocoDetection, CocoSet, coco_metrics, collate, flip_transform,
                                 load_coco, object_sizes, to_results)
-from moco.transfer.common import (RowState, TransferError, TransferOptions, add_transfer_arguments, backbone_for, convert_bn_for,
-                                  epoch_batches, fit, input_stats, label_subset, load_resnet, options_from_args,
-                                  resnet_stages, results_table, row_label, steps_per_epoch, unwrap)
+from moco.transfer.common import (RowState, TransferError, TransferOptions, add_transfer_arguments, backbone_for,
+                                  convert_bn_for, epoch_batches, fit, input_stats, label_subset, load_resnet,
+                                  resnet_stages, results_table, row_label, run_command, run_rows, steps_per_epoch,
+                                  unwrap)
 
 TASK = "detect"
 HELP = "Faster R-CNN / Mask R-CNN on a COCO json, the pretrained ResNet fine-tuned inside"
@@ -418,7 +418,6 @@ def transfer_detect(args: argparse.Namespace, options: TransferOptions) -> dict[
     progress = Progress.for_command(options.no_progress) if main else Progress.silent()
     run = prepare(args, options, progress)
     run.output.mkdir(parents=True, exist_ok=True)
-    cache = RowCache(run.output, options.overwrite) if main else _ReadingCache(run.output, options.overwrite)
     tasks = [Task(row_label(init, seed), run.key(init, seed), lambda i=init, s=seed: run_row(run, i, s),
                   summary=_summary) for seed in options.seeds for init in options.inits]
     kind = "Mask R-CNN" if run.train.masks else "Faster R-CNN"
@@ -432,25 +431,8 @@ def transfer_detect(args: argparse.Namespace, options: TransferOptions) -> dict[
                  "every layer trained, BN included" + (" (SyncBN)" if dist_utils.world_size() > 1 and run.device.type == "cuda" else ""))
     progress.say(f"  {run.sizes.text()}")
 
-    def written(values: list[Any]) -> list[Path]:
-        if not main:
-            return []
-        return list(write_results(run.output, TASK, *results_of(run, tasks, values)))
+    return run_rows(TASK, run.output, tasks, options, progress, lambda values: results_of(run, tasks, values))
 
-    values = run_tasks(tasks, progress, cache, written)
-    results, table = results_of(run, tasks, values)
-    if main:
-        written(values)
-        print(table, end="")
-        print(f"wrote {run.output / (TASK + '.json')} and {run.output / (TASK + '.md')}")
-    return results
-
-
-class _ReadingCache(RowCache):
-    """Processes other than the first read the kept rows but never write them."""
-
-    def put(self, key: dict[str, Any], value: Any) -> None:
-        self.rows[canonical(key)] = value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -474,11 +456,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    options = options_from_args(args, TASK)
-    device = resolve_device(options.device)
-    with preserved_cpu_threads():
-        if options.threads:
-            torch.set_num_threads(options.threads)
-        with dist_utils.process_group(device, timeout_s=1800):
-            transfer_detect(args, options)
-    return 0
+    return run_command(args, TASK, transfer_detect)
