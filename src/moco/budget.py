@@ -16,6 +16,9 @@ from dataclasses import asdict, dataclass
 from moco.errors import ConfigError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}
+# The probe times a few steps at the start; a run's later steps went up to 10% slower than that on a
+# shared 2-core machine (other processes, the monitor's passes), so a tenth of the budget is kept back.
+RESERVE = 0.1
 
 
 def parse_duration(text: str) -> float:
@@ -47,20 +50,20 @@ class BudgetPlan:
     def describe(self, budget: str) -> str:
         return (f"train.budget={budget}: {self.measured_img_s:,.0f} img/s measured -> optim.epochs={self.epochs} "
                 f"(about {self.training_s:.0f} s of training, {self.evaluation_s:.0f} s of evaluation, "
-                f"{self.set_up_s:.0f} s spent setting up)" + (f"; {self.note}" if self.note else ""))
+                f"{self.set_up_s:.0f} s spent setting up, {RESERVE:.0%} kept in reserve)" + (f"; {self.note}" if self.note else ""))
 
 
 def plan_epochs(budget_s: float, set_up_s: float, step_s: float, steps_per_epoch: int, batch: int,
                 encoder_passes: float, monitor_images: int, knn_every: int, final_images: int,
                 min_epochs: int = 1) -> BudgetPlan:
     """The most epochs whose steps, monitor runs and final evaluation fit ``budget_s`` after
-    ``set_up_s``. Encoding an image for evaluation is costed as one forward pass, ``step_s / (batch
+    ``set_up_s``, with ``RESERVE`` of it kept back. Encoding an image for evaluation is costed as one forward pass, ``step_s / (batch
     x encoder_passes)`` (a step trains ``encoder_passes`` passes' worth per image)."""
     forward_s = step_s / max(batch * encoder_passes, 1e-9)
     final_s = final_images * forward_s
     monitor_s = monitor_images * forward_s
     epoch_s = steps_per_epoch * step_s + (monitor_s / knn_every if knn_every else 0.0)
-    fits = math.floor((budget_s - set_up_s - final_s) / epoch_s) if epoch_s > 0 else min_epochs
+    fits = math.floor((budget_s * (1 - RESERVE) - set_up_s - final_s) / epoch_s) if epoch_s > 0 else min_epochs
     epochs = max(min_epochs, fits)
     note = "" if fits >= min_epochs else (f"the budget holds {max(fits, 0)} epoch(s); {min_epochs} run anyway, "
                                           f"about {set_up_s + final_s + epochs * epoch_s:.0f} s in all")
