@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from torch import nn
 from moco import distributed as dist_utils
 from moco.budget import BudgetPlan, parse_duration, plan_epochs
 from moco.checkpoint import (CheckpointError, load_checkpoint, preserved_rng, remove_stale_temp_files, rng_state,
-                             set_rng_state)
+                             save_atomic, set_rng_state)
 from moco.config import Config, ConfigError, is_auto, save_config, validate
 from moco.data.augment import BatchAugment
 from moco.data.datasets import aspect_ratios_of, make_loader
@@ -582,6 +583,7 @@ def size_to_budget(config: Config, data: Data, method: Method, view_augments: li
     test splits at the end."""
     t = config.train
     step_s = time_steps(config, data, method, view_augments, loader, device, precision, memory_format)
+    step_s += time_checkpoint(method, Path(t.output_dir)) / len(loader)  # written at every epoch's end
     monitor = len(data.monitor_bank) + len(data.val) if t.knn_every and data.val is not None else 0
     final = len(data.full_train) + len(data.test) if t.test_knn and data.test is not None and data.full_train else 0
     if config.data.dataset == "folder":
@@ -592,6 +594,20 @@ def size_to_budget(config: Config, data: Data, method: Method, view_augments: li
 
 
 PROBE_STEPS = 2 + 5  # warm-up steps, then timed ones
+
+
+def time_checkpoint(method: Method, directory: Path) -> float:
+    """Seconds to write an epoch-end checkpoint of this size (weights, a momentum buffer each, the
+    RNGs; written, synced and renamed as the run writes it), into ``directory``. A folder of a few
+    hundred images trains an epoch in seconds, so this is a real part of each epoch's time."""
+    state = {"model": method.state_dict(), "momentum": [p.detach().clone() for p in method.parameters()],
+             "rng": rng_state()}
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".budget-probe-") as tmp:
+        tic = time.perf_counter()
+        save_atomic(state, Path(tmp) / "checkpoint.pth")
+        seconds = time.perf_counter() - tic
+    return seconds
 
 
 def time_steps(config: Config, data: Data, method: Method, view_augments: list[BatchAugment], loader: Any,
