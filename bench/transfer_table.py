@@ -42,22 +42,28 @@ def moco(*args: str) -> list[str]:
     return [sys.executable, "-m", "moco", *args]
 
 
-def run_step(name: str, command: list[str], root: Path) -> None:
-    """Run one step, print its command and record its wall time in ROOT/costs.json."""
+def run_step(name: str, command: list[str], root: Path, required: bool = True) -> None:
+    """Run one step, print its command and record its wall time in ROOT/costs.json. A transfer
+    command that fails (a row whose loss diverged) is recorded under "failed" and the table goes
+    on; a failed pretraining, supervised or scene step stops it."""
     print(f"\n$ {shlex.join(command)}", flush=True)
     tic = time.perf_counter()
-    subprocess.run(command, check=True)
+    returncode = subprocess.run(command).returncode
     costs_file = root / "costs.json"
     costs = json.loads(costs_file.read_text()) if costs_file.exists() else {}
-    costs[name] = costs.get(name, 0.0) + round(time.perf_counter() - tic, 1)
+    costs[name] = round(costs.get(name, 0.0) + time.perf_counter() - tic, 1)
+    if returncode:
+        costs["failed"] = sorted({*costs.get("failed", []), name})
     costs_file.write_text(json.dumps(costs, indent=2) + "\n")
+    if returncode and required:
+        raise SystemExit(f"{name} failed (exit status {returncode})")
 
 
-def transfer_args(args: argparse.Namespace, fraction: float, task: str) -> list[str]:
+def transfer_args(args: argparse.Namespace, fraction: float, task: str, seed: int) -> list[str]:
     """What a detect or segment command shares: the checkpoint, the rows, the schedule, the machine."""
     epochs, lr = (args.detect_epochs, args.detect_lr) if task == "detect" else (args.segment_epochs, args.segment_lr)
     return [str(args.root / "moco" / "checkpoint_last.pth"), "--init", *INITS, "--supervised",
-            str(args.root / "supervised.pth"), "--seed", *map(str, args.seeds), "--label-fraction", f"{fraction:g}",
+            str(args.root / "supervised.pth"), "--seed", str(seed), "--label-fraction", f"{fraction:g}",
             "--epochs", str(epochs), "--lr", f"{lr:g}", "--warmup-iters", str(args.warmup_iters),
             "--threads", str(args.threads), "--output", str(output_dir(args, task, fraction)), "--no-progress"]
 
@@ -81,14 +87,17 @@ def run_all(args: argparse.Namespace) -> None:
         run_step("scenes", moco("transfer", "scenes", "--output", str(scenes), "--train", str(args.train_scenes),
                                 "--val", str(args.val_scenes), "--test", str(args.test_scenes), "--canvas",
                                 str(args.canvas), "--sizes", args.sizes, "--objects", args.objects), root)
+    # One command per seed (random last in each), so a row that diverges stops no other row.
     for fraction in args.fractions:
-        run_step(f"detect labels{fraction:g}", moco(
-            "transfer", "detect", *transfer_args(args, fraction, "detect"), "--masks",
-            "--train", str(scenes / "train" / "annotations.json"),
-            "--val", str(scenes / args.eval / "annotations.json")), root)
-        run_step(f"segment labels{fraction:g}", moco(
-            "transfer", "segment", *transfer_args(args, fraction, "segment"),
-            "--train", str(scenes / "train"), "--val", str(scenes / args.eval)), root)
+        for seed in args.seeds:
+            run_step(f"detect labels{fraction:g} seed{seed}", moco(
+                "transfer", "detect", *transfer_args(args, fraction, "detect", seed), "--masks",
+                "--train", str(scenes / "train" / "annotations.json"),
+                "--val", str(scenes / args.eval / "annotations.json")), root, required=False)
+        for seed in args.seeds:
+            run_step(f"segment labels{fraction:g} seed{seed}", moco(
+                "transfer", "segment", *transfer_args(args, fraction, "segment", seed),
+                "--train", str(scenes / "train"), "--val", str(scenes / args.eval)), root, required=False)
 
 
 def cell(values: list[float]) -> str | None:
@@ -98,8 +107,11 @@ def cell(values: list[float]) -> str | None:
     return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
-def rows_of(path: Path) -> list[dict[str, Any]]:
-    return json.loads(path.read_text())["rows"] if path.exists() else []
+def rows_of(directory: Path) -> list[dict[str, Any]]:
+    """The finished rows a task kept in its output folder (the last one of each init and seed)."""
+    path = directory / "evaluation_rows.jsonl"
+    rows = [json.loads(line)["value"] for line in path.read_text().splitlines()] if path.exists() else []
+    return list({(r["init"], r["seed"]): r for r in rows}.values())
 
 
 def table(args: argparse.Namespace) -> str:
@@ -107,8 +119,8 @@ def table(args: argparse.Namespace) -> str:
     rows' mean training seconds (detection + segmentation)."""
     lines = []
     for fraction in args.fractions:
-        detect = rows_of(output_dir(args, "detect", fraction) / "detect.json")
-        segment = rows_of(output_dir(args, "segment", fraction) / "segment.json")
+        detect = rows_of(output_dir(args, "detect", fraction))
+        segment = rows_of(output_dir(args, "segment", fraction))
         for init in INITS:
             d = [r for r in detect if r["init"] == init]
             s = [r for r in segment if r["init"] == init]
