@@ -348,3 +348,31 @@ def test_label_fraction_is_a_seeded_subset() -> None:
 
 def test_the_registry_names_detect() -> None:
     assert TASKS["detect"] == "moco.transfer.detect"
+
+
+def test_under_torchrun_two_processes_train_one_row_and_write_once(tmp_path: Path) -> None:
+    """Two gloo processes (the global batch split between them, gradients averaged by DDP): the
+    row trains, rank 0 alone prints and writes the results and the exported detector."""
+    import os
+    import subprocess
+    import sys
+
+    save_backbone(tmp_path / "moco.pth")
+    write_images(tmp_path / "train", 16)
+    write_images(tmp_path / "val", 8, seed=1)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "moco",
+         "transfer", "detect", str(tmp_path / "moco.pth"), "--train", str(tmp_path / "train/ann.json"), "--val",
+         str(tmp_path / "val/ann.json"), "--init", "moco", "--epochs", "2", "--batch-size", "4", "--lr", "0.02",
+         "--warmup-iters", "2", "--no-progress", "-o", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote ") == 1
+    results = json.loads((out / "detect.json").read_text())
+    assert results["processes"] == 2 and results["complete"] and len(results["rows"]) == 1
+    row = results["rows"][0]
+    assert row["init"] == "moco" and 0 <= row["metrics"]["AP"] <= 100
+    assert row["steps"] == 2 * 16 // 4  # --batch-size is the global batch: as many steps as one process
+    assert row["final_loss"] < row["first_loss"]
+    assert (out / "moco_seed0" / "detector.pth").is_file()
