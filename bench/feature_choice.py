@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from moco.config import from_dict
 from moco.data.augment import EvalTransform
 from moco.data.datasets import make_loader
 from moco.data.splits import build_data
-from moco.evaluate.knn import knn_predict_many, topk_accuracy
+from moco.evaluate.knn import centre_on_bank, knn_predict_many, topk_accuracy
 from moco.pretrained import load_pretrained
 
 KS = (10, 200)
@@ -85,8 +85,7 @@ def clean_bn(encoder: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]]) 
 def knn(bank: torch.Tensor, bank_y: torch.Tensor, query: torch.Tensor, query_y: torch.Tensor, classes: int,
         t: float, centre: bool = False) -> dict[int, float]:
     if centre:
-        mean = bank.mean(0, keepdim=True)
-        bank, query = bank - mean, query - mean
+        bank, query = centre_on_bank(bank, query)
     scores = knn_predict_many(F.normalize(bank, dim=1), bank_y, F.normalize(query, dim=1), classes, KS, t)
     return {k: topk_accuracy(s, query_y, ks=(1,))[1] for k, s in scores.items()}
 

@@ -16,7 +16,7 @@ from moco.config import Config
 from moco.data.augment import EvalTransform
 from moco.data.datasets import make_loader
 from moco.data.splits import Data
-from moco.evaluate.knn import (PCAWhitening, extract_features, head_outputs, knn_accuracy, knn_predict_many,
+from moco.evaluate.knn import (PCAWhitening, centre_on_bank, extract_features, head_outputs, knn_predict_many,
                                topk_accuracy)
 
 
@@ -76,18 +76,21 @@ def knn_eval(encoder: nn.Module, bank: Any, queries: Any, data: Data, config: Co
         bank_f, bank_y = dist_utils.gather_uneven(bank_f), dist_utils.gather_uneven(bank_y.to(device))
         query_f, query_y = feats(queries)
 
-    def searchable(bank_features: torch.Tensor, query_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def accuracies(bank_features: torch.Tensor, query_features: torch.Tensor,
+                   ks: tuple[int, ...] = (config.train.knn_k,)) -> dict[int, float]:
         if config.train.knn_centre:
-            centre = bank_features.mean(0, keepdim=True)
-            bank_features, query_features = bank_features - centre, query_features - centre
-        return (F.normalize(bank_features, dim=1).to(search_dtype), F.normalize(query_features, dim=1).to(search_dtype))
+            bank_features, query_features = centre_on_bank(bank_features, query_features)
+        bank_n = F.normalize(bank_features, dim=1).to(search_dtype)
+        query_n = F.normalize(query_features, dim=1).to(search_dtype)
+        votes = knn_predict_many(bank_n, bank_y, query_n, data.num_classes, ks, config.train.knn_t)
+        return {k: dist_utils.weighted_mean_over_ranks(topk_accuracy(v, query_y, ks=(1,))[1], len(query_y))
+                for k, v in votes.items()}
 
     def accuracy(bank_features: torch.Tensor, query_features: torch.Tensor) -> float:
-        bank_n, query_n = searchable(bank_features, query_features)
-        top1 = knn_accuracy(bank_n, bank_y, query_n, query_y, config.train.knn_k, config.train.knn_t, data.num_classes)
-        return dist_utils.weighted_mean_over_ranks(top1, len(query_y))
+        return accuracies(bank_features, query_features)[config.train.knn_k]
 
-    backbone = accuracy(bank_f, query_f)
+    backbone_at = accuracies(bank_f, query_f, tuple(dict.fromkeys((config.train.knn_k, *backbone_ks))))
+    backbone = backbone_at[config.train.knn_k]  # one search serves the headline and backbone_ks
     head = getattr(encoder, "fc", None)
     encoder = backbone if head is None else accuracy(head_outputs(encoder, bank_f),
                                                      head_outputs(encoder, query_f))
@@ -99,10 +102,7 @@ def knn_eval(encoder: nn.Module, bank: Any, queries: Any, data: Data, config: Co
         whiten = PCAWhitening(bank_f)
         scores.whitened = accuracy(whiten(bank_f), whiten(query_f))
     if backbone_ks:
-        bank_n, query_n = searchable(bank_f, query_f)
-        votes = knn_predict_many(bank_n, bank_y, query_n, data.num_classes, backbone_ks, config.train.knn_t)
-        scores.backbone_at = {k: dist_utils.weighted_mean_over_ranks(topk_accuracy(v, query_y, ks=(1,))[1], len(query_y))
-                              for k, v in votes.items()}
+        scores.backbone_at = {k: backbone_at[k] for k in backbone_ks}
     return scores
 
 
@@ -125,8 +125,8 @@ def pixel_knn(bank: Any, queries: Any, data: Data, config: Config) -> dict[int, 
 
     bank_x, bank_y = pixels(bank)
     query_x, query_y = pixels(queries)
-    centre = bank_x.mean(0, keepdim=True)
-    bank_x, query_x = F.normalize(bank_x - centre, dim=1), F.normalize(query_x - centre, dim=1)
+    bank_x, query_x = centre_on_bank(bank_x, query_x)
+    bank_x, query_x = F.normalize(bank_x, dim=1), F.normalize(query_x, dim=1)
     scores = knn_predict_many(bank_x, bank_y, query_x, data.num_classes, PIXEL_KS, config.train.knn_t)
     return {k: topk_accuracy(s, query_y, ks=(1,))[1] for k, s in scores.items()}
 

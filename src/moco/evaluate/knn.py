@@ -113,6 +113,13 @@ class PCAWhitening:
                           for part in features.split(self.chunk)])
 
 
+def centre_on_bank(bank: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sets minus the bank's mean feature: the part every image shares, which dominates the
+    cosine of uncentred non-negative features (pooled post-ReLU maps, raw pixels)."""
+    mean = bank.mean(0, keepdim=True)
+    return bank - mean, queries - mean
+
+
 def faiss_available() -> bool:
     try:
         import faiss  # noqa: F401

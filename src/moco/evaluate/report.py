@@ -26,7 +26,7 @@ from moco.evaluate.common import (EvalContext, FeatureSet, describe, extract_fea
                                   markdown_table, pixel_feature_set, unfinished_note, write_results)
 from moco.evaluate.finetune import (FRACTIONS, QUICK_GAIN_NOTE, FinetuneOptions, finetune_table, finetune_tasks,
                                    gain_table, pretraining_gain)
-from moco.evaluate.knn import PCAWhitening, head_outputs, knn_accuracies
+from moco.evaluate.knn import PCAWhitening, centre_on_bank, head_outputs, knn_accuracies
 from moco.evaluate.linear import (LinclsOptions, choice_key, choose_lr, frozen_features, lincls_table, probe_task,
                                   selection_options)
 from moco.progress import NoCache, RowCache, Task, Work, kept, pending, run_tasks
@@ -73,8 +73,7 @@ def _knn_rows(train: torch.Tensor, test: torch.Tensor, features: FeatureSet, lab
               num_classes: int, extra_seconds: float = 0.0) -> list[dict[str, Any]]:
     tic = time.perf_counter()
     if options.centre:
-        mean = train.mean(0, keepdim=True)
-        train, test = train - mean, test - mean
+        train, test = centre_on_bank(train, test)
     train, test = F.normalize(train, dim=1), F.normalize(test, dim=1)
     accs = knn_accuracies(train, features.train_labels, test, features.test_labels, options.ks, options.temperature,
                           num_classes, options.chunk_size, options.backend)
