@@ -31,7 +31,7 @@ from moco import distributed as dist_utils
 from moco.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from moco.cli_help import OUTPUT_ALIASES
 from moco.errors import ConfigError
-from moco.evaluate.common import markdown_table, write_results
+from moco.evaluate.common import markdown_table, unfinished_note, write_results
 from moco.pretrained import EncoderSpec, PretrainedEncoder, load_pretrained
 from moco.progress import Progress, RowCache, Task, canonical, run_tasks
 from moco.runtime import preserved_cpu_threads, resolve_device
@@ -442,6 +442,36 @@ class ReadingCache(RowCache):
 
     def put(self, key: dict[str, Any], value: Any) -> None:
         self.rows[canonical(key)] = value
+
+
+def row_tasks(options: TransferOptions, key: Callable[[str, int], dict[str, Any]],
+              train_row: Callable[[str, int], Any], summary: Callable[[Any], str]) -> list[Task]:
+    """One task per (init, seed), seeds outermost, so every init of a seed finishes before the next seed."""
+    return [Task(row_label(init, seed), key(init, seed), lambda i=init, s=seed: train_row(i, s), summary=summary)
+            for seed in options.seeds for init in options.inits]
+
+
+def schedule_text(options: TransferOptions, device: torch.device, batch_note: str = "") -> str:
+    """The fine-tuning schedule every row shares, as the command prints it."""
+    sync = " (SyncBN)" if dist_utils.world_size() > 1 and device.type == "cuda" else ""
+    return (f"  {options.epochs} epochs of batch {options.batch_size}{batch_note}, SGD lr {options.lr:g} (warm-up "
+            f"{options.warmup_iters} steps, {options.schedule} decay), weight decay {options.weight_decay:g}; "
+            f"every layer trained, BN included{sync}")
+
+
+def results_of_rows(task: str, run: Any, tasks: list[Task], values: list[Any], title: str,
+                    metrics: Sequence[str], fields: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """The JSON and the markdown of the rows finished so far: what every task records (checkpoint,
+    starts, encoder, options, machine, rows) around the task's own ``fields``."""
+    rows = [v for v in values if v is not None]
+    pending = [t.label for t, v in zip(tasks, values) if v is None]
+    results = {
+        "task": task, "checkpoint": str(run.checkpoint), "supervised": str(run.supervised) if run.supervised else None,
+        "encoder": run.spec.to_dict(), **fields, "options": run.options.to_dict(),
+        "device": str(run.device), "processes": dist_utils.world_size(), "threads": torch.get_num_threads(),
+        "rows": rows, "complete": not pending, "pending": pending}
+    table = f"{title}\n\n" + results_table(rows, metrics)
+    return results, table + (unfinished_note(pending) if pending else "")
 
 
 def run_rows(task: str, output: Path, tasks: list[Task], options: TransferOptions, progress: Progress,

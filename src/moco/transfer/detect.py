@@ -46,8 +46,8 @@ from moco.transfer.coco import (BOX_METRICS, CocoDetection, CocoSet, coco_metric
                                 load_coco, object_sizes, to_results)
 from moco.transfer.common import (RowState, TransferError, TransferOptions, add_transfer_arguments, backbone_for,
                                   convert_bn_for, epoch_batches, fit, input_stats, label_subset, load_resnet,
-                                  resnet_stages, results_table, row_label, run_command, run_rows, steps_per_epoch,
-                                  unwrap)
+                                  resnet_stages, results_of_rows, row_label, row_tasks, run_command, run_rows,
+                                  schedule_text, steps_per_epoch, unwrap)
 
 TASK = "detect"
 HELP = "Faster R-CNN / Mask R-CNN on a COCO json, the pretrained ResNet fine-tuned inside"
@@ -394,22 +394,14 @@ def prepare(args: argparse.Namespace, options: TransferOptions, progress: Progre
 
 def results_of(run: DetectRun, tasks: list[Task], values: list[Any]) -> tuple[dict[str, Any], str]:
     """The JSON and the markdown of the rows finished so far."""
-    from moco.evaluate.common import unfinished_note
-
-    rows = [v for v in values if v is not None]
-    pending = [t.label for t, v in zip(tasks, values) if v is None]
-    table = (f"Detection transfer: {'Mask' if run.train.masks else 'Faster'} R-CNN, "
-             f"{run.spec.arch} {list(run.spec.widths)}, {run.options.epochs} epochs; COCOeval on {run.val.path.name} "
-             f"({len(run.val_set)} images), in %.\n\n" + results_table(rows, run.metrics))
-    results = {
-        "task": TASK, "checkpoint": str(run.checkpoint), "supervised": str(run.supervised) if run.supervised else None,
-        "encoder": run.spec.to_dict(), "train": str(run.train.path), "val": str(run.val.path),
-        "train_images": len(run.train_set), "val_images": len(run.val_set),
-        "categories": {str(label): cid for label, cid in enumerate(run.train.category_ids, 1)},
-        "detector": run.sizes.to_dict(), "build": run.description, "options": run.options.to_dict(),
-        "device": str(run.device), "processes": dist_utils.world_size(), "threads": torch.get_num_threads(),
-        "rows": rows, "complete": not pending, "pending": pending}
-    return results, table + (unfinished_note(pending) if pending else "")
+    title = (f"Detection transfer: {'Mask' if run.train.masks else 'Faster'} R-CNN, {run.spec.arch} "
+             f"{list(run.spec.widths)}, {run.options.epochs} epochs; COCOeval on {run.val.path.name} "
+             f"({len(run.val_set)} images), in %.")
+    fields = {"train": str(run.train.path), "val": str(run.val.path), "train_images": len(run.train_set),
+              "val_images": len(run.val_set),
+              "categories": {str(label): cid for label, cid in enumerate(run.train.category_ids, 1)},
+              "detector": run.sizes.to_dict(), "build": run.description}
+    return results_of_rows(TASK, run, tasks, values, title, run.metrics, fields)
 
 
 def transfer_detect(args: argparse.Namespace, options: TransferOptions) -> dict[str, Any]:
@@ -418,21 +410,17 @@ def transfer_detect(args: argparse.Namespace, options: TransferOptions) -> dict[
     progress = Progress.for_command(options.no_progress) if main else Progress.silent()
     run = prepare(args, options, progress)
     run.output.mkdir(parents=True, exist_ok=True)
-    tasks = [Task(row_label(init, seed), run.key(init, seed), lambda i=init, s=seed: run_row(run, i, s),
-                  summary=_summary) for seed in options.seeds for init in options.inits]
+    tasks = row_tasks(options, run.key, lambda init, seed: run_row(run, init, seed), _summary)
     kind = "Mask R-CNN" if run.train.masks else "Faster R-CNN"
     progress.say(f"transfer detect: {len(tasks)} rows ({', '.join(options.inits)} x seeds "
                  f"{' '.join(map(str, options.seeds))}) of {kind} on {run.spec.arch} {list(run.spec.widths)}; "
                  f"{len(run.train_set):,} training images (x{options.label_fraction:g}), {len(run.val_set):,} "
                  f"validation images, {run.train.num_classes - 1} categories; {run.device}, "
                  f"{dist_utils.world_size()} process(es), {torch.get_num_threads()} thread(s)")
-    progress.say(f"  {options.epochs} epochs of batch {options.batch_size}, SGD lr {options.lr:g} (warm-up "
-                 f"{options.warmup_iters} steps, {options.schedule} decay), weight decay {options.weight_decay:g}; "
-                 "every layer trained, BN included" + (" (SyncBN)" if dist_utils.world_size() > 1 and run.device.type == "cuda" else ""))
+    progress.say(schedule_text(options, run.device))
     progress.say(f"  {run.sizes.text()}")
 
     return run_rows(TASK, run.output, tasks, options, progress, lambda values: results_of(run, tasks, values))
-
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

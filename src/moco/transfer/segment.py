@@ -41,14 +41,13 @@ from moco import distributed as dist_utils
 from moco.checkpoint import load_checkpoint, save_atomic
 from moco.data.datasets import IMAGE_EXTENSIONS
 from moco.data.images import decode
-from moco.evaluate.common import unfinished_note
 from moco.pretrained import EncoderSpec
 from moco.progress import Progress, Task, file_digest
 from moco.runtime import resolve_device
 from moco.transfer.common import (RowState, TransferError, TransferOptions, add_transfer_arguments, backbone_for,
                                   convert_bn_for, epoch_batches, fit, input_stats, label_subset, load_resnet,
-                                  resnet_stages, results_table, row_label, run_command, run_rows, stage_strides,
-                                  steps_per_epoch, unwrap)
+                                  resnet_stages, results_of_rows, row_label, row_tasks, run_command, run_rows,
+                                  schedule_text, stage_strides, steps_per_epoch, unwrap)
 
 TASK = "segment"
 HELP = "semantic segmentation (FCN or DeepLabv3 head) on image and label-map folders, the pretrained ResNet fine-tuned inside"
@@ -524,21 +523,13 @@ def prepare(args: argparse.Namespace, options: TransferOptions, progress: Progre
 
 def results_of(run: SegmentRun, tasks: list[Task], values: list[Any]) -> tuple[dict[str, Any], str]:
     """The JSON and the markdown of the rows finished so far."""
-    rows = [v for v in values if v is not None]
-    pending = [t.label for t, v in zip(tasks, values) if v is None]
     head = next(iter(run.description["head"])).rsplit(".", 1)[-1]
-    table = (f"Segmentation transfer: {head} on {run.spec.arch} {list(run.spec.widths)}, {run.options.epochs} "
-             f"epochs; {len(run.val.pairs)} validation images, {run.num_classes} classes, in %.\n\n"
-             + results_table(rows, METRICS))
-    results = {
-        "task": TASK, "checkpoint": str(run.checkpoint), "supervised": str(run.supervised) if run.supervised else None,
-        "encoder": run.spec.to_dict(), "train": str(run.train.source), "val": str(run.val.source),
-        "train_images": len(run.train.pairs), "val_images": len(run.val.pairs), "num_classes": run.num_classes,
-        "crop_size": run.crop_size, "build": run.description, "options": run.options.to_dict(),
-        "device": str(run.device), "processes": dist_utils.world_size(), "threads": torch.get_num_threads(),
-        "rows": rows, "complete": not pending, "pending": pending}
-    return results, table + (unfinished_note(pending) if pending else "")
-
+    title = (f"Segmentation transfer: {head} on {run.spec.arch} {list(run.spec.widths)}, {run.options.epochs} "
+             f"epochs; {len(run.val.pairs)} validation images, {run.num_classes} classes, in %.")
+    fields = {"train": str(run.train.source), "val": str(run.val.source), "train_images": len(run.train.pairs),
+              "val_images": len(run.val.pairs), "num_classes": run.num_classes, "crop_size": run.crop_size,
+              "build": run.description}
+    return results_of_rows(TASK, run, tasks, values, title, METRICS, fields)
 
 
 def transfer_segment(args: argparse.Namespace, options: TransferOptions) -> dict[str, Any]:
@@ -547,18 +538,13 @@ def transfer_segment(args: argparse.Namespace, options: TransferOptions) -> dict
     progress = Progress.for_command(options.no_progress) if main else Progress.silent()
     run = prepare(args, options, progress)
     run.output.mkdir(parents=True, exist_ok=True)
-    tasks = [Task(row_label(init, seed), run.key(init, seed), lambda i=init, s=seed: run_row(run, i, s),
-                  summary=_summary) for seed in options.seeds for init in options.inits]
+    tasks = row_tasks(options, run.key, lambda init, seed: run_row(run, init, seed), _summary)
     progress.say(f"transfer segment: {len(tasks)} rows ({', '.join(options.inits)} x seeds "
                  f"{' '.join(map(str, options.seeds))}) of {args.head} on {run.spec.arch} {list(run.spec.widths)} "
                  f"(output stride {run.description['output_stride']}); {len(run.train.pairs):,} training images "
                  f"(x{options.label_fraction:g}), {len(run.val.pairs):,} validation images, {run.num_classes} classes; "
                  f"{run.device}, {dist_utils.world_size()} process(es), {torch.get_num_threads()} thread(s)")
-    progress.say(f"  {options.epochs} epochs of batch {options.batch_size}"
-                 + (f" ({run.crop_size} px crops)" if run.crop_size else "")
-                 + f", SGD lr {options.lr:g} (warm-up {options.warmup_iters} steps, {options.schedule} decay), weight "
-                   f"decay {options.weight_decay:g}; every layer trained, BN included"
-                 + (" (SyncBN)" if dist_utils.world_size() > 1 and run.device.type == "cuda" else ""))
+    progress.say(schedule_text(options, run.device, f" ({run.crop_size} px crops)" if run.crop_size else ""))
 
     return run_rows(TASK, run.output, tasks, options, progress, lambda values: results_of(run, tasks, values))
 
