@@ -36,6 +36,9 @@ def test_the_plan_fits_steps_monitor_and_final_evaluation_into_the_budget() -> N
     # budget 100 - a tenth in reserve - set-up 10 - final 10 = 70 s for epochs of 1 s of steps + 1 s of monitor: 35
     assert (plan.epochs, plan.training_s, plan.evaluation_s) == (35, pytest.approx(35.0), pytest.approx(45.0))
     assert plan.measured_img_s == pytest.approx(1000.0) and plan.note == ""
+    # a 1 s checkpoint at every epoch's end: epochs of 3 s, 23 of them, each training 2 s
+    saved = plan_epochs(100.0, 10.0, 0.1, 10, 100, 4.0, 4000, 1, 40000, min_epochs=1, checkpoint_s=1.0)
+    assert (saved.epochs, saved.training_s, saved.measured_img_s) == (23, pytest.approx(46.0), pytest.approx(1000.0))
     tight = plan_epochs(15.0, 10.0, 0.1, 10, 100, 4.0, 4000, 1, 40000, min_epochs=2)
     assert tight.epochs == 2 and "the budget holds 0 epoch(s); 2 run anyway" in tight.note
 

@@ -55,18 +55,20 @@ class BudgetPlan:
 
 def plan_epochs(budget_s: float, set_up_s: float, step_s: float, steps_per_epoch: int, batch: int,
                 encoder_passes: float, monitor_images: int, knn_every: int, final_images: int,
-                min_epochs: int = 1) -> BudgetPlan:
-    """The most epochs whose steps, monitor runs and final evaluation fit ``budget_s`` after
-    ``set_up_s``, with ``RESERVE`` of it kept back. Encoding an image for evaluation is costed as one forward pass, ``step_s / (batch
-    x encoder_passes)`` (a step trains ``encoder_passes`` passes' worth per image)."""
+                min_epochs: int = 1, checkpoint_s: float = 0.0) -> BudgetPlan:
+    """The most epochs whose steps, epoch-end checkpoints (``checkpoint_s`` each), monitor runs and
+    final evaluation fit ``budget_s`` after ``set_up_s``, with ``RESERVE`` of it kept back. Encoding
+    an image for evaluation is costed as one forward pass, ``step_s / (batch x encoder_passes)`` (a
+    step trains ``encoder_passes`` passes' worth per image)."""
     forward_s = step_s / max(batch * encoder_passes, 1e-9)
     final_s = final_images * forward_s
     monitor_s = monitor_images * forward_s
-    epoch_s = steps_per_epoch * step_s + (monitor_s / knn_every if knn_every else 0.0)
+    train_epoch_s = steps_per_epoch * step_s + checkpoint_s
+    epoch_s = train_epoch_s + (monitor_s / knn_every if knn_every else 0.0)
     fits = math.floor((budget_s * (1 - RESERVE) - set_up_s - final_s) / epoch_s) if epoch_s > 0 else min_epochs
     epochs = max(min_epochs, fits)
     note = "" if fits >= min_epochs else (f"the budget holds {max(fits, 0)} epoch(s); {min_epochs} run anyway, "
                                           f"about {set_up_s + final_s + epochs * epoch_s:.0f} s in all")
     monitor_runs = (math.ceil(epochs / knn_every) if knn_every else 0) if monitor_images else 0
-    return BudgetPlan(budget_s, batch / step_s, epochs, epochs * steps_per_epoch * step_s,
+    return BudgetPlan(budget_s, batch / step_s, epochs, epochs * train_epoch_s,
                       final_s + monitor_runs * monitor_s, set_up_s, note)

@@ -583,14 +583,14 @@ def size_to_budget(config: Config, data: Data, method: Method, view_augments: li
     test splits at the end."""
     t = config.train
     step_s = time_steps(config, data, method, view_augments, loader, device, precision, memory_format)
-    step_s += time_checkpoint(method, Path(t.output_dir)) / len(loader)  # written at every epoch's end
     monitor = len(data.monitor_bank) + len(data.val) if t.knn_every and data.val is not None else 0
     final = len(data.full_train) + len(data.test) if t.test_knn and data.test is not None and data.full_train else 0
     if config.data.dataset == "folder":
         final *= 2  # the baselines encode both splits again with the untrained encoder
     return plan_epochs(parse_duration(t.budget), set_up_s + PROBE_STEPS * step_s, step_s, len(loader),
                        config.optim.batch_size, method.encoder_passes(config), monitor, t.knn_every, final,
-                       min_epochs=math.floor(config.optim.warmup_epochs) + 1)
+                       min_epochs=math.floor(config.optim.warmup_epochs) + 1,
+                       checkpoint_s=time_checkpoint(method, Path(t.output_dir)))
 
 
 PROBE_STEPS = 2 + 5  # warm-up steps, then timed ones
