@@ -407,7 +407,7 @@ def final_evaluation(run: Run) -> KnnScores | None:
     t, data = run.config.train, run.data
     if not (t.test_knn and data.test is not None and data.full_train is not None):
         return None
-    folder = run.config.data.dataset == "folder"  # a user's own images: did pretraining pay?
+    folder = reports_baselines(run.config)
     scores = knn_eval(run.method.encoder, data.full_train, data.test, data, run.config, run.device, run.memory_format,
                       whitened=True, backbone_ks=PIXEL_KS if folder else ())
     if folder:
@@ -416,6 +416,11 @@ def final_evaluation(run: Run) -> KnnScores | None:
                    "test_knn_top1": scores.of(t.knn_feature), **test_knn_fields(scores, t.knn_feature, t.knn_centre)})
     say(test_knn_line(scores, t.knn_feature, t.knn_k, t.knn_t, t.knn_centre))
     return scores
+
+
+def reports_baselines(config: Config) -> bool:
+    """A user's own images: the final report says whether pretraining paid (:func:`baselines`)."""
+    return config.data.dataset == "folder"
 
 
 def baselines(run: Run) -> dict[str, float]:
@@ -585,7 +590,7 @@ def size_to_budget(config: Config, data: Data, method: Method, view_augments: li
     step_s = time_steps(config, data, method, view_augments, loader, device, precision, memory_format)
     monitor = len(data.monitor_bank) + len(data.val) if t.knn_every and data.val is not None else 0
     final = len(data.full_train) + len(data.test) if t.test_knn and data.test is not None and data.full_train else 0
-    if config.data.dataset == "folder":
+    if reports_baselines(config):
         final *= 2  # the baselines encode both splits again with the untrained encoder
     return plan_epochs(parse_duration(t.budget), set_up_s + PROBE_STEPS * step_s, step_s, len(loader),
                        config.optim.batch_size, method.encoder_passes(config), monitor, t.knn_every, final,
