@@ -25,7 +25,8 @@ from moco.pretrained import infer_spec
 from moco.progress import Progress
 from moco.transfer import TASKS, backbone_for, convert_bn_for, resnet_stages
 from moco.transfer.coco import CocoFormatError, CocoWarning, CocoDetection, collate, load_coco, to_results
-from moco.transfer.common import RowState, TransferError, TransferOptions, label_subset
+from moco.transfer.common import (Diverged, RowState, TransferError, TransferOptions, fit, label_subset, row_epochs,
+                                  steps_per_epoch)
 from moco.transfer.detect import build_detector, choose_sizes, describe_detector, evaluate, load_detector, new_detector, prepare
 
 WIDTHS = [8, 16, 32, 64]
@@ -218,7 +219,7 @@ def test_a_stopped_row_resumes_to_the_same_weights_as_an_unstopped_one(
     write_images(tmp_path / "train", 16, size=32, categories=(3, 7))
     write_images(tmp_path / "val", 2, size=32, categories=(3, 7), seed=1)
     command = ["transfer", "detect", str(tmp_path / "moco.pth"), "--train", str(tmp_path / "train/ann.json"),
-               "--val", str(tmp_path / "val/ann.json"), "--masks", "--init", "random", "--epochs", "2",
+               "--val", str(tmp_path / "val/ann.json"), "--masks", "--init", "random", "--epochs", "1",
                "--batch-size", "4", "--label-fraction", "0.5", "--threads", "1", "--no-progress"]
     assert main([*command, "-o", str(tmp_path / "whole")]) == 0
     save = RowState.save
@@ -238,7 +239,7 @@ def test_a_stopped_row_resumes_to_the_same_weights_as_an_unstopped_one(
     resumed = torch.load(tmp_path / "stopped/random_seed0/detector.pth", weights_only=True)
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
     row, = json.loads((tmp_path / "stopped/detect.json").read_text())["rows"]
-    assert row["train_images"] == 8 and row["steps"] == 4
+    assert row["train_images"] == 8 and row["epochs"] == 2 and row["steps"] == 4  # as many steps as all 16 in 1 epoch
     assert {"AP", "mask AP", "mask APl"} <= set(row["metrics"])
 
 
@@ -338,6 +339,29 @@ def test_boxes_outside_the_image_are_clipped_or_dropped_with_one_warning(tmp_pat
         dataset = CocoDetection(load_coco(tmp_path / "ann.json"), 3)
     boxes = dataset.target(0)["boxes"]
     assert len(boxes) == 2 and boxes[0].tolist() == [40.0, 40.0, 48.0, 48.0]
+
+
+def test_a_label_fraction_trains_as_many_steps_as_all_labels() -> None:
+    options = TransferOptions(epochs=4, batch_size=8)
+    assert row_epochs(options, 800, 800) == 4
+    assert row_epochs(options, 800, 80) == 40 and 40 * steps_per_epoch(80, 8) == 4 * steps_per_epoch(800, 8)
+    assert row_epochs(options, 803, 81) == 37  # 4 x 101 steps over 11-step epochs: 407, the nearest above 404
+    assert row_epochs(options, 16, 1) == 8     # one image: a step an epoch, 8 epochs for 4 x 2 steps
+    assert row_epochs(TransferOptions(epochs=1, batch_size=8), 8, 2) == 1
+
+
+def test_a_loss_that_stops_being_finite_raises_diverged_and_saves_nothing(tmp_path: Path) -> None:
+    model = torch.nn.Linear(2, 1)
+    row = RowState(tmp_path / "row", {"k": 1})
+    losses = iter([1.0, float("inf")])
+
+    def loss_of(m: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        return {"loss": m(batch).sum() * 0 + next(losses)}
+
+    with pytest.raises(Diverged, match=r"the training loss became inf in epoch 2 of 3; a lower --lr \(now 0.01\)"):
+        fit(model, TransferOptions(epochs=3, warmup_iters=0), lambda epoch: [torch.ones(1, 2)], 1, 3, loss_of, row,
+            Progress.silent(), torch.device("cpu"))
+    assert torch.load(row.path, weights_only=False)["epoch"] == 1  # the last finite epoch, not the diverged one
 
 
 def test_label_fraction_is_a_seeded_subset() -> None:

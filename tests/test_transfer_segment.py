@@ -15,7 +15,7 @@ from PIL import Image
 from moco.config import ConfigError
 from moco.pretrained import load_pretrained
 from moco.progress import Progress
-from moco.transfer import TASKS
+from moco.transfer import TASKS, common
 from moco.transfer.common import RowState, options_from_args
 from moco.transfer.segment import (add_arguments, confusion, find_pairs, load_segmenter, new_segmenter, prepare,
                                    scan, scores, transfer_segment)
@@ -108,7 +108,8 @@ def test_moco_rows_start_from_the_checkpoint_and_every_row_from_one_head(data: d
 
 def test_a_stopped_row_resumes_to_the_same_result(data: dict[str, Path], tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    extra = ("--init", "random", "--epochs", "2", "--label-fraction", "0.5", "--crop-size", "48")
+    # half the labels for as many steps as all of them: 1 epoch of 4 steps over 32 images = 2 over 16
+    extra = ("--init", "random", "--epochs", "1", "--label-fraction", "0.5", "--crop-size", "48")
     whole = run(parse(data, tmp_path / "whole", *extra))["rows"][0]
     save = RowState.save
 
@@ -123,7 +124,34 @@ def test_a_stopped_row_resumes_to_the_same_result(data: dict[str, Path], tmp_pat
     resumed = run(parse(data, tmp_path / "stopped", *extra))["rows"][0]
     assert "resuming after epoch 1 of 2" in capsys.readouterr().err
     assert resumed["losses"] == whole["losses"] and resumed["metrics"] == whole["metrics"]
-    assert resumed["train_images"] == 16
+    assert resumed["train_images"] == 16 and resumed["epochs"] == 2 and resumed["steps"] == 4
+
+
+def test_a_diverged_row_is_recorded_and_the_others_go_on(data: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    fit = common.fit
+
+    def random_rows_diverge(model, options, batches, steps, epochs, loss_of, row, *rest):  # noqa: ANN001, ANN202
+        if row.directory.name.startswith("random"):
+            def nan(model, batch):  # noqa: ANN001, ANN202
+                return {name: value * float("nan") for name, value in loss_of(model, batch).items()}
+            return fit(model, options, batches, steps, epochs, nan, row, *rest)
+        return fit(model, options, batches, steps, epochs, loss_of, row, *rest)
+
+    monkeypatch.setattr(common, "fit", random_rows_diverge)
+    results = run(parse(data, tmp_path, "--init", "random", "moco", "--seed", "0", "1", "--epochs", "1"))
+    by_init = {(r["init"], r["seed"]): r for r in results["rows"]}
+    assert results["complete"] and len(by_init) == 4
+    for seed in (0, 1):
+        assert by_init["random", seed]["diverged"].startswith("the training loss became nan in epoch 1 of 1")
+        assert by_init["random", seed]["metrics"] == {} and by_init["moco", seed]["metrics"]["mIoU"] > 0
+        assert not (tmp_path / f"random_seed{seed}" / "state.pth").exists()
+    table = (tmp_path / "segment.md").read_text()
+    assert "| random | 2 (2 diverged) |" in table and "| random | 0 | diverged | diverged |" in table
+    # a diverged row is finished: the same command keeps it instead of training it again
+    monkeypatch.setattr(common, "fit", lambda *a: pytest.fail("a kept row was trained again"))
+    again = run(parse(data, tmp_path, "--init", "random", "moco", "--seed", "0", "1", "--epochs", "1"))
+    assert again["rows"] == results["rows"]
 
 
 def _copy(source: Path, target: Path) -> Path:

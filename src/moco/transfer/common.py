@@ -8,7 +8,9 @@ start and for its baselines. Here each (init, seed) pair is one row:
 - ``supervised``: a supervised backbone of the same shape (``--supervised FILE``);
 - ``random``: the same shape, freshly initialised with the row's seed.
 
-A row trains in its own directory (``OUTPUT_DIR/<init>_seed<k>/``) and saves its state after every
+A label fraction trains on a seeded subset of the training images for as many optimiser steps as
+all of them would take. A row whose loss stops being finite is recorded as diverged, and the
+others go on. A row trains in its own directory (``OUTPUT_DIR/<init>_seed<k>/``) and saves its state after every
 epoch (model, optimiser, schedule, RNG), so a stopped row resumes where it stopped; a finished row
 is kept in ``OUTPUT_DIR/evaluation_rows.jsonl`` (:mod:`moco.progress`) and a rerun skips it.
 ``OUTPUT_DIR/<task>.json`` and ``<task>.md`` are rewritten after every row: mean ± std over
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -210,6 +213,17 @@ def epoch_batches(count: int, batch_size: int, seed: int, epoch: int) -> list[li
     return [mine[i * local:(i + 1) * local] for i in range(steps) if mine[i * local:(i + 1) * local]]
 
 
+def row_epochs(options: "TransferOptions", full_count: int, subset_count: int) -> int:
+    """Epochs over a row's ``subset_count`` training images that take as many optimiser steps as
+    ``options.epochs`` over all ``full_count``: a label fraction changes the data, not the schedule's
+    length (the convention of semi-supervised detection, and the only way rows of several fractions
+    share their warm-up and decay points)."""
+    if subset_count >= full_count:
+        return options.epochs
+    full = options.epochs * steps_per_epoch(full_count, options.batch_size)
+    return max(options.epochs, math.ceil(full / steps_per_epoch(subset_count, options.batch_size)))
+
+
 def steps_per_epoch(count: int, batch_size: int) -> int:
     """Optimiser steps in an epoch of :func:`epoch_batches`."""
     world = dist_utils.world_size()
@@ -304,14 +318,19 @@ def distribute(model: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
+class Diverged(FloatingPointError):
+    """A row's training loss stopped being finite: the row is recorded as diverged and the others go on."""
+
+
 def fit(model: nn.Module, options: TransferOptions, batches: Callable[[int], Iterable[Any]], steps: int,
-        loss_of: Callable[[nn.Module, Any], dict[str, torch.Tensor]], row: RowState, progress: Progress,
-        device: torch.device) -> list[dict[str, float]]:
-    """Train ``model`` for ``options.epochs`` epochs of ``steps`` steps from ``batches(epoch)``, the
-    loss being the sum of ``loss_of(model, batch)``'s values; the state is saved after every epoch
-    and a saved state of the same row is resumed. Returns each epoch's mean losses."""
+        epochs: int, loss_of: Callable[[nn.Module, Any], dict[str, torch.Tensor]], row: RowState,
+        progress: Progress, device: torch.device) -> list[dict[str, float]]:
+    """Train ``model`` for ``epochs`` epochs of ``steps`` steps from ``batches(epoch)``, the loss
+    being the sum of ``loss_of(model, batch)``'s values; the state is saved after every epoch and a
+    saved state of the same row is resumed. Returns each epoch's mean losses; raises
+    :class:`Diverged` after an epoch whose mean loss is not finite."""
     optimizer = build_optimizer(model, options)
-    scheduler = build_scheduler(optimizer, options, options.epochs * steps)
+    scheduler = build_scheduler(optimizer, options, epochs * steps)
     history: list[dict[str, float]] = []
     start = 0
     saved = row.load()
@@ -321,12 +340,12 @@ def fit(model: nn.Module, options: TransferOptions, batches: Callable[[int], Ite
         scheduler.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"])
         start, history = int(saved["epoch"]), list(saved["history"])
-        progress.say(f"resuming after epoch {start} of {options.epochs} ({row.path})")
+        progress.say(f"resuming after epoch {start} of {epochs} ({row.path})")
     trained = distribute(model, device)
-    for epoch in range(start, options.epochs):
+    for epoch in range(start, epochs):
         trained.train()
         sums: dict[str, torch.Tensor] = {}
-        with progress.phase(f"epoch {epoch + 1}/{options.epochs}", steps, "step", estimate=epoch == start) as phase:
+        with progress.phase(f"epoch {epoch + 1}/{epochs}", steps, "step", estimate=epoch == start) as phase:
             for batch in batches(epoch):
                 losses = loss_of(trained, batch)
                 loss = sum(losses.values())
@@ -341,11 +360,34 @@ def fit(model: nn.Module, options: TransferOptions, batches: Callable[[int], Ite
             means["loss"] = sum(means.values())
             phase.note = f"loss {means['loss']:.4f}"
         if not math.isfinite(means["loss"]):
-            raise FloatingPointError(f"{row.directory}: the training loss became {means['loss']} in epoch {epoch + 1}; "
-                                     f"lower --lr (now {options.lr:g}) or lengthen --warmup-iters")
+            raise Diverged(f"the training loss became {means['loss']} in epoch {epoch + 1} of {epochs}; a lower "
+                           f"--lr (now {options.lr:g}) or a longer --warmup-iters (now {options.warmup_iters}) may train it")
         history.append(means)
         row.save(model, optimizer, scheduler, epoch + 1, history)
     return history
+
+
+def train_row(model: nn.Module, options: TransferOptions, train_count: int, seed: int,
+              batches_for: Callable[[list[int]], Callable[[int], Iterable[Any]]],
+              loss_of: Callable[[nn.Module, Any], dict[str, torch.Tensor]], row: RowState, progress: Progress,
+              device: torch.device) -> dict[str, Any]:
+    """Train one row on its seeded label subset for the shared schedule. Returns what every task
+    records about the training (images, epochs, steps, losses, seconds), or, for a row whose loss
+    stopped being finite, ``diverged``: the reason (the row is finished either way)."""
+    indices = label_subset(train_count, options.label_fraction, seed)
+    steps = steps_per_epoch(len(indices), options.batch_size)
+    epochs = row_epochs(options, train_count, len(indices))
+    fields: dict[str, Any] = {"train_images": len(indices), "epochs": epochs, "steps": steps * epochs}
+    torch.manual_seed(seed)  # augmentation and dropout draws; a resumed row restores the RNG it saved
+    tic = time.perf_counter()
+    try:
+        history = fit(model, options, batches_for(indices), steps, epochs, loss_of, row, progress, device)
+    except Diverged as error:
+        if dist_utils.is_main_process():
+            row.path.unlink(missing_ok=True)
+        return {**fields, "diverged": str(error)}
+    return {**fields, "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"], "losses": history,
+            "train_seconds": round(time.perf_counter() - tic, 1)}
 
 
 # --- result tables ------------------------------------------------------------------------------------
@@ -356,12 +398,14 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def results_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> str:
-    """Markdown: per init, each metric's mean ± std over its seeds; then one line per (init, seed).
-    ``rows``: dicts with ``init``, ``seed`` and ``metrics`` (name -> value)."""
+    """Markdown: per init, each metric's mean ± std over its seeds (diverged rows counted, not
+    averaged); then one line per (init, seed). ``rows``: dicts with ``init``, ``seed`` and
+    ``metrics`` (name -> value), and ``diverged`` for a row whose training diverged."""
     inits = list(dict.fromkeys(r["init"] for r in rows))
     summary = []
     for init in inits:
         mine = [r for r in rows if r["init"] == init]
+        diverged = sum(bool(r.get("diverged")) for r in mine)
         cells = []
         for metric in metrics:
             values = [r["metrics"][metric] for r in mine if r["metrics"].get(metric) is not None]
@@ -370,8 +414,9 @@ def results_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> 
                 continue
             mean, std = mean_std(values)
             cells.append(f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}")
-        summary.append([init, len(mine), *cells])
-    per_seed = [[r["init"], r["seed"], *(r["metrics"].get(m) for m in metrics)] for r in rows]
+        summary.append([init, f"{len(mine)} ({diverged} diverged)" if diverged else len(mine), *cells])
+    per_seed = [[r["init"], r["seed"], *(("diverged" if r.get("diverged") else r["metrics"].get(m)) for m in metrics)]
+                for r in rows]
     return (markdown_table(["init", "seeds", *metrics], summary) + "\n"
             + markdown_table(["init", "seed", *metrics], per_seed))
 
@@ -397,7 +442,8 @@ def add_transfer_arguments(parser: argparse.ArgumentParser, defaults: TransferOp
                              "export or checkpoint of the checkpoint's shape (without it the supervised rows are left out)")
     parser.add_argument("--seed", type=int, nargs="+", default=list(defaults.seeds),
                         help="one row per init and seed; a seed sets the random init, the label subset and the data order")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs over the training images")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs,
+                        help="epochs over all the training images; a --label-fraction row takes as many steps")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
                         help="images per optimiser step (over all processes under torchrun)")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="SGD learning rate after the warm-up")
@@ -409,7 +455,8 @@ def add_transfer_arguments(parser: argparse.ArgumentParser, defaults: TransferOp
     parser.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule,
                         help="step: lr x0.1 at 2/3 and 8/9 of training (detectron2's 1x shape); cosine: down to 0")
     parser.add_argument("--label-fraction", type=float, default=defaults.label_fraction,
-                        help="train on this seeded fraction of the training images (1 = all)")
+                        help="train on this seeded fraction of the training images (1 = all), for as many "
+                             "steps as all of them")
     parser.add_argument("--output", "-o", *OUTPUT_ALIASES, dest="output_dir", metavar="DIR",
                         help="where rows, results and exported models go (default: a folder named after the task "
                              "beside the checkpoint)")
@@ -447,16 +494,25 @@ class ReadingCache(RowCache):
 def row_tasks(options: TransferOptions, key: Callable[[str, int], dict[str, Any]],
               train_row: Callable[[str, int], Any], summary: Callable[[Any], str]) -> list[Task]:
     """One task per (init, seed), seeds outermost, so every init of a seed finishes before the next seed."""
-    return [Task(row_label(init, seed), key(init, seed), lambda i=init, s=seed: train_row(i, s), summary=summary)
+    def said(value: Any) -> str:
+        return f"diverged: {value['diverged']}" if value.get("diverged") else summary(value)
+
+    return [Task(row_label(init, seed), key(init, seed), lambda i=init, s=seed: train_row(i, s), summary=said)
             for seed in options.seeds for init in options.inits]
 
 
-def schedule_text(options: TransferOptions, device: torch.device, batch_note: str = "") -> str:
+def schedule_text(options: TransferOptions, device: torch.device, train_count: int, batch_note: str = "") -> str:
     """The fine-tuning schedule every row shares, as the command prints it."""
     sync = " (SyncBN)" if dist_utils.world_size() > 1 and device.type == "cuda" else ""
-    return (f"  {options.epochs} epochs of batch {options.batch_size}{batch_note}, SGD lr {options.lr:g} (warm-up "
-            f"{options.warmup_iters} steps, {options.schedule} decay), weight decay {options.weight_decay:g}; "
-            f"every layer trained, BN included{sync}")
+    steps = options.epochs * steps_per_epoch(train_count, options.batch_size)
+    text = (f"  {options.epochs} epoch{'s' * (options.epochs != 1)} of batch {options.batch_size}{batch_note} ({steps} steps), SGD lr "
+            f"{options.lr:g} (warm-up {options.warmup_iters} steps, {options.schedule} decay), weight decay "
+            f"{options.weight_decay:g}; every layer trained, BN included{sync}")
+    if options.label_fraction < 1:
+        subset = len(label_subset(train_count, options.label_fraction, 0))
+        text += (f"\n  {options.label_fraction:.0%} of the labels: {subset} images for "
+                 f"{row_epochs(options, train_count, subset)} epochs, the same {steps} steps")
+    return text
 
 
 def results_of_rows(task: str, run: Any, tasks: list[Task], values: list[Any], title: str,

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -45,9 +44,9 @@ from moco.runtime import resolve_device
 from moco.transfer.coco import (BOX_METRICS, CocoDetection, CocoSet, coco_metrics, collate, flip_transform,
                                 load_coco, object_sizes, to_results)
 from moco.transfer.common import (RowState, TransferError, TransferOptions, add_transfer_arguments, backbone_for,
-                                  convert_bn_for, epoch_batches, fit, input_stats, label_subset, load_resnet,
+                                  convert_bn_for, epoch_batches, input_stats, load_resnet,
                                   resnet_stages, results_of_rows, row_label, row_tasks, run_command, run_rows,
-                                  schedule_text, steps_per_epoch, unwrap)
+                                  schedule_text, train_row, unwrap)
 
 TASK = "detect"
 HELP = "Faster R-CNN / Mask R-CNN on a COCO json, the pretrained ResNet fine-tuned inside"
@@ -342,18 +341,12 @@ def run_row(run: DetectRun, init: str, seed: int) -> dict[str, Any]:
         row.path.unlink(missing_ok=True)
     dist_utils.barrier()
     model = new_detector(run, init, seed)
-    indices = label_subset(len(run.train_set), run.options.label_fraction, seed)
-    steps = steps_per_epoch(len(indices), run.options.batch_size)
-    torch.manual_seed(seed)  # the flips' draws; a resumed row restores the RNG it saved
-    tic = time.perf_counter()
-    history = fit(model, run.options, _train_batches(run, indices, seed), steps, _loss_of(run.device), row,
-                  run.progress, run.device)
-    train_s = time.perf_counter() - tic
+    trained = train_row(model, run.options, len(run.train_set), seed, lambda subset: _train_batches(run, subset, seed),
+                        _loss_of(run.device), row, run.progress, run.device)
+    if trained.get("diverged"):
+        return {"init": init, "seed": seed, "metrics": {}, **trained}
     metrics = evaluate(model, run)
-    result = {"init": init, "seed": seed, "metrics": metrics, "train_images": len(indices),
-              "epochs": run.options.epochs, "steps": steps * run.options.epochs,
-              "final_loss": history[-1]["loss"], "first_loss": history[0]["loss"], "losses": history,
-              "train_seconds": round(train_s, 1),
+    result = {"init": init, "seed": seed, "metrics": metrics, **trained,
               "detector": str(directory / DETECTOR_FILE)}
     if dist_utils.is_main_process():
         save_detector(model, run.description, directory,
@@ -417,7 +410,7 @@ def transfer_detect(args: argparse.Namespace, options: TransferOptions) -> dict[
                  f"{len(run.train_set):,} training images (x{options.label_fraction:g}), {len(run.val_set):,} "
                  f"validation images, {run.train.num_classes - 1} categories; {run.device}, "
                  f"{dist_utils.world_size()} process(es), {torch.get_num_threads()} thread(s)")
-    progress.say(schedule_text(options, run.device))
+    progress.say(schedule_text(options, run.device, len(run.train_set)))
     progress.say(f"  {run.sizes.text()}")
 
     return run_rows(TASK, run.output, tasks, options, progress, lambda values: results_of(run, tasks, values))

@@ -25,7 +25,6 @@ import argparse
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -45,9 +44,9 @@ from moco.pretrained import EncoderSpec
 from moco.progress import Progress, Task, file_digest
 from moco.runtime import resolve_device
 from moco.transfer.common import (RowState, TransferError, TransferOptions, add_transfer_arguments, backbone_for,
-                                  convert_bn_for, epoch_batches, fit, input_stats, label_subset, load_resnet,
+                                  convert_bn_for, epoch_batches, input_stats, load_resnet,
                                   resnet_stages, results_of_rows, row_label, row_tasks, run_command, run_rows,
-                                  schedule_text, stage_strides, steps_per_epoch, unwrap)
+                                  schedule_text, stage_strides, train_row, unwrap)
 
 TASK = "segment"
 HELP = "semantic segmentation (FCN or DeepLabv3 head) on image and label-map folders, the pretrained ResNet fine-tuned inside"
@@ -457,19 +456,14 @@ def run_row(run: SegmentRun, init: str, seed: int) -> dict[str, Any]:
         row.path.unlink(missing_ok=True)
     dist_utils.barrier()
     model = new_segmenter(run, init, seed)
-    indices = label_subset(len(run.train.pairs), run.options.label_fraction, seed)
-    steps = steps_per_epoch(len(indices), run.options.batch_size)
-    torch.manual_seed(seed)  # the heads' dropout draws; a resumed row restores the RNG it saved
-    tic = time.perf_counter()
-    history = fit(model, run.options, _train_batches(run, indices, seed), steps, _loss_of(run.device), row,
-                  run.progress, run.device)
-    train_s = time.perf_counter() - tic
+    trained = train_row(model, run.options, len(run.train.pairs), seed, lambda subset: _train_batches(run, subset, seed),
+                        _loss_of(run.device), row, run.progress, run.device)
+    if trained.get("diverged"):
+        return {"init": init, "seed": seed, "metrics": {}, **trained}
     found = evaluate(model, run)
     metrics = {name: found[name] for name in METRICS}
-    result = {"init": init, "seed": seed, "metrics": metrics, "per_class_iou": found["per_class_iou"],
-              "train_images": len(indices), "epochs": run.options.epochs, "steps": steps * run.options.epochs,
-              "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"], "losses": history,
-              "train_seconds": round(train_s, 1), "segmenter": str(directory / MODEL_FILE)}
+    result = {"init": init, "seed": seed, "metrics": metrics, "per_class_iou": found["per_class_iou"], **trained,
+              "segmenter": str(directory / MODEL_FILE)}
     if dist_utils.is_main_process():
         save_segmenter(model, run.description, directory,
                        {"init": init, "seed": seed, "checkpoint": str(run.checkpoint), "metrics": metrics,
@@ -544,7 +538,8 @@ def transfer_segment(args: argparse.Namespace, options: TransferOptions) -> dict
                  f"(output stride {run.description['output_stride']}); {len(run.train.pairs):,} training images "
                  f"(x{options.label_fraction:g}), {len(run.val.pairs):,} validation images, {run.num_classes} classes; "
                  f"{run.device}, {dist_utils.world_size()} process(es), {torch.get_num_threads()} thread(s)")
-    progress.say(schedule_text(options, run.device, f" ({run.crop_size} px crops)" if run.crop_size else ""))
+    crops = f" ({run.crop_size} px crops)" if run.crop_size else ""
+    progress.say(schedule_text(options, run.device, len(run.train.pairs), crops))
 
     return run_rows(TASK, run.output, tasks, options, progress, lambda values: results_of(run, tasks, values))
 
