@@ -14,8 +14,8 @@ from moco.cli import resolve_config_path
 from moco.config import ConfigError, auto_options, load_config
 from moco.data.augment import preset, random_resized_crop_flip
 from moco.data.datasets import ImageFolderDataset, TensorImageDataset, aspect_ratios_of, into_memory, whole_images
-from moco.derive import (MAX_EPOCHS, MIN_EPOCHS, DataFacts, check_queue_fits, derive_data_options,
-                         derive_training_options)
+from moco.derive import (MAX_EPOCHS, MIN_EPOCHS, MIRROR_GAP, DataFacts, check_queue_fits, derive_data_options,
+                         derive_flip, derive_training_options, mirror_gap, pretrain_load_size_for)
 from moco.data.splits import build_data
 
 CPU = torch.device("cpu")
@@ -44,6 +44,7 @@ def test_the_folder_preset_resolves_to_a_valid_config_on_300_gray_images(tmp_pat
     d, m, o = config.data, config.model, config.optim
     assert (d.channels, d.image_size, m.stem_stride) == (1, 64, 2)
     assert config.aug.crop_scale == [0.2, 1.0] and config.aug.blur_p == 0.5  # MoCo v2's for large images
+    assert config.aug.flip_p == 0.5  # noise is as like itself mirrored as not
     assert d.val_size == 60 and len(data.val) == 60 and len(data.pretrain) == 240  # a fifth of a small set
     assert o.batch_size == 16 and m.bn_splits == 1  # 240 / 8 -> 16, groups of >= 16 images
     assert m.K % o.batch_size == 0 and m.K <= len(data.pretrain) // 2
@@ -51,6 +52,47 @@ def test_the_folder_preset_resolves_to_a_valid_config_on_300_gray_images(tmp_pat
     assert any(note.startswith("model.K=") for note in data.derived)
     image, _, _ = data.pretrain[0]
     assert image.shape == (1, 64, 64)
+
+
+def _oriented_strokes(count: int, seed: int) -> torch.Tensor:
+    """Gamma shapes (a vertical bar and a top bar running right from it) at random places and sizes:
+    every one faces the same way, as digits and letters do."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.zeros(count, 1, 32, 32, dtype=torch.uint8)
+    for image in images:
+        left, top = (int(v) for v in torch.randint(2, 12, (2,), generator=g))
+        length = int(torch.randint(10, 18, (1,), generator=g))
+        image[0, top:top + length, left:left + 3] = 255
+        image[0, top:top + 3, left:left + length] = 255
+    return images
+
+
+def test_flips_are_derived_off_for_data_a_mirror_does_not_map_onto_itself() -> None:
+    strokes = _oriented_strokes(200, 0)
+    symmetric = torch.cat([strokes[:100], strokes[:100].flip(-1)])  # every mirror image is in the data too
+    assert mirror_gap(strokes) > MIRROR_GAP > 0.02 > mirror_gap(symmetric)
+    noise = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8)
+    assert abs(mirror_gap(noise)) < 0.02
+    config = load_config(resolve_config_path("folder"), [])
+    notes = derive_flip(config, strokes)
+    assert config.aug.flip_p == 0.0 and "not mirror-symmetric" in notes[0] and "median of 200" in notes[0]
+    config = load_config(resolve_config_path("folder"), [])
+    derive_flip(config, symmetric)
+    assert config.aug.flip_p == 0.5
+    config = load_config(resolve_config_path("folder"), ["aug.flip_p=0.3"])
+    assert derive_flip(config, strokes) == [] and config.aug.flip_p == 0.3  # set by hand: used as given
+
+
+def test_a_folder_of_oriented_shapes_trains_without_flips_and_says_why(tmp_path: Path) -> None:
+    for label in (0, 1):
+        folder = tmp_path / "train" / f"class{label}"
+        folder.mkdir(parents=True)
+        for i, image in enumerate(_oriented_strokes(30, label)):
+            Image.fromarray(image[0].numpy()).save(folder / f"{i}.png")
+    config = load_config(resolve_config_path("folder"), [f"data.root={tmp_path}", "data.workers=0"])
+    data = build_data(config)
+    assert config.aug.flip_p == 0.0
+    assert any(note.startswith("aug.flip_p=0.0 (mirrored images are") for note in data.derived)
 
 
 def test_options_set_explicitly_win_over_derived_ones(tmp_path: Path) -> None:
@@ -223,6 +265,35 @@ def test_a_small_folder_decoded_into_memory_trains_exactly_as_file_by_file(tmp_p
     assert runs["files"].keys() == runs["memory"].keys()
     for key in runs["files"]:
         assert torch.equal(runs["files"][key], runs["memory"][key]), key
+
+
+@pytest.mark.parametrize("short_side, image_size, scale, expected", [
+    (375, 224, 0.2, 375),    # ImageNet's typical file: its own side, not 501 px of interpolated pixels
+    (1000, 224, 0.2, 501),   # large files: what a fifth of the area needs to give 224 px without upsampling
+    (100, 64, 0.2, 100),
+    (1000, 64, 0.85, 70),    # large crops need little margin
+    (30, 64, 0.2, 64)])      # small files: never below the view
+def test_the_pretraining_side_is_what_the_smallest_crop_needs_at_most_the_files_own(
+        short_side: int, image_size: int, scale: float, expected: int) -> None:
+    config = load_config(resolve_config_path("folder"), [f"data.image_size={image_size}",
+                                                         f"aug.crop_scale=[{scale}, 1.0]"])
+    facts = DataFacts(images=1000, labelled=True, classes=10, gray=False, short_side=short_side)
+    side, why = pretrain_load_size_for(config, facts)
+    assert side == expected and why
+
+
+@pytest.mark.parametrize("in_memory_mb", [0, 64])
+def test_pretraining_crops_come_from_the_larger_side_and_evaluation_keeps_its_own(tmp_path: Path,
+                                                                                 in_memory_mb: int) -> None:
+    root = _folder(tmp_path / "imgs", (20, 20), size=(120, 90), mode="RGB")
+    config = load_config(resolve_config_path("folder"), [
+        f"data.root={root}", "data.image_size=32", "data.pretrain_load_size=auto", "data.workers=0",
+        f"data.in_memory_mb={in_memory_mb}", "data.val_size=8"])
+    data = build_data(config)
+    assert config.data.pretrain_load_size == 72  # ceil(32 / sqrt(0.2)), within the files' 90 px
+    assert any(n.startswith("data.pretrain_load_size=72 (the smallest crop") for n in data.derived)
+    assert data.pretrain[0][0].shape == (3, 72, 72) and data.val[0][0].shape == (3, 32, 32)
+    assert isinstance(data.pretrain, TensorImageDataset) == (in_memory_mb > 0)
 
 
 def test_into_memory_keeps_every_image_and_the_aspect_ratios(tmp_path: Path) -> None:

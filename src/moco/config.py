@@ -27,9 +27,10 @@ from moco.models.vit import VIT_ARCHS, default_patch_size
 AUTO = "auto"
 # Options that may be ``auto``: derived from the data when a run starts (moco.derive), printed,
 # and stored resolved in the run's config.yaml. Any of them set to a value is used as given.
-AUTO_OPTIONS = ("data.image_size", "data.channels", "data.val_size", "model.stem_stride", "model.small_images",
+AUTO_OPTIONS = ("data.image_size", "data.pretrain_load_size", "data.channels", "data.val_size", "model.stem_stride",
+                "model.small_images",
                 "model.K", "model.bn_splits", "optim.batch_size", "optim.epochs", "aug.crop_scale", "aug.blur_p",
-                "train.budget")
+                "aug.flip_p", "train.budget")
 
 
 def is_auto(value: Any) -> bool:
@@ -70,6 +71,8 @@ class DataConfig:
     train_split: str = "train"         # STL-10: also 'unlabeled' or 'train+unlabeled'; folder: a sub-folder, not test
     image_size: int = 28               # side of the augmented views (and eval images)
     load_size: int = 0                 # image folders: decode + resize to this before cropping; 0 = image_size
+    pretrain_load_size: int = 0        # image folders: squeeze whole files to this before pretraining's crops; 0 =
+                                       # load_size; auto: what the smallest crop needs, at most the files' shorter side
     channels: int = 0                  # 0: whatever the dataset has
     val_size: int = 5000               # held out from pretraining for the kNN monitor
     train_subset: int = 0              # use a seeded random subset of the training split; 0 = all
@@ -390,6 +393,8 @@ def validate(config: Config) -> None:
          f"must lie in [0, optim.epochs={o.epochs}), got {o.warmup_epochs}: lower it with the epochs"),
         (d.image_size >= 8, "data.image_size", f"must be >= 8, got {d.image_size}"),
         (d.load_size == 0 or d.load_size >= d.image_size, "data.load_size", "must be 0 or >= data.image_size"),
+        (d.pretrain_load_size == 0 or d.pretrain_load_size >= d.image_size, "data.pretrain_load_size",
+         "must be 0 or >= data.image_size"),
         (d.channels in (0, 1, 3), "data.channels", f"must be 0 (from data), 1 or 3, got {d.channels}"),
         (d.val_size >= 0, "data.val_size", f"must be >= 0, got {d.val_size}"),
         (d.in_memory_mb >= 0, "data.in_memory_mb", f"must be >= 0, got {d.in_memory_mb}"),
@@ -430,9 +435,10 @@ def _validate_resolvable(config: Config, pending: set[str]) -> None:
     holds a value that passes on its own, so errors in the options that are set still show
     before any data is read."""
     probe = copy.deepcopy(config)
-    placeholders = {"data.image_size": 32, "data.channels": 0, "data.val_size": 0, "model.stem_stride": 1,
+    placeholders = {"data.image_size": 32, "data.pretrain_load_size": 0, "data.channels": 0, "data.val_size": 0,
+                    "model.stem_stride": 1,
                     "model.small_images": True, "optim.epochs": max(2, int(config.optim.warmup_epochs) + 1),
-                    "aug.crop_scale": [0.2, 1.0], "aug.blur_p": 0.5, "train.budget": ""}
+                    "aug.crop_scale": [0.2, 1.0], "aug.blur_p": 0.5, "aug.flip_p": 0.5, "train.budget": ""}
     for key, value in placeholders.items():
         if key in pending:
             section, name = key.split(".")

@@ -513,13 +513,15 @@ def set_folder_loading(dataset: Dataset, load_size: int, channels: int) -> None:
         folder.load_size, folder.channels = load_size, channels
 
 
-def whole_images(dataset: Dataset) -> Dataset:
+def whole_images(dataset: Dataset, load_size: int = 0) -> Dataset:
     """The same images for pretraining: an image folder squeezes whole files into the square
-    (``fit="whole"``) so random crops can reach every part of them; in-memory data is unchanged."""
+    (``fit="whole"``), of side ``load_size`` (0: the folder's), so random crops can reach every part
+    of them; in-memory data is unchanged."""
     folder = _folder_of(dataset)
     if folder is None:
         return dataset
     whole = folder.with_fit("whole")
+    whole.load_size = load_size or folder.load_size
     return torch.utils.data.Subset(whole, dataset.indices) if isinstance(dataset, torch.utils.data.Subset) else whole
 
 
@@ -537,6 +539,16 @@ def aspect_ratios_of(dataset: Dataset, indices: torch.Tensor) -> torch.Tensor | 
 def decoded_bytes(dataset: Dataset, load_size: int, channels: int) -> int:
     """What an image folder takes decoded at ``load_size``: uint8, ``channels`` x side x side each."""
     return len(dataset) * channels * load_size * load_size
+
+
+def sample_images(dataset: Dataset, count: int, seed: int, workers: int = 0) -> torch.Tensor:
+    """Up to ``count`` images of ``dataset`` drawn with ``seed``, decoded (uint8, N x C x H x W):
+    what a statistic of the data looks at without decoding all of a large folder."""
+    pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + 3))[:count].sort().values
+    if isinstance(dataset, TensorImageDataset):
+        return dataset.images[pick]
+    subset = torch.utils.data.Subset(dataset, pick.tolist())
+    return torch.cat([batch for batch, _, _ in make_loader(subset, 256, shuffle=False, drop_last=False, workers=workers)])
 
 
 def into_memory(dataset: Dataset, workers: int = 0, batch_size: int = 256) -> TensorImageDataset:

@@ -11,8 +11,9 @@ import torch
 from moco.config import Config, ConfigError, auto_options, is_auto
 from moco.data.augment import AugmentSpec, preset
 from moco.data.datasets import (LUMA_601, NoUsableImagesError, TensorImageDataset, decoded_bytes, into_memory,
-                                is_folder, labels_of, load_dataset, set_folder_loading, split_holdout, whole_images)
-from moco.derive import derive_data_options, derive_training_options, facts_of
+                                is_folder, labels_of, load_dataset, sample_images, set_folder_loading, split_holdout,
+                                whole_images)
+from moco.derive import MIRROR_SAMPLE, derive_data_options, derive_flip, derive_training_options, facts_of
 from moco.derive import finish as finish_derivation
 
 DEFAULT_STATS = {
@@ -71,10 +72,14 @@ def _take_subset(dataset: Any, size: int, seed: int) -> Any:
 
 def decode_once(dataset: Any, d: Any, channels: int) -> bool:
     """Whether an image folder is small enough (``data.in_memory_mb``) to be decoded once into memory:
-    its training split twice (centre-cropped and whole), and a test split of up to the same size."""
+    its training split twice (centre-cropped, and whole at the pretraining side), and a test split of
+    up to the same size."""
     if not is_folder(dataset) or not d.in_memory_mb:
         return False
-    return 3 * decoded_bytes(dataset, d.load_size or d.image_size, channels) <= d.in_memory_mb * 2**20
+    load_size = d.load_size or d.image_size
+    total = 2 * decoded_bytes(dataset, load_size, channels) + decoded_bytes(dataset, d.pretrain_load_size or load_size,
+                                                                             channels)
+    return total <= d.in_memory_mb * 2**20
 
 
 def build_data(config: Config, device: torch.device | None = None, pretraining: bool = True) -> Data:
@@ -94,11 +99,14 @@ def build_data(config: Config, device: torch.device | None = None, pretraining: 
     channels = d.channels or _channels_of(labeled)
     labeled = _in_channels(labeled, channels)
     has_labels = bool((labels_of(labeled) >= 0).any())
-    whole = whole_images(labeled)  # what pretraining crops from: whole files, for an image folder
+    pretrain_side = d.pretrain_load_size or load_size
+    whole = whole_images(labeled, pretrain_side)  # what pretraining crops from: whole files, for an image folder
     in_memory = decode_once(labeled, d, channels)
     if in_memory:
         labeled = into_memory(labeled, d.workers)
         whole = into_memory(whole, d.workers) if pretraining and whole is not labeled else labeled
+    if derive and is_auto(config.aug.flip_p):  # decodes a sample of the images: only when it is needed
+        derived += derive_flip(config, sample_images(labeled, MIRROR_SAMPLE, seed, d.workers))
     if d.val_size and has_labels:
         if d.val_size >= len(labeled):
             raise ConfigError(f"data.val_size: {d.val_size} would hold out all {len(labeled)} training images")
@@ -108,7 +116,8 @@ def build_data(config: Config, device: torch.device | None = None, pretraining: 
         rest, val, pretrain = labeled, None, whole
     if d.train_split != "train":
         pretrain = whole_images(_in_channels(
-            load_dataset(d.dataset, d.train_split, d.root, d.download, load_size, channels, d.on_bad_image), channels))
+            load_dataset(d.dataset, d.train_split, d.root, d.download, load_size, channels, d.on_bad_image), channels),
+            pretrain_side)
     if derive:
         derived += derive_training_options(config, len(pretrain), device)
         finish_derivation(config)
