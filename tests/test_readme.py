@@ -6,6 +6,8 @@ The substitutions, and nothing else:
 - `moco pretrain ...` (and `moco.pretrain(...)`) train one epoch without the per-epoch kNN monitor
   (TINY below); a run of the real length takes minutes;
 - `moco report` skips fine-tuning and probes for 2 epochs, `moco lincls` for 2 epochs;
+- `moco transfer scenes` writes 16 / 4 / 4 scenes of 64 px, `moco transfer detect|segment` train
+  one epoch of seed 0 on one thread;
 - `torchrun --nproc_per_node=N` runs with N = 2, whatever the page says;
 - commands in SKIPPED are not run here, for the reason given with each; a command that is
   neither run nor skipped fails the test, so a new example must be one or the other.
@@ -33,6 +35,9 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = ["optim.epochs=1", "optim.warmup_epochs=0", "train.knn_every=0", "train.progress=false", "train.tensorboard=false", "data.workers=0"]
 EXTRA = {"report": ["--no-finetune", "--lincls-epochs", "2", "--no-progress"], "lincls": ["--epochs", "2", "--no-progress"],
          "knn": ["--no-progress"]}
+TRANSFER_EXTRA = {"scenes": ["--train", "16", "--val", "4", "--test", "4", "--canvas", "64", "--sizes", "14-32"],
+                  "detect": ["--epochs", "1", "--seed", "0", "--threads", "1", "--no-progress"],
+                  "segment": ["--epochs", "1", "--seed", "0", "--threads", "1", "--no-progress"]}
 SKIPPED = {
     "bash scripts/demo.sh": "the README's contract, minutes long: run as it stands by a fresh machine, not here",
     "bash scripts/test.sh": "runs this very suite",
@@ -75,6 +80,8 @@ def run_shell(command: str) -> None:
     if words[0] == "moco":
         args = words[1:]
         extra = TINY if args[:1] == ["pretrain"] and "--print-config" not in args else EXTRA.get(args[0], [])
+        if args[:1] == ["transfer"]:
+            extra = TRANSFER_EXTRA[args[1]]
         if args[:1] == ["pretrain"]:
             args = [a for a in args if not a.startswith("--overwrite")]
         try:

@@ -33,7 +33,7 @@ MIN_EPOCHS, MAX_EPOCHS = 20, 800
 CPU_BUDGET = "15m"         # train.budget=auto on a CPU: a run a user waits for, whatever the machine's speed
 SMALL_IMAGE = 32           # images up to this side keep most of themselves in a crop, and are not blurred
 # Flips stay on while a mirrored image is about as like the data as the image itself: measured (docs/own-images.md)
-# 0.00-0.03 on photographs, clip art, stamps and Fashion-MNIST, 0.23 on handwritten digits.
+# 0.00-0.03 on photographs, clip art, stamps and Fashion-MNIST, 0.22 on handwritten digits.
 MIRROR_GAP = 0.1
 MIRROR_SAMPLE = 2000       # images compared, at most
 MIRROR_SIDE = 32           # ... as gray pixels at this side
