@@ -11,7 +11,9 @@ it ends ({"ok": bool, ...figures}), so a call cut short still leaves what it fin
 - ``streamed_infonce_bf16``: the streamed InfoNCE under bf16 autocast against cross-entropy of the
   fp32 logits;
 - ``host_reads``: 10 + 20 unlogged steps of the real loop for every method (``moco.host_reads``; MoCo
-  v2 alone with ``--smoke``) and, on a GPU, the host-to-device copies a profiler sees in 10 steps.
+  v2 alone with ``--smoke``) and, on a GPU, the host-to-device copies a profiler sees in 10 steps;
+- ``transfer``: ``moco transfer detect --masks`` and ``segment`` on DEVICE from the resume check's
+  checkpoint, a moco and a random row each on a generated set: exit 0, finite losses, scores.
 """
 
 from __future__ import annotations
@@ -203,3 +205,58 @@ def _host_to_device_copies() -> int:
             torch.cuda.synchronize()
         loop.log.close()
     return sum(e.count for e in prof.key_averages() if "HtoD" in e.key)
+
+
+def write_transfer_data(root: Path, images: int = 12, side: int = 48) -> None:
+    """Noise with one or two bright squares of two categories: a COCO json with polygon masks
+    (``root/ann.json``) and label maps (``root/images``, ``root/labels``) of the same images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    entries, annotations = [], []
+    for i in range(images):
+        pixels = rng.integers(0, 60, (side, side, 3), dtype=np.uint8)
+        labels = np.zeros((side, side), np.uint8)
+        for category in range(1, 1 + 1 + i % 2):
+            size = int(rng.integers(10, 20))
+            x, y = (int(v) for v in rng.integers(0, side - size, 2))
+            pixels[y:y + size, x:x + size] = 110 + 60 * category
+            labels[y:y + size, x:x + size] = category
+            polygon = [x, y, x + size, y, x + size, y + size, x, y + size]
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": category,
+                                "bbox": [x, y, size, size], "area": size * size, "iscrowd": 0,
+                                "segmentation": [[float(v) for v in polygon]]})
+        Image.fromarray(pixels).save(root / "images" / f"{i:03d}.png")
+        Image.fromarray(labels).save(root / "labels" / f"{i:03d}.png")
+        entries.append({"id": i + 1, "file_name": f"images/{i:03d}.png", "width": side, "height": side})
+    categories = [{"id": 1, "name": "dim"}, {"id": 2, "name": "bright"}]
+    (root / "ann.json").write_text(json.dumps({"images": entries, "annotations": annotations, "categories": categories}))
+
+
+@check("transfer")
+def transfer() -> dict[str, Any]:
+    """moco transfer detect (Mask R-CNN) and segment (FCN) on DEVICE, from the resume check's
+    checkpoint: a moco and a random row each, finite losses, scores, the rows' device."""
+    checkpoint = OUT / "resume_run" / "checkpoint_last.pth"
+    data = OUT / "transfer_data"
+    write_transfer_data(data)
+    common = [str(checkpoint), "--init", "moco", "random", "--epochs", "2", "--batch-size", "4", "--device",
+              str(DEVICE), "--threads", "2", "--no-progress"]
+    commands = {
+        "detect": ["detect", *common, "--masks", "--train", str(data / "ann.json"), "--val", str(data / "ann.json"),
+                   "--output", str(OUT / "transfer_detect")],
+        "segment": ["segment", *common, "--train", str(data), "--val", str(data), "--output", str(OUT / "transfer_segment")]}
+    results: dict[str, Any] = {}
+    for task, args in commands.items():
+        done = subprocess.run([sys.executable, "-m", "moco", "transfer", *args], capture_output=True, text=True,
+                              timeout=240)
+        written = OUT / f"transfer_{task}" / f"{task}.json"
+        rows = json.loads(written.read_text())["rows"] if written.is_file() else []
+        finite = [bool(np.isfinite(r.get("final_loss", np.nan))) and bool(r["metrics"]) for r in rows]
+        results[task] = {"exit": done.returncode, "rows": len(rows), "finite": all(finite) and len(rows) == 2,
+                         "device": json.loads(written.read_text())["device"] if written.is_file() else None,
+                         "metrics": {f"{r['init']}": r["metrics"] for r in rows}, "stderr_tail": done.stderr[-1500:]}
+    ok = all(r["exit"] == 0 and r["finite"] and str(r["device"]).startswith(DEVICE.type) for r in results.values())
+    return {"ok": ok, **results}

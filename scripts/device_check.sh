@@ -6,7 +6,8 @@
 #   correctness (scripts/device_check.py): a short real run on the GPU killed and resumed; one fp16
 #     GradScaler step of every method, finite; split BN equal for NCHW and channels_last; the
 #     streamed InfoNCE under bf16 against cross-entropy; host reads of every method's step and the
-#     host-to-device copies of 10 steps;
+#     host-to-device copies of 10 steps; a Mask R-CNN and an FCN transfer row on the GPU (needs
+#     pycocotools for the detection row);
 #   speed (moco bench, bf16, channels_last, synthetic views unless said):
 #     ResNet-18 CIFAR batch 512 at K 4,096 and 65,536 (targets: >= 20,000 pairs/s, K ratio <= 1.05);
 #     ResNet-50 224 (target: >= 1,200 img/s for the MoCo step), both split-BN layouts;
