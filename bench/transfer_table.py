@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from moco.evaluate.common import markdown_table
-from moco.transfer.common import INITS, mean_std
+from moco.transfer.common import INITS, mean_std, seeds_text
 
 DETECT_METRICS = ("AP", "AP50", "AP75", "mask AP")
 SEGMENT_METRICS = ("mIoU", "pixel accuracy")
@@ -127,11 +127,6 @@ def rows_of(args: argparse.Namespace, task: str, fraction: float) -> list[dict[s
     return list({(r["init"], r["seed"]): r for r in rows}.values())
 
 
-def seeds_cell(rows: list[dict[str, Any]]) -> str:
-    diverged = sum(bool(r.get("diverged")) for r in rows)
-    return f"{len(rows)} ({diverged} diverged)" if diverged else str(len(rows))
-
-
 def mean_seconds(rows: list[dict[str, Any]]) -> float:
     trained = [r["train_seconds"] for r in rows if "train_seconds" in r]
     return sum(trained) / max(1, len(trained))
@@ -152,7 +147,7 @@ def table(args: argparse.Namespace) -> str:
             metrics = [cell([r["metrics"][m] for r in d if r["metrics"].get(m) is not None]) for m in DETECT_METRICS]
             metrics += [cell([r["metrics"][m] for r in s if r["metrics"].get(m) is not None]) for m in SEGMENT_METRICS]
             seconds = [mean_seconds(d), mean_seconds(s)]
-            lines.append([f"{fraction:.0%}", init, f"{seeds_cell(d)} / {seeds_cell(s)}", *metrics,
+            lines.append([f"{fraction:.0%}", init, f"{seeds_text(d)} / {seeds_text(s)}", *metrics,
                           f"{seconds[0]:.0f} + {seconds[1]:.0f}"])
     headers = ["labels", "init", "seeds (det / seg)", "box AP", "AP50", "AP75", "mask AP", "mIoU", "pixel acc",
                "train s (det + seg)"]

@@ -253,10 +253,11 @@ def transfer() -> dict[str, Any]:
         done = subprocess.run([sys.executable, "-m", "moco", "transfer", *args], capture_output=True, text=True,
                               timeout=240)
         written = OUT / f"transfer_{task}" / f"{task}.json"
-        rows = json.loads(written.read_text())["rows"] if written.is_file() else []
+        found = json.loads(written.read_text()) if written.is_file() else {"rows": [], "device": None}
+        rows = found["rows"]
         finite = [bool(np.isfinite(r.get("final_loss", np.nan))) and bool(r["metrics"]) for r in rows]
         results[task] = {"exit": done.returncode, "rows": len(rows), "finite": all(finite) and len(rows) == 2,
-                         "device": json.loads(written.read_text())["device"] if written.is_file() else None,
-                         "metrics": {f"{r['init']}": r["metrics"] for r in rows}, "stderr_tail": done.stderr[-1500:]}
+                         "device": found["device"], "metrics": {r["init"]: r["metrics"] for r in rows},
+                         "stderr_tail": done.stderr[-1500:]}
     ok = all(r["exit"] == 0 and r["finite"] and str(r["device"]).startswith(DEVICE.type) for r in results.values())
     return {"ok": ok, **results}

@@ -192,13 +192,17 @@ def convert_bn_for(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 # --- data order, label subsets, distributed shares -----------------------------------------------
+def subset_size(count: int, fraction: float) -> int:
+    """How many of ``count`` training images a ``fraction`` keeps (at least one)."""
+    return count if fraction >= 1 else max(1, round(fraction * count))
+
+
 def label_subset(count: int, fraction: float, seed: int) -> list[int]:
     """Sorted indices of ``fraction`` of ``count`` training images (at least one), drawn with ``seed``."""
     if fraction >= 1:
         return list(range(count))
-    keep = max(1, round(fraction * count))
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
-    return sorted(order[:keep].tolist())
+    return sorted(order[:subset_size(count, fraction)].tolist())
 
 
 def epoch_batches(count: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -397,6 +401,12 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(t.mean()), float(t.std()) if len(t) > 1 else 0.0
 
 
+def seeds_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    """How many seeds ``rows`` hold, and how many of them diverged: ``3`` or ``3 (1 diverged)``."""
+    diverged = sum(bool(r.get("diverged")) for r in rows)
+    return f"{len(rows)} ({diverged} diverged)" if diverged else str(len(rows))
+
+
 def results_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> str:
     """Markdown: per init, each metric's mean ± std over its seeds (diverged rows counted, not
     averaged); then one line per (init, seed). ``rows``: dicts with ``init``, ``seed`` and
@@ -405,7 +415,6 @@ def results_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> 
     summary = []
     for init in inits:
         mine = [r for r in rows if r["init"] == init]
-        diverged = sum(bool(r.get("diverged")) for r in mine)
         cells = []
         for metric in metrics:
             values = [r["metrics"][metric] for r in mine if r["metrics"].get(metric) is not None]
@@ -414,7 +423,7 @@ def results_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> 
                 continue
             mean, std = mean_std(values)
             cells.append(f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}")
-        summary.append([init, f"{len(mine)} ({diverged} diverged)" if diverged else len(mine), *cells])
+        summary.append([init, seeds_text(mine), *cells])
     per_seed = [[r["init"], r["seed"], *(("diverged" if r.get("diverged") else r["metrics"].get(m)) for m in metrics)]
                 for r in rows]
     return (markdown_table(["init", "seeds", *metrics], summary) + "\n"
@@ -509,7 +518,7 @@ def schedule_text(options: TransferOptions, device: torch.device, train_count: i
             f"{options.lr:g} (warm-up {options.warmup_iters} steps, {options.schedule} decay), weight decay "
             f"{options.weight_decay:g}; every layer trained, BN included{sync}")
     if options.label_fraction < 1:
-        subset = len(label_subset(train_count, options.label_fraction, 0))
+        subset = subset_size(train_count, options.label_fraction)
         text += (f"\n  {options.label_fraction:.0%} of the labels: {subset} images for "
                  f"{row_epochs(options, train_count, subset)} epochs, the same {steps} steps")
     return text
