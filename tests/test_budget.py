@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from moco import train
+from moco.checkpoint import load_checkpoint
 from moco.budget import parse_duration, plan_epochs
 from moco.config import ConfigError, load_config
 from moco.train import pretrain, read_metrics
@@ -80,12 +81,13 @@ def test_a_budgeted_run_sizes_itself_records_the_plan_and_a_resume_keeps_it(
     assert max(row["epoch"] for row in read_metrics(run) if row["kind"] == "epoch") == 2
 
 
-def test_the_probe_leaves_the_run_as_it_would_have_been(tmp_path: Path) -> None:
+def test_the_probe_leaves_the_run_as_it_would_have_been(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The timed steps run on copies with every RNG put back: a budgeted run that chose E epochs is
     bit for bit the run with optim.epochs=E."""
     from tests.tiny import assert_identical_runs
 
     config_path = tiny_config(tmp_path)
+    monkeypatch.setattr(train, "shorter_run", lambda *args, **kwargs: None)  # a slow spell would change the length
     common = ["train.knn_every=0", "train.test_knn=false"]
     pretrain(load_config(config_path, ["train.budget=3s", f"train.output_dir={tmp_path / 'budget'}", *common]))
     epochs = json.loads((tmp_path / "budget" / "summary.json").read_text())["budget"]["epochs"]
@@ -122,3 +124,114 @@ def test_the_epoch_end_checkpoint_is_timed_as_the_run_writes_it(tmp_path: Path) 
     seconds = train.time_checkpoint(method, tmp_path / "run")
     assert 0 < seconds < 30
     assert list((tmp_path / "run").iterdir()) == []  # nothing left behind
+
+
+def test_a_shortened_schedule_goes_on_from_where_it_was_and_ends_on_the_last_epoch() -> None:
+    from moco.schedule import learning_rate, schedule_progress
+
+    assert schedule_progress(3, 1, [(0, 11)]) == pytest.approx(0.2)  # one length: (position - start) / (end - start)
+    cut = [(0, 11), (6, 8)]  # planned 11 epochs after a 1-epoch warm-up, cut to 8 at epoch 6 (halfway)
+    assert [schedule_progress(e, 1, cut) for e in (5.99, 6, 7, 8, 9)] == pytest.approx(
+        [0.499, 0.5, 0.75, 1.0, 1.0])
+    twice = [(0, 21), (6, 16), (11, 13)]  # 1/4 done at 6; 1/4 + 3/4 x 5/10 at 11; the rest over 2 epochs
+    assert [schedule_progress(e, 1, twice) for e in (6, 11, 12, 13)] == pytest.approx([0.25, 0.625, 0.8125, 1.0])
+    during_warm_up = [(0, 20), (3, 10)]  # a change before the schedule starts only moves its end
+    assert schedule_progress(5, 5, during_warm_up) == 0.0 and schedule_progress(10, 5, during_warm_up) == 1.0
+    config = load_config(None, ["optim.epochs=11", "optim.warmup_epochs=1", "optim.lr=0.1"])
+    before, at = learning_rate(config, 59, 10, cut), learning_rate(config, 60, 10, cut)
+    one_step = learning_rate(config, 58, 10) - before  # the uncut schedule's step down
+    assert before == learning_rate(config, 59, 10) and 0 < before - at < 3 * one_step  # steeper (2.5x), no jump
+    assert learning_rate(config, 79, 10, cut) < 0.01 * before  # nearly 0 on the shortened run's last step
+
+
+def test_a_run_behind_its_plan_is_cut_to_what_fits_and_one_on_time_is_left_alone() -> None:
+    from moco.budget import shorter_run
+
+    # 100 s: set-up 10 s, final evaluation 5 s, epochs of 2 s planned -> 37 epochs (90 - 10 - 5 = 75 s)
+    plan = plan_epochs(100.0, 10.0, 0.2, 10, 100, 4.0, 0, 0, 10000).to_dict()
+    assert (plan["epochs"], plan["epoch_s"], plan["final_s"]) == (37, pytest.approx(2.0), pytest.approx(5.0))
+    # 10 epochs done at 2.2 s: 32 s + 27 x 2.2 s + 5.5 s = 96.9 s, inside the budget
+    assert shorter_run(plan, 10, 37, spent_s=32.0, recent_epoch_s=2.2) is None
+    # at 3 s an epoch: 40 + 81 + 7.5 (the final evaluation 1.5x slower too) = 128.5 s; (90 - 40 - 7.5) / 3 = 14 more
+    assert shorter_run(plan, 10, 37, spent_s=40.0, recent_epoch_s=3.0) == 24
+    assert shorter_run(plan, 10, 37, spent_s=95.0, recent_epoch_s=3.0) == 10  # nothing fits: end after this epoch
+    assert shorter_run(plan, 10, 37, spent_s=95.0, recent_epoch_s=3.0, min_epochs=12) == 12  # past the warm-up
+
+
+def _budgeted_cut(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Path, stop_at_step: int | None) -> None:
+    """A 6-epoch budgeted plan that falls behind after epoch 2 and is cut to 4 epochs (the decision
+    faked, so that it is the same in every process); ``stop_at_step`` sends SIGTERM there."""
+    monkeypatch.setattr(train, "time_steps", lambda *args: 0.05)
+    monkeypatch.setattr(train, "time_checkpoint", lambda *args: 0.0)
+    monkeypatch.setattr(train, "size_to_budget", _six_epochs(train.size_to_budget))
+    monkeypatch.setattr(train, "shorter_run", lambda plan, done, epochs, *args, **kwargs:
+                        4 if (done, epochs) == (2, 6) else None)
+    if stop_at_step is not None:
+        original_step, calls = torch.optim.SGD.step, [0]
+
+        def step(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+            calls[0] += 1
+            if calls[0] == stop_at_step:
+                signal.raise_signal(signal.SIGTERM)
+            return original_step(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.optim.SGD, "step", step)
+    overrides = ["train.budget=10m", f"train.output_dir={run}", "train.test_knn=false", "model.m_schedule=cosine"]
+    pretrain(load_config(tiny_config(tmp_path), overrides))
+
+
+def _six_epochs(size_to_budget):  # noqa: ANN001, ANN202
+    def sized(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        plan = size_to_budget(*args, **kwargs)
+        plan.epochs = 6
+        return plan
+    return sized
+
+
+def test_a_run_that_falls_behind_shortens_itself_says_so_and_resumes_exactly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from tests.tiny import assert_identical_runs
+
+    whole = tmp_path / "whole"
+    _budgeted_cut(tmp_path, monkeypatch, whole, None)
+    assert "so the run ends after epoch 4 instead of 6" in capsys.readouterr().out
+    plan = json.loads((whole / "summary.json").read_text())["budget"]
+    assert plan["epochs"] == 6 and [(c["epoch"], c["epochs"]) for c in plan["changes"]] == [(2, 4)]
+    assert yaml.safe_load((whole / "config.yaml").read_text())["optim"]["epochs"] == 4
+    assert [row["epoch"] for row in read_metrics(whole) if row["kind"] == "epoch"] == [1, 2, 3, 4]
+    assert load_checkpoint(whole / "checkpoint_last.pth")["config"]["optim"]["epochs"] == 4
+    monkeypatch.undo()
+    # stopped in epoch 3, after the cut: the resume goes on with the shortened schedule
+    resumed = tmp_path / "resumed"
+    with pytest.raises(train.TrainingInterrupted):
+        _budgeted_cut(tmp_path, monkeypatch, resumed, stop_at_step=2 * STEPS_PER_EPOCH + 4)
+    monkeypatch.undo()
+    monkeypatch.setattr(train, "shorter_run", lambda *args, **kwargs: None)  # a resume judges its own pace
+    pretrain(load_config(tiny_config(tmp_path), ["train.budget=10m", f"train.output_dir={resumed}",
+                                                 "train.test_knn=false", "model.m_schedule=cosine"]), resume="auto")
+    assert_identical_runs(whole, resumed)
+
+
+def test_a_run_slower_than_its_probe_ends_early_with_the_epochs_its_pace_allows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe is told a step takes 1 ms, so the plan holds hundreds of epochs; each real step sleeps
+    50 ms. The first epoch's end sees the pace and cuts the run to what is left of the budget."""
+    import time
+
+    monkeypatch.setattr(train, "time_steps", lambda *args: 0.001)
+    monkeypatch.setattr(train, "time_checkpoint", lambda *args: 0.0)
+    original_step = torch.optim.SGD.step
+
+    def slow_step(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        time.sleep(0.05)
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", slow_step)
+    run = tmp_path / "run"
+    pretrain(load_config(tiny_config(tmp_path), ["train.budget=12s", f"train.output_dir={run}", "train.knn_every=0",
+                                                 "train.test_knn=false"]))
+    plan = json.loads((run / "summary.json").read_text())["budget"]
+    assert plan["epochs"] > 100 and plan["changes"][0]["epoch"] == 1
+    assert plan["changes"][0]["epoch_s"] >= STEPS_PER_EPOCH * 0.05
+    ran = max(row["epoch"] for row in read_metrics(run) if row["kind"] == "epoch")
+    assert ran == plan["changes"][-1]["epochs"] < 12 / (STEPS_PER_EPOCH * 0.05)

@@ -5,13 +5,19 @@ A budget such as ``15m`` counts what a user waits for. The run times a few of it
 fixes the number of epochs so that training, the kNN monitor and the final evaluation end inside
 the budget. The number is printed, stored in the checkpoint and the summary, and a resumed run keeps
 it, so ``--resume`` stays exact.
+
+A probe sees only the first seconds. When the machine then gets slower (other jobs start), the run
+would end late: so at every epoch's end the run projects its end at the pace of its recent epochs
+and, once that passes the budget, shortens itself (:func:`shorter_run`). The change is stored with
+the plan, so a resume goes on with it, and the schedules spread what was left of them over what is
+left of the run (:func:`moco.schedule.schedule_progress`).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from moco.errors import ConfigError
 
@@ -43,6 +49,9 @@ class BudgetPlan:
     evaluation_s: float        # kNN monitor runs and the final kNN
     set_up_s: float            # spent before the plan was made
     note: str = ""
+    final_s: float = 0.0       # the final evaluation, part of evaluation_s
+    epoch_s: float = 0.0       # an epoch's steps, checkpoint and share of the monitor runs
+    changes: list[dict] = field(default_factory=list)  # shorter runs chosen on the way (:func:`shorter_run`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,4 +80,28 @@ def plan_epochs(budget_s: float, set_up_s: float, step_s: float, steps_per_epoch
                                           f"about {set_up_s + final_s + epochs * epoch_s:.0f} s in all")
     monitor_runs = (math.ceil(epochs / knn_every) if knn_every else 0) if monitor_images else 0
     return BudgetPlan(budget_s, batch / step_s, epochs, epochs * train_epoch_s,
-                      final_s + monitor_runs * monitor_s, set_up_s, note)
+                      final_s + monitor_runs * monitor_s, set_up_s, note, final_s, epoch_s)
+
+
+def run_lengths(plan: dict) -> list[tuple[int, int]]:
+    """``[(0, planned epochs), (epoch, shorter length), ...]``: the run's length from each epoch on."""
+    return [(0, int(plan["epochs"])), *((int(c["epoch"]), int(c["epochs"])) for c in plan.get("changes", []))]
+
+
+def shorter_run(plan: dict, epochs_done: int, epochs: int, spent_s: float, recent_epoch_s: float,
+                min_epochs: int = 1) -> int | None:
+    """A shorter length for a run that has fallen behind its plan, or None while it still fits.
+
+    ``spent_s`` of the budget are gone after ``epochs_done`` of ``epochs``; the recent epochs took
+    ``recent_epoch_s`` each. When the epochs left at that pace, and the final evaluation slowed down
+    as much, would end past the budget, the run is cut to the most epochs that end inside the budget
+    less ``RESERVE`` (so one slow spell does not cause a cut at every epoch), at least ``min_epochs``
+    and never fewer than are done. Only ever shorter: a run that goes faster than its probe ends early.
+    """
+    slowdown = max(1.0, recent_epoch_s / plan["epoch_s"]) if plan.get("epoch_s") else 1.0
+    final_s = plan.get("final_s", 0.0) * slowdown
+    if spent_s + (epochs - epochs_done) * recent_epoch_s + final_s <= plan["budget_s"]:
+        return None
+    fits = math.floor((plan["budget_s"] * (1 - RESERVE) - spent_s - final_s) / max(recent_epoch_s, 1e-9))
+    length = max(epochs_done + max(fits, 0), min_epochs)
+    return length if length < epochs else None

@@ -30,7 +30,7 @@ def momentum_update(key_encoder: nn.Module, query_encoder: nn.Module, m: float) 
     torch._foreach_add_(key_params, query_params, alpha=1.0 - m)
 
 
-def cosine_momentum(base_m: float, step: int, total_steps: int) -> float:
+def cosine_momentum(base_m: float, step: float, total_steps: float) -> float:
     """MoCo v3's schedule: m rises from ``base_m`` to 1 along a half cosine."""
     if total_steps <= 0:
         return base_m

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from moco import distributed as dist_utils
-from moco.budget import BudgetPlan, parse_duration, plan_epochs
+from moco.budget import BudgetPlan, parse_duration, plan_epochs, run_lengths, shorter_run
 from moco.checkpoint import (CheckpointError, load_checkpoint, preserved_rng, remove_stale_temp_files, rng_state,
                              save_atomic, set_rng_state)
 from moco.config import Config, ConfigError, is_auto, save_config, validate
@@ -79,7 +79,7 @@ class LoopState:
     chance_loss: float = float("nan")                 # the loss when every logit ties
     collapse_lowest_ratio: float = float("inf")       # CollapseMonitor: lowest loss / chance_loss seen
     collapse_warned: list[str] = field(default_factory=list)  # CollapseMonitor: problems already reported
-    budget: dict[str, Any] = field(default_factory=dict)  # train.budget's plan (moco.budget.BudgetPlan), fixed at the start
+    budget: dict[str, Any] = field(default_factory=dict)  # train.budget's plan (moco.budget.BudgetPlan) and its changes
 
 
 @dataclass
@@ -127,6 +127,11 @@ class Run:
     window_start: float = field(default_factory=time.perf_counter)  # img/s over the steps read back together
     window_images: int = 0
     probe: OnlineProbe | None = None  # train.online_probe (moco.online_probe)
+    epoch_ends: list[float] = field(default_factory=lambda: [time.time()])  # this process's, for a budget's pace
+
+    def lengths(self) -> list[tuple[int, int]] | None:
+        """The run's length from each epoch on where a budget shortened it (moco.schedule)."""
+        return run_lengths(self.state.budget) if self.state.budget.get("changes") else None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -181,9 +186,9 @@ def _pretrain(config: Config, resume: str | None, overwrite: bool = False) -> Ru
     test_scores = None
     try:
         with StopSignals() as stop:
-            for epoch in range(run.state.epoch, config.optim.epochs):
-                train_one_epoch(run, epoch, stop)
-                end_of_epoch(run, epoch, stop)
+            while run.state.epoch < config.optim.epochs:  # a budget may shorten the run on the way
+                train_one_epoch(run, run.state.epoch, stop)
+                end_of_epoch(run, run.state.epoch, stop)
             test_scores = final_evaluation(run)
             if stop.agreed():  # during the final kNN: the checkpoint is complete, a resume redoes the kNN
                 raise TrainingInterrupted(stop.received, run.checkpointer.last_good, run.state.step)
@@ -260,13 +265,13 @@ def set_up(config: Config, resume: str | None, overwrite: bool) -> Run:
         ckpt_path = run_dir / "checkpoint_last.pth" if resume == "auto" else Path(resume)
         state = _restore(ckpt_path, method, optimizer, scaler, identity, steps_per_epoch, t.seed, probe)
         checkpointer.last_good = ckpt_path
-    if budgeted:  # sized once, at the start; a resume keeps the plan its checkpoint holds
+    if budgeted:  # sized at the start; a resume keeps the plan its checkpoint holds, and its changes
         if not state.budget:
             plan = size_to_budget(config, data, method, view_augments, loader, device, precision, memory_format,
                                   time.time() - start_time)
             state.budget = plan.to_dict()
             say(plan.describe(t.budget))
-        config.optim.epochs = state.budget["epochs"]
+        config.optim.epochs = run_lengths(state.budget)[-1][1]
         validate(config)
     guard = NonFiniteGuard(method, t.on_nonfinite, t.max_consecutive_skips, check_gradients=not scaler.is_enabled())
     guard.skipped, guard.consecutive = state.skipped_steps, state.consecutive_skips
@@ -336,11 +341,12 @@ def train_step(run: Run, epoch: int, images: torch.Tensor, indices: torch.Tensor
     """One step: lr and m(t) from the schedules, the views, the method's loss and the update. Its
     numbers stay on the device until a logged step, a collapse check or a checkpoint reads them."""
     config, state, method = run.config, run.state, run.method
-    lr = learning_rate(config, state.step, run.steps_per_epoch)
+    lengths = run.lengths()
+    lr = learning_rate(config, state.step, run.steps_per_epoch, lengths)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    total = run.steps_per_epoch * config.optim.epochs
-    ctx = StepContext(state.step, total, momentum_at(config, state.step, total), epoch)
+    ctx = StepContext(state.step, run.steps_per_epoch * config.optim.epochs,
+                      momentum_at(config, state.step, run.steps_per_epoch, lengths), epoch)
     views = make_views(images, run.view_augments, run.device, run.memory_format,
                        aspect_ratios_of(run.data.pretrain, indices))
     batch = Batch(views, indices.to(run.device, non_blocking=True))
@@ -372,6 +378,8 @@ def end_of_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
     """The epoch's row (losses, spread, kNN monitor), the collapse check and the epoch checkpoint."""
     config, state, t = run.config, run.state, run.config.train
     read_pending_steps(run)
+    if state.budget:
+        keep_to_budget(run, epoch + 1)
     row: dict[str, Any] = {"kind": "epoch", "step": state.step, "epoch": epoch + 1,
                            "loss": float(np.mean(state.epoch_losses)) if state.epoch_losses else None,
                            "pretext_acc": float(np.mean(state.epoch_accs)) if state.epoch_accs else None,
@@ -399,6 +407,34 @@ def end_of_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
     saved = run.checkpoint(epoch_end=True)
     if stop.agreed():
         raise TrainingInterrupted(stop.received, saved, state.step)
+
+
+# Recent epochs that set a budgeted run's pace: at least this many, and a whole kNN monitor period.
+PACE_EPOCHS = 3
+
+
+def keep_to_budget(run: Run, epochs_done: int) -> None:
+    """A budgeted run that has fallen behind its plan (the machine got slower after the probe)
+    shortens itself (:func:`moco.budget.shorter_run`), at the pace of its recent epochs in this
+    process. The change goes into the plan, so the checkpoint this epoch end writes holds it and a
+    resume goes on with it; under several processes the ranks take the shortest length any proposes."""
+    config, plan = run.config, run.state.budget
+    run.epoch_ends.append(time.time())
+    window = min(len(run.epoch_ends) - 1, max(PACE_EPOCHS, config.train.knn_every))
+    recent_epoch_s = (run.epoch_ends[-1] - run.epoch_ends[-1 - window]) / window
+    proposal = shorter_run(plan, epochs_done, config.optim.epochs, run.elapsed(), recent_epoch_s,
+                           min_epochs=math.floor(config.optim.warmup_epochs) + 1)
+    length = -dist_utils.max_over_ranks(-(proposal or config.optim.epochs))
+    if length >= config.optim.epochs:
+        return
+    plan.setdefault("changes", []).append({"epoch": epochs_done, "epochs": length, "epoch_s": recent_epoch_s,
+                                           "spent_s": run.elapsed()})
+    say(f"train.budget={config.train.budget}: epochs now take {recent_epoch_s:.1f} s (planned "
+        f"{plan.get('epoch_s', 0.0):.1f} s), so the run ends after epoch {length} instead of "
+        f"{config.optim.epochs}; the schedules finish over the epochs left")
+    config.optim.epochs = length
+    if dist_utils.is_main_process():
+        save_config(config, run.run_dir / "config.yaml")
 
 
 # --- the end ----------------------------------------------------------------------------------------
