@@ -12,11 +12,14 @@ Nothing is downloaded: each set is made from a package that is already installed
 - ``digits``: scikit-learn's 8x8 handwritten digits (1,797 scans from UCI), gray.
 - ``stamps``: Tux Paint's stamps (Debian ``tuxpaint-stamps-default``): photos and drawings of
   objects in eight category folders, colour, about 700 images.
+- ``icons``: the Oxygen icon theme's 128 px PNGs (Debian ``oxygen-icon-theme``), the class the
+  theme's context folder (actions, apps, devices, mimetypes, places, status), equal files once:
+  about 560 colour drawings with transparency, 43 to 166 per class.
 
 Every set is written as ``OUT/<set>/{train,test}/<class>/*.png`` with a seeded 80/20 split per
 class (the photo patches split by cell), the layout ``data.dataset=folder`` reads::
 
-    sudo apt-get install openclipart-png plasma-workspace-wallpapers tuxpaint-stamps-default
+    sudo apt-get install openclipart-png plasma-workspace-wallpapers tuxpaint-stamps-default oxygen-icon-theme
     python bench/make_real_folders.py --out /tmp/real
 """
 
@@ -38,6 +41,8 @@ PHOTOS = ("Autumn", "BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "
           "Kite", "MilkyWay", "OneStandsOut", "Path", "SafeLanding", "summer_1am")
 STAMPS = Path("/usr/share/tuxpaint/stamps")
 STAMP_CLASSES = ("animals", "food", "household", "plants", "seasonal", "symbols", "town", "vehicles")
+ICONS = Path("/usr/share/icons/oxygen/base/128x128")
+ICON_CLASSES = ("actions", "apps", "devices", "mimetypes", "places", "status")
 
 
 def _split(files: list[Path], seed: int, test_fraction: float = 0.2) -> tuple[list[Path], list[Path]]:
@@ -67,6 +72,23 @@ def clipart(out: Path, per_class: int = 400, seed: int = 0) -> None:
 
 def stamps(out: Path, seed: int = 0) -> None:
     _copy_classes(out, {name: sorted((STAMPS / name).rglob("*.png")) for name in STAMP_CLASSES}, seed)
+
+
+def icons(out: Path, seed: int = 0) -> None:
+    """One file per distinct icon: the theme links many names to one picture, and a picture in both
+    splits would let the test images find themselves."""
+    import hashlib
+
+    seen: set[str] = set()
+    classes: dict[str, list[Path]] = {}
+    for name in ICON_CLASSES:
+        classes[name] = []
+        for path in sorted((ICONS / name).glob("*.png")):
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if digest not in seen:
+                seen.add(digest)
+                classes[name].append(path)
+    _copy_classes(out, classes, seed)
 
 
 def _largest_photo(folder: Path) -> Path:
@@ -119,7 +141,8 @@ def digits(out: Path, seed: int = 0) -> None:
                 Image.fromarray(images[i]).save(target / f"{i:04d}.png")
 
 
-BUILDERS = {"clipart": clipart, "photos": photos, "photo_crops": photo_crops, "digits": digits, "stamps": stamps}
+BUILDERS = {"clipart": clipart, "photos": photos, "photo_crops": photo_crops, "digits": digits, "stamps": stamps,
+            "icons": icons}
 
 
 def main() -> None:
