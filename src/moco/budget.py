@@ -50,7 +50,9 @@ class BudgetPlan:
     set_up_s: float            # spent before the plan was made
     note: str = ""
     final_s: float = 0.0       # the final evaluation, part of evaluation_s
-    epoch_s: float = 0.0       # an epoch's steps, checkpoint and share of the monitor runs
+    epoch_s: float = 0.0       # an epoch's steps and checkpoint
+    monitor_s: float = 0.0     # one kNN monitor run, every knn_every epochs and after the last
+    knn_every: int = 0
     changes: list[dict] = field(default_factory=list)  # shorter runs chosen on the way (:func:`shorter_run`)
 
     def to_dict(self) -> dict:
@@ -80,7 +82,8 @@ def plan_epochs(budget_s: float, set_up_s: float, step_s: float, steps_per_epoch
                                           f"about {set_up_s + final_s + epochs * epoch_s:.0f} s in all")
     monitor_runs = (math.ceil(epochs / knn_every) if knn_every else 0) if monitor_images else 0
     return BudgetPlan(budget_s, batch / step_s, epochs, epochs * train_epoch_s,
-                      final_s + monitor_runs * monitor_s, set_up_s, note, final_s, epoch_s)
+                      final_s + monitor_runs * monitor_s, set_up_s, note, final_s, train_epoch_s,
+                      monitor_s if monitor_images else 0.0, knn_every)
 
 
 def run_lengths(plan: dict) -> list[tuple[int, int]]:
@@ -88,20 +91,38 @@ def run_lengths(plan: dict) -> list[tuple[int, int]]:
     return [(0, int(plan["epochs"])), *((int(c["epoch"]), int(c["epochs"])) for c in plan.get("changes", []))]
 
 
-def shorter_run(plan: dict, epochs_done: int, epochs: int, spent_s: float, recent_epoch_s: float,
+def shorter_run(plan: dict, epochs_done: int, epochs: int, spent_s: float, epoch_s: float,
                 min_epochs: int = 1) -> int | None:
     """A shorter length for a run that has fallen behind its plan, or None while it still fits.
 
-    ``spent_s`` of the budget are gone after ``epochs_done`` of ``epochs``; the recent epochs took
-    ``recent_epoch_s`` each. When the epochs left at that pace, and the final evaluation slowed down
-    as much, would end past the budget, the run is cut to the most epochs that end inside the budget
-    less ``RESERVE`` (so one slow spell does not cause a cut at every epoch), at least ``min_epochs``
-    and never fewer than are done. Only ever shorter: a run that goes faster than its probe ends early.
+    ``spent_s`` of the budget are gone after ``epochs_done`` of ``epochs``, and the recent epochs'
+    steps and checkpoints took ``epoch_s`` each. The epochs left at that pace, with the monitor runs
+    and the final evaluation slowed down as much, are set against the budget; past it, the run is
+    cut to the most epochs that end inside the budget less ``RESERVE`` (so that one slow spell does
+    not cause a cut at every epoch), at least ``min_epochs`` and never fewer than are done. Only
+    ever shorter: a run that goes faster than its probe ends early.
     """
-    slowdown = max(1.0, recent_epoch_s / plan["epoch_s"]) if plan.get("epoch_s") else 1.0
-    final_s = plan.get("final_s", 0.0) * slowdown
-    if spent_s + (epochs - epochs_done) * recent_epoch_s + final_s <= plan["budget_s"]:
+    slowdown = max(1.0, epoch_s / plan["epoch_s"]) if plan.get("epoch_s") else 1.0
+    every = plan.get("knn_every", 0)
+
+    def ends_at(length: int) -> float:
+        monitor_runs = math.ceil(length / every) - epochs_done // every if every else 0
+        return (spent_s + (length - epochs_done) * epoch_s
+                + (monitor_runs * plan.get("monitor_s", 0.0) + plan.get("final_s", 0.0)) * slowdown)
+
+    if ends_at(epochs) <= plan["budget_s"]:
         return None
-    fits = math.floor((plan["budget_s"] * (1 - RESERVE) - spent_s - final_s) / max(recent_epoch_s, 1e-9))
-    length = max(epochs_done + max(fits, 0), min_epochs)
+    length = max(min_epochs, epochs_done)
+    while length + 1 < epochs and ends_at(length + 1) <= plan["budget_s"] * (1 - RESERVE):
+        length += 1
     return length if length < epochs else None
+
+
+def recent_epoch_s(epoch_ends: list[float], covering_s: float) -> float | None:
+    """Seconds per epoch over the fewest recent epochs that together took at least ``covering_s``
+    (``epoch_ends``: when each epoch's steps and checkpoint ended, the start first); None until
+    that long has passed. One epoch is a noisy pace (the first one starts the loader's workers)."""
+    for window in range(1, len(epoch_ends)):
+        if epoch_ends[-1] - epoch_ends[-1 - window] >= covering_s:
+            return (epoch_ends[-1] - epoch_ends[-1 - window]) / window
+    return None

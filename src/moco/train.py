@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from moco import distributed as dist_utils
-from moco.budget import BudgetPlan, parse_duration, plan_epochs, run_lengths, shorter_run
+from moco.budget import BudgetPlan, parse_duration, plan_epochs, recent_epoch_s, run_lengths, shorter_run
 from moco.checkpoint import (CheckpointError, load_checkpoint, preserved_rng, remove_stale_temp_files, rng_state,
                              save_atomic, set_rng_state)
 from moco.config import Config, ConfigError, is_auto, save_config, validate
@@ -127,7 +127,9 @@ class Run:
     window_start: float = field(default_factory=time.perf_counter)  # img/s over the steps read back together
     window_images: int = 0
     probe: OnlineProbe | None = None  # train.online_probe (moco.online_probe)
-    epoch_ends: list[float] = field(default_factory=lambda: [time.time()])  # this process's, for a budget's pace
+    # When each epoch's steps and checkpoint ended in this process, the kNN monitor's time left out: a budget's pace.
+    epoch_ends: list[float] = field(default_factory=lambda: [time.time()])
+    monitor_s: float = 0.0  # spent in kNN monitor runs by this process
 
     def lengths(self) -> list[tuple[int, int]] | None:
         """The run's length from each epoch on where a budget shortened it (moco.schedule)."""
@@ -389,8 +391,10 @@ def end_of_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
         row["skipped_steps"] = run.guard.skipped
     last_epoch = epoch + 1 == config.optim.epochs
     if t.knn_every and run.data.val is not None and ((epoch + 1) % t.knn_every == 0 or last_epoch):
+        tic = time.time()
         scores = knn_eval(run.method.encoder, run.data.monitor_bank, run.data.val, run.data, config, run.device,
                           run.memory_format)
+        run.monitor_s += time.time() - tic
         run.val_knn[epoch + 1] = scores.of(t.knn_feature)
         row.update(val_knn_top1=run.val_knn[epoch + 1], val_knn_top1_backbone=scores.backbone,
                    val_knn_top1_encoder=scores.encoder)
@@ -409,8 +413,8 @@ def end_of_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
         raise TrainingInterrupted(stop.received, saved, state.step)
 
 
-# Recent epochs that set a budgeted run's pace: at least this many, and a whole kNN monitor period.
-PACE_EPOCHS = 3
+# The recent epochs that set a budgeted run's pace took at least this share of the budget together.
+PACE_SHARE = 0.05
 
 
 def keep_to_budget(run: Run, epochs_done: int) -> None:
@@ -419,18 +423,18 @@ def keep_to_budget(run: Run, epochs_done: int) -> None:
     process. The change goes into the plan, so the checkpoint this epoch end writes holds it and a
     resume goes on with it; under several processes the ranks take the shortest length any proposes."""
     config, plan = run.config, run.state.budget
-    run.epoch_ends.append(time.time())
-    window = min(len(run.epoch_ends) - 1, max(PACE_EPOCHS, config.train.knn_every))
-    recent_epoch_s = (run.epoch_ends[-1] - run.epoch_ends[-1 - window]) / window
-    proposal = shorter_run(plan, epochs_done, config.optim.epochs, run.elapsed(), recent_epoch_s,
-                           min_epochs=math.floor(config.optim.warmup_epochs) + 1)
+    run.epoch_ends.append(time.time() - run.monitor_s)
+    pace = recent_epoch_s(run.epoch_ends, PACE_SHARE * plan["budget_s"])
+    proposal = pace and shorter_run(plan, epochs_done, config.optim.epochs, run.elapsed(), pace,
+                                    min_epochs=math.floor(config.optim.warmup_epochs) + 1)
     length = -dist_utils.max_over_ranks(-(proposal or config.optim.epochs))
     if length >= config.optim.epochs:
         return
-    plan.setdefault("changes", []).append({"epoch": epochs_done, "epochs": length, "epoch_s": recent_epoch_s,
+    plan.setdefault("changes", []).append({"epoch": epochs_done, "epochs": length, "epoch_s": pace,
                                            "spent_s": run.elapsed()})
-    say(f"train.budget={config.train.budget}: epochs now take {recent_epoch_s:.1f} s (planned "
-        f"{plan.get('epoch_s', 0.0):.1f} s), so the run ends after epoch {length} instead of "
+    pace_text = f"take {pace:.1f} s" if pace else "are slower"  # another rank's pace may have decided
+    say(f"train.budget={config.train.budget}: epochs now {pace_text} (planned {plan.get('epoch_s', 0.0):.1f} s), "
+        f"so the run ends after epoch {length} instead of "
         f"{config.optim.epochs}; the schedules finish over the epochs left")
     config.optim.epochs = length
     if dist_utils.is_main_process():
