@@ -13,7 +13,13 @@ checkpoint and prints, at k = 10 and 200 (weighted, T = ``train.knn_t``):
 - ``head hidden``, ``encoder``: the head's hidden layer and output (the monitor's headline);
 - ``pixels, centred``: the evaluation's preprocessing, flattened.
 
+With ``--leave-one-out`` it reads every labelled training image instead (hold-out included) and
+classifies each by its neighbours among the others, for the backbone, the encoder output and the
+pixels, centred: on a small folder, seven times the hold-out's images, so differences of half a
+point mean something (the images were seen by pretraining, without their labels).
+
     python bench/feature_choice.py /tmp/inv/clipart /tmp/inv/stamps
+    python bench/feature_choice.py --leave-one-out /tmp/inv/digits
 """
 
 from __future__ import annotations
@@ -114,11 +120,41 @@ def evaluate_run(run: Path) -> dict[str, dict[int, float]]:
     return rows
 
 
+def leave_one_out(feats: torch.Tensor, labels: torch.Tensor, classes: int, t: float) -> dict[int, float]:
+    """Weighted kNN of each image against all the others, centred on their mean."""
+    normed = F.normalize(feats - feats.mean(0, keepdim=True), dim=1)
+    similarity = normed @ normed.T
+    similarity.fill_diagonal_(-2.0)  # never its own neighbour
+    accuracies = {}
+    for k in KS:
+        sims, index = similarity.topk(min(k, len(feats) - 1), dim=1)
+        votes = torch.zeros(len(feats), classes).scatter_add_(1, labels[index], (sims / t).exp())
+        accuracies[k] = (votes.argmax(1) == labels).float().mean().item() * 100
+    return accuracies
+
+
+def evaluate_run_leave_one_out(run: Path) -> dict[str, dict[int, float]]:
+    pretrained = load_pretrained(run / "checkpoint_last.pth")
+    config = from_dict(pretrained.config)
+    data = build_data(config, pretraining=False)
+    labelled = batches(data.full_train, EvalTransform(config.data.image_size, data.mean, data.std))
+    feats, labels = features(pretrained.encoder().eval(), labelled)
+    classes, t = data.num_classes, config.train.knn_t
+    pixels = torch.cat([x.flatten(1) for x, _ in labelled])
+    return {"backbone, centred": leave_one_out(feats["backbone"], labels, classes, t),
+            "encoder, centred": leave_one_out(feats["encoder"], labels, classes, t),
+            "pixels, centred": leave_one_out(pixels, labels, classes, t)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--leave-one-out", action="store_true",
+                        help="every labelled training image against the others, instead of the hold-out")
     args = parser.parse_args()
-    results = {run.name: evaluate_run(run) for run in args.runs}
+    evaluate = evaluate_run_leave_one_out if args.leave_one_out else evaluate_run
+    names = [run.name for run in args.runs]
+    results = {(run.name if names.count(run.name) == 1 else str(run)): evaluate(run) for run in args.runs}
     names = list(next(iter(results.values())))
     print("| feature | " + " | ".join(f"{r} k10 / k200" for r in results) + " |")
     print("|---|" + "---|" * len(results))
