@@ -83,6 +83,22 @@ def test_flips_are_derived_off_for_data_a_mirror_does_not_map_onto_itself() -> N
     assert derive_flip(config, strokes) == [] and config.aug.flip_p == 0.3  # set by hand: used as given
 
 
+def test_under_torchrun_one_rank_decodes_the_flip_sample_and_the_others_take_its_measure(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from moco.data import splits
+
+    strokes, decoded = _oriented_strokes(50, 0), []
+    monkeypatch.setattr(splits, "sample_images", lambda *args: decoded.append(args) or strokes)
+    gathered = []
+    monkeypatch.setattr(splits.dist_utils, "all_gather_objects", lambda obj: gathered.append(obj) or [(0.25, 2000), obj])
+    monkeypatch.setattr(splits.dist_utils, "is_main_process", lambda: False)
+    assert splits._mirror_gap_on_one_rank(None, 0, 0) == (0.25, 2000) and decoded == [] and gathered == [None]
+    monkeypatch.setattr(splits.dist_utils, "is_main_process", lambda: True)
+    monkeypatch.setattr(splits.dist_utils, "all_gather_objects", lambda obj: [obj, None])  # rank 0's, then rank 1's
+    gap, count = splits._mirror_gap_on_one_rank(None, 0, 0)
+    assert len(decoded) == 1 and count == 50 and gap == pytest.approx(mirror_gap(strokes))
+
+
 def test_a_folder_of_oriented_shapes_trains_without_flips_and_says_why(tmp_path: Path) -> None:
     for label in (0, 1):
         folder = tmp_path / "train" / f"class{label}"

@@ -168,18 +168,25 @@ def mirror_gap(images: torch.Tensor) -> float:
 def derive_flip(config: Config, images: torch.Tensor) -> list[str]:
     """``aug.flip_p``: MoCo's 0.5, or 0 for data that a horizontal flip does not map onto itself
     (:func:`mirror_gap` on a sample of the training images)."""
+    if not _pending(config, "aug.flip_p"):
+        return []
+    return flip_choice(config, (mirror_gap(images), len(images)) if len(images) >= 2 else None)
+
+
+def flip_choice(config: Config, measured: tuple[float, int] | None) -> list[str]:
+    """``aug.flip_p`` from a sample's :func:`mirror_gap` and size (None: fewer than two images)."""
     notes: list[str] = []
     if not _pending(config, "aug.flip_p"):
         return notes
-    if len(images) < 2:
+    if measured is None:
         _set(config, "aug.flip_p", 0.5, "MoCo's flips: too few images to test the data's symmetry", notes)
         return notes
-    gap = mirror_gap(images)
-    measured = f"mirrored images are {gap:.2f} less like the data than the images (median of {len(images):,})"
+    gap, count = measured
+    described = f"mirrored images are {gap:.2f} less like the data than the images (median of {count:,})"
     if gap > MIRROR_GAP:
-        _set(config, "aug.flip_p", 0.0, f"{measured}: the data is not mirror-symmetric", notes)
+        _set(config, "aug.flip_p", 0.0, f"{described}: the data is not mirror-symmetric", notes)
     else:
-        _set(config, "aug.flip_p", 0.5, f"MoCo's flips; {measured}", notes)
+        _set(config, "aug.flip_p", 0.5, f"MoCo's flips; {described}", notes)
     return notes
 
 

@@ -8,12 +8,14 @@ from typing import Any
 
 import torch
 
+from moco import distributed as dist_utils
 from moco.config import Config, ConfigError, auto_options, is_auto
 from moco.data.augment import AugmentSpec, preset
 from moco.data.datasets import (LUMA_601, NoUsableImagesError, TensorImageDataset, decoded_bytes, into_memory,
                                 is_folder, labels_of, load_dataset, sample_images, set_folder_loading, split_holdout,
                                 whole_images)
-from moco.derive import MIRROR_SAMPLE, derive_data_options, derive_flip, derive_training_options, facts_of
+from moco.derive import (MIRROR_SAMPLE, derive_data_options, derive_training_options, facts_of, flip_choice,
+                         mirror_gap)
 from moco.derive import finish as finish_derivation
 
 DEFAULT_STATS = {
@@ -82,6 +84,17 @@ def decode_once(dataset: Any, d: Any, channels: int) -> bool:
     return total <= d.in_memory_mb * 2**20
 
 
+def _mirror_gap_on_one_rank(dataset: Any, seed: int, workers: int) -> tuple[float, int] | None:
+    """``aug.flip_p=auto``'s measure, :func:`moco.derive.mirror_gap` of a sample of up to
+    ``MIRROR_SAMPLE`` decoded images, and the sample's size (None below two images). Under torchrun
+    rank 0 decodes and measures and the other ranks take its result: the same images, decoded once."""
+    measured = None
+    if dist_utils.is_main_process():
+        sample = sample_images(dataset, MIRROR_SAMPLE, seed, workers)
+        measured = (float(mirror_gap(sample)), len(sample)) if len(sample) >= 2 else None
+    return dist_utils.all_gather_objects(measured)[0]
+
+
 def build_data(config: Config, device: torch.device | None = None, pretraining: bool = True) -> Data:
     """The splits a run uses. ``auto`` options in ``config`` are resolved here, from the data
     (``moco.derive``), and what was derived is listed in ``Data.derived``. Evaluation passes
@@ -106,7 +119,7 @@ def build_data(config: Config, device: torch.device | None = None, pretraining: 
         labeled = into_memory(labeled, d.workers)
         whole = into_memory(whole, d.workers) if pretraining and whole is not labeled else labeled
     if derive and is_auto(config.aug.flip_p):  # decodes a sample of the images: only when it is needed
-        derived += derive_flip(config, sample_images(labeled, MIRROR_SAMPLE, seed, d.workers))
+        derived += flip_choice(config, _mirror_gap_on_one_rank(labeled, seed, d.workers))
     if d.val_size and has_labels:
         if d.val_size >= len(labeled):
             raise ConfigError(f"data.val_size: {d.val_size} would hold out all {len(labeled)} training images")
