@@ -14,7 +14,7 @@ from moco.cli import resolve_config_path
 from moco.config import ConfigError, auto_options, load_config
 from moco.data.augment import preset, random_resized_crop_flip
 from moco.data.datasets import ImageFolderDataset, TensorImageDataset, aspect_ratios_of, into_memory, whole_images
-from moco.derive import (MAX_EPOCHS, MIN_EPOCHS, MIRROR_GAP, DataFacts, check_queue_fits, derive_data_options,
+from moco.derive import (MIRROR_GAP, DataFacts, check_queue_fits, derive_data_options,
                          derive_flip, derive_training_options, mirror_gap, pretrain_load_size_for)
 from moco.data.splits import build_data
 

@@ -138,7 +138,7 @@ def rescale_epochs(options: LinclsOptions, epochs: int) -> LinclsOptions:
 def report_tasks(ctx: EvalContext, options: ReportOptions, cache: RowCache) -> tuple[list[Task], dict[str, Work]]:
     """The report's parts in order (kNN per representation, linear probes, fine-tuning rows) and
     the feature sets they share, each extracted once, by the first part that needs it."""
-    seed, lrs, n = options.lincls.seed, options.lincls_lrs, ctx.data.num_classes
+    seed, lrs = options.lincls.seed, options.lincls_lrs
 
     @functools.cache
     def random_backbone() -> Any:
