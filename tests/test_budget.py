@@ -250,3 +250,29 @@ def test_a_run_slower_than_its_probe_ends_early_with_the_epochs_its_pace_allows(
     assert plan["changes"][0]["epoch_s"] >= STEPS_PER_EPOCH * 0.05
     ran = max(row["epoch"] for row in read_metrics(run) if row["kind"] == "epoch")
     assert ran == plan["changes"][-1]["epochs"] < 12 / (STEPS_PER_EPOCH * 0.05)
+
+
+def test_under_several_processes_every_rank_takes_the_shortest_length_any_proposes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """Ranks time their own epochs; they must still agree on the run's length, or one would wait in
+    a collective the others never reach. This rank judges too early to propose anything (None); the
+    other rank proposes 5 epochs: both shorten to 5."""
+    import time
+    from types import SimpleNamespace
+
+    config = load_config(None, ["optim.epochs=9", "train.budget=10m", f"train.output_dir={tmp_path}"])
+    plan = plan_epochs(600.0, 1.0, 0.1, 10, 100, 4.0, 0, 0, 0).to_dict()
+    run = SimpleNamespace(config=config, state=SimpleNamespace(budget=plan), epoch_ends=[time.time()], monitor_s=0.0,
+                          elapsed=lambda: 3.0, run_dir=tmp_path)
+    proposals = []
+
+    def other_rank_proposes_five(value: int) -> int:  # the max of -length over two ranks: the shortest length
+        proposals.append(-value)
+        return max(value, -5)
+
+    monkeypatch.setattr(train.dist_utils, "max_over_ranks", other_rank_proposes_five)
+    train.keep_to_budget(run, epochs_done=2)
+    assert proposals == [9]  # this rank: no change (its epochs have not yet covered 5% of the budget)
+    assert config.optim.epochs == 5 and plan["changes"][0]["epochs"] == 5
+    assert "epochs now are slower" in capsys.readouterr().out
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["epochs"] == 5
