@@ -159,9 +159,14 @@ def test_a_run_behind_its_plan_is_cut_to_what_fits_and_one_on_time_is_left_alone
     # with a 1 s kNN monitor run every 5 epochs (and after the last): 34 epochs planned
     monitored = plan_epochs(100.0, 10.0, 0.2, 10, 100, 4.0, 2000, 5, 10000).to_dict()
     assert (monitored["epochs"], monitored["monitor_s"]) == (34, pytest.approx(1.0))
-    assert shorter_run(monitored, 10, 34, spent_s=32.0, epoch_s=2.0) is None  # 32 + 48 + 5 runs + 5 = 90 s
-    # 1.25x slower: 32 + 24 x 2.5 + (5 runs + 5 s) x 1.25 = 104.5 s; 28 epochs end at 88.25 s, 29 at 90.75 s
+    # the runs still to come after epoch 10's steps: at 10, 15, ..., 30 and the last (34): 6
+    assert shorter_run(monitored, 10, 34, spent_s=32.0, epoch_s=2.0) is None  # 32 + 48 + 6 runs + 5 = 91 s
+    # 1.25x slower: 32 + 24 x 2.5 + (6 runs + 5 s) x 1.25 = 105.75 s; 28 epochs end at 89.5 s, 29 at 92 s
     assert shorter_run(monitored, 10, 34, spent_s=32.0, epoch_s=2.5) == 28
+    # one epoch left: 90 + 2.5 + (2 runs, at 10 and 11, + 5 s) x 1.25 = 101.25 s: the run ends after epoch 10
+    assert shorter_run(monitored, 10, 11, spent_s=90.0, epoch_s=2.5) == 10
+    assert shorter_run(monitored, 10, 11, spent_s=88.0, epoch_s=2.5) is None  # 99.25 s
+    assert shorter_run({**monitored, "epoch_s": 0.0}, 10, 34, 95.0, 3.0) is None  # a plan without its costs
 
 
 def test_the_pace_is_taken_over_the_recent_epochs_that_cover_enough_time() -> None:
@@ -246,7 +251,7 @@ def test_a_run_slower_than_its_probe_ends_early_with_the_epochs_its_pace_allows(
     pretrain(load_config(tiny_config(tmp_path), ["train.budget=12s", f"train.output_dir={run}", "train.knn_every=0",
                                                  "train.test_knn=false"]))
     plan = json.loads((run / "summary.json").read_text())["budget"]
-    assert plan["epochs"] > 100 and plan["changes"][0]["epoch"] <= 2  # judged over at least 5% of the budget
+    assert plan["epochs"] > 100 and plan["changes"][0]["epoch"] <= 3  # judged from epoch 1's end, over 5% of it
     assert plan["changes"][0]["epoch_s"] >= STEPS_PER_EPOCH * 0.05
     ran = max(row["epoch"] for row in read_metrics(run) if row["kind"] == "epoch")
     assert ran == plan["changes"][-1]["epochs"] < 12 / (STEPS_PER_EPOCH * 0.05)
@@ -276,3 +281,39 @@ def test_under_several_processes_every_rank_takes_the_shortest_length_any_propos
     assert config.optim.epochs == 5 and plan["changes"][0]["epochs"] == 5
     assert "epochs now are slower" in capsys.readouterr().out
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["epochs"] == 5
+
+
+def test_epochs_given_on_resuming_a_shortened_run_win_over_its_plan(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cut from 6 epochs to 4 at epoch 2, stopped in epoch 3, resumed with optim.epochs=6 and no
+    budget: the run goes to 6 epochs on the plain schedule, and nothing judges its pace."""
+    from moco.schedule import learning_rate
+
+    run = tmp_path / "run"
+    with pytest.raises(train.TrainingInterrupted):
+        _budgeted_cut(tmp_path, monkeypatch, run, stop_at_step=2 * STEPS_PER_EPOCH + 4)
+    monkeypatch.undo()
+
+    def no_judging(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("a run with optim.epochs given is not shortened")
+
+    monkeypatch.setattr(train, "shorter_run", no_judging)
+    config = load_config(tiny_config(tmp_path), ["optim.epochs=6", f"train.output_dir={run}", "train.test_knn=false",
+                                                 "model.m_schedule=cosine"])
+    pretrain(config, resume="auto")
+    rows = read_metrics(run)
+    assert max(row["epoch"] for row in rows if row["kind"] == "epoch") == 6
+    lr_at_41 = next(row["lr"] for row in rows if row["kind"] == "train" and row["step"] == 41)
+    assert lr_at_41 == pytest.approx(learning_rate(config, 40, STEPS_PER_EPOCH)) and lr_at_41 > 0.01  # cut: 0
+
+
+def test_a_step_schedules_milestones_move_with_a_shortened_run() -> None:
+    from moco.schedule import learning_rate
+
+    config = load_config(None, ["optim.schedule=step", "optim.epochs=10", "optim.lr=1.0", "optim.gamma=0.1",
+                                "optim.milestones=[6,8]"])
+    plain = [learning_rate(config, step, 10) for step in (55, 65, 85)]
+    assert plain == pytest.approx([1.0, 0.1, 0.01])
+    cut = [(0, 10), (5, 7)]  # half done at 5; the milestones at 6/10 and 8/10 of the schedule come at 5.4 and 6.2
+    assert [learning_rate(config, step, 10, cut) for step in (53, 55, 61, 63, 69)] == pytest.approx(
+        [1.0, 0.1, 0.1, 0.01, 0.01])

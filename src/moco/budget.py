@@ -102,13 +102,17 @@ def shorter_run(plan: dict, epochs_done: int, epochs: int, spent_s: float, epoch
     not cause a cut at every epoch), at least ``min_epochs`` and never fewer than are done. Only
     ever shorter: a run that goes faster than its probe ends early.
     """
-    slowdown = max(1.0, epoch_s / plan["epoch_s"]) if plan.get("epoch_s") else 1.0
+    if not plan.get("epoch_s"):  # a plan without its costs (written before they were kept) is not judged
+        return None
+    slowdown = max(1.0, epoch_s / plan["epoch_s"])
     every = plan.get("knn_every", 0)
 
     def ends_at(length: int) -> float:
-        monitor_runs = math.ceil(length / every) - epochs_done // every if every else 0
+        # The monitor runs every `every` epochs and after the last: those at epochs_done..length are to come
+        # (the check comes before this epoch's run).
+        monitor_runs = math.ceil(length / every) - (epochs_done - 1) // every if every else 0
         return (spent_s + (length - epochs_done) * epoch_s
-                + (monitor_runs * plan.get("monitor_s", 0.0) + plan.get("final_s", 0.0)) * slowdown)
+                + (monitor_runs * plan["monitor_s"] + plan["final_s"]) * slowdown)
 
     if ends_at(epochs) <= plan["budget_s"]:
         return None
@@ -120,8 +124,8 @@ def shorter_run(plan: dict, epochs_done: int, epochs: int, spent_s: float, epoch
 
 def recent_epoch_s(epoch_ends: list[float], covering_s: float) -> float | None:
     """Seconds per epoch over the fewest recent epochs that together took at least ``covering_s``
-    (``epoch_ends``: when each epoch's steps and checkpoint ended, the start first); None until
-    that long has passed. One epoch is a noisy pace (the first one starts the loader's workers)."""
+    (``epoch_ends``: when each epoch's steps and checkpoint ended); None until that long has passed.
+    A single short epoch is a noisy pace."""
     for window in range(1, len(epoch_ends)):
         if epoch_ends[-1] - epoch_ends[-1 - window] >= covering_s:
             return (epoch_ends[-1] - epoch_ends[-1 - window]) / window

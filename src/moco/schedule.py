@@ -42,6 +42,9 @@ def learning_rate(config: Config, step: int, steps_per_epoch: int, lengths: Leng
         progress = schedule_progress(epoch, o.warmup_epochs, lengths or [(0, o.epochs)])
         return peak * 0.5 * (1 + math.cos(math.pi * progress))
     if o.schedule == "step":
+        if lengths and len(lengths) > 1:  # the milestones move with a shortened run, as the cosine does
+            planned, progress = lengths[0][1], schedule_progress(epoch, 0, lengths)
+            return peak * o.gamma ** sum(progress >= milestone / planned for milestone in o.milestones)
         return peak * o.gamma ** sum(epoch >= milestone for milestone in o.milestones)
     return peak
 

@@ -127,13 +127,16 @@ class Run:
     window_start: float = field(default_factory=time.perf_counter)  # img/s over the steps read back together
     window_images: int = 0
     probe: OnlineProbe | None = None  # train.online_probe (moco.online_probe)
-    # When each epoch's steps and checkpoint ended in this process, the kNN monitor's time left out: a budget's pace.
-    epoch_ends: list[float] = field(default_factory=lambda: [time.time()])
+    budgeted: bool = False  # sized by train.budget (optim.epochs given by hand wins over a plan, even a resumed one)
+    # When each epoch's steps and checkpoint ended in this process, the kNN monitor's time left out: a
+    # budget's pace. The first epoch's end starts the clock: the first epoch also starts the loader's
+    # workers (and compiles, with train.compile), which later epochs do not.
+    epoch_ends: list[float] = field(default_factory=list)
     monitor_s: float = 0.0  # spent in kNN monitor runs by this process
 
     def lengths(self) -> list[tuple[int, int]] | None:
         """The run's length from each epoch on where a budget shortened it (moco.schedule)."""
-        return run_lengths(self.state.budget) if self.state.budget.get("changes") else None
+        return run_lengths(self.state.budget) if self.budgeted and self.state.budget.get("changes") else None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -297,7 +300,7 @@ def set_up(config: Config, resume: str | None, overwrite: bool) -> Run:
     val_knn = _val_knn_so_far(run_dir) if resume and dist_utils.is_main_process() else {}
     return Run(config, run_dir, device, precision, memory_format, data, method, optimizer, scaler, view_augments,
                loader, identity, checkpointer, state, step_function(method, device), guard, monitor, log, start_time,
-               val_knn, probe=probe)
+               val_knn, probe=probe, budgeted=budgeted)
 
 
 def view_augmentations(config: Config, data: Data, method: Method) -> list[BatchAugment]:
@@ -380,7 +383,7 @@ def end_of_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
     """The epoch's row (losses, spread, kNN monitor), the collapse check and the epoch checkpoint."""
     config, state, t = run.config, run.state, run.config.train
     read_pending_steps(run)
-    if state.budget:
+    if run.budgeted:
         keep_to_budget(run, epoch + 1)
     row: dict[str, Any] = {"kind": "epoch", "step": state.step, "epoch": epoch + 1,
                            "loss": float(np.mean(state.epoch_losses)) if state.epoch_losses else None,
