@@ -4,7 +4,6 @@ stored and kept by a resume."""
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from moco.checkpoint import load_checkpoint
 from moco.budget import parse_duration, plan_epochs
 from moco.config import ConfigError, load_config
 from moco.train import pretrain, read_metrics
-from tests.tiny import STEPS_PER_EPOCH, tiny_config
+from tests.tiny import STEPS_PER_EPOCH, sigterm_in_step, tiny_config
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("15m", 900), ("2h", 7200), ("1h30m", 5400), ("0.5m", 30)])
@@ -58,15 +57,7 @@ def test_a_budgeted_run_sizes_itself_records_the_plan_and_a_resume_keeps_it(
     monkeypatch.setattr(train, "time_checkpoint", lambda *args: 0.0)
     run = tmp_path / "run"
     overrides = ["train.budget=20s", f"train.output_dir={run}", "train.knn_every=0", "train.test_knn=false"]
-    original_step, calls = torch.optim.SGD.step, [0]
-
-    def step(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        calls[0] += 1
-        if calls[0] == STEPS_PER_EPOCH + 4:  # stopped in the second epoch
-            signal.raise_signal(signal.SIGTERM)
-        return original_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    sigterm_in_step(monkeypatch, STEPS_PER_EPOCH + 4)  # stopped in the second epoch
     with pytest.raises(train.TrainingInterrupted):
         pretrain(load_config(config_path, overrides))
     monkeypatch.undo()
@@ -187,15 +178,7 @@ def _budgeted_cut(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Path, st
     monkeypatch.setattr(train, "shorter_run", lambda plan, done, epochs, *args, **kwargs:
                         4 if (done, epochs) == (2, 6) else None)
     if stop_at_step is not None:
-        original_step, calls = torch.optim.SGD.step, [0]
-
-        def step(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-            calls[0] += 1
-            if calls[0] == stop_at_step:
-                signal.raise_signal(signal.SIGTERM)
-            return original_step(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.optim.SGD, "step", step)
+        sigterm_in_step(monkeypatch, stop_at_step)
     overrides = ["train.budget=10m", f"train.output_dir={run}", "train.test_knn=false", "model.m_schedule=cosine"]
     pretrain(load_config(tiny_config(tmp_path), overrides))
 

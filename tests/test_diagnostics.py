@@ -7,7 +7,6 @@ import dataclasses
 import json
 import math
 import re
-import signal
 import warnings
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from moco.methods import METHODS, EndToEnd, MemoryBankContrast
 from moco.loss import pretext_accuracy
 from moco.train import pretrain, read_metrics
 from tests.conftest import LinearEncoder
-from tests.tiny import assert_identical_runs, tiny_config
+from tests.tiny import assert_identical_runs, sigterm_in_step, tiny_config
 
 QUICK = {"train__knn_every": 0, "train__test_knn": False}
 
@@ -185,15 +184,7 @@ def test_a_resumed_run_remembers_what_the_monitor_saw(tmp_path: Path, monkeypatc
     _, rows = _run(reference, **overrides)
     assert ("lost_learning", 30) in [(r["warning"], r["step"]) for r in rows if r["kind"] == "warning"]
     config_path = tiny_config(tmp_path, **overrides)
-    original_step, calls = torch.optim.SGD.step, [0]
-
-    def step(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        calls[0] += 1
-        if calls[0] == stop_after:
-            signal.raise_signal(signal.SIGTERM)
-        return original_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    sigterm_in_step(monkeypatch, stop_after)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CollapseWarning)
         assert cli.main(["pretrain", str(config_path)]) == 143

@@ -27,7 +27,7 @@ from moco.data.datasets import ImageFolderDataset, InMemoryLoader, TensorImageDa
 from moco.monitor import knn_eval
 from moco.train import pretrain, read_metrics
 from tests.tiny import (EPOCHS, FAULT_INJECTION, STEPS_PER_EPOCH, assert_identical_runs, env, moco_command, run_moco,
-                        tiny_config)
+                        sigterm_in_step, tiny_config)
 
 
 def _resume(config_path: Path, run: Path, *extra: str) -> None:
@@ -172,16 +172,7 @@ def test_interrupt_mid_step_saves_that_step_in_process(tiny_reference: tuple[Pat
     """A signal arriving inside a step lets the step finish, saves it, and raises with exit code 143."""
     config_path, reference_run = tiny_reference
     run = tmp_path / "run"
-    original_step = torch.optim.SGD.step
-    calls = [0]
-
-    def step(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        calls[0] += 1
-        if calls[0] == 7:
-            signal.raise_signal(signal.SIGTERM)
-        return original_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    sigterm_in_step(monkeypatch, 7)
     handler = signal.getsignal(signal.SIGTERM)
     assert cli.main(["pretrain", str(config_path), f"train.output_dir={run}"]) == 143
     assert signal.getsignal(signal.SIGTERM) == handler, "the previous handler is restored"
@@ -198,15 +189,7 @@ def test_a_resumed_runs_summary_equals_an_uninterrupted_ones(tiny_reference: tup
     val kNN, as the uninterrupted run's does; only the wall-clock fields differ."""
     config_path, reference_run = tiny_reference
     run = tmp_path / "run"
-    original_step, calls = torch.optim.SGD.step, [0]
-
-    def step(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        calls[0] += 1
-        if calls[0] == STEPS_PER_EPOCH + 1:
-            signal.raise_signal(signal.SIGTERM)
-        return original_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    sigterm_in_step(monkeypatch, STEPS_PER_EPOCH + 1)
     assert cli.main(["pretrain", str(config_path), f"train.output_dir={run}"]) == 143
     assert [r["epoch"] for r in read_metrics(run) if r["kind"] == "epoch"] == [1]
     monkeypatch.undo()

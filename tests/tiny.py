@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import gzip
 import os
+import signal
 import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,3 +120,17 @@ def assert_identical_runs(run_a: Path, run_b: Path) -> None:
             assert torch.equal(value, b["optimizer"]["state"][index][key]), f"optimizer state {index}.{key} differs"
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
     assert comparable_rows(run_a) == comparable_rows(run_b)
+
+
+def sigterm_in_step(monkeypatch: Any, step: int) -> None:
+    """SIGTERM from inside the ``step``-th SGD step (counted from 1), as a Ctrl-C or a scheduler's
+    preemption arriving mid-step would; ``monkeypatch.undo()`` takes it away again."""
+    original_step, calls = torch.optim.SGD.step, [0]
+
+    def step_then_signal(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls[0] += 1
+        if calls[0] == step:
+            signal.raise_signal(signal.SIGTERM)
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step_then_signal)
