@@ -153,8 +153,8 @@ def main() -> None:
                         help="every labelled training image against the others, instead of the hold-out")
     args = parser.parse_args()
     evaluate = evaluate_run_leave_one_out if args.leave_one_out else evaluate_run
-    names = [run.name for run in args.runs]
-    results = {(run.name if names.count(run.name) == 1 else str(run)): evaluate(run) for run in args.runs}
+    run_names = [run.name for run in args.runs]
+    results = {(run.name if run_names.count(run.name) == 1 else str(run)): evaluate(run) for run in args.runs}
     names = list(next(iter(results.values())))
     print("| feature | " + " | ".join(f"{r} k10 / k200" for r in results) + " |")
     print("|---|" + "---|" * len(results))

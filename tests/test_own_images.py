@@ -15,7 +15,7 @@ from moco.config import ConfigError, auto_options, load_config
 from moco.data.augment import preset, random_resized_crop_flip
 from moco.data.datasets import ImageFolderDataset, TensorImageDataset, aspect_ratios_of, into_memory, whole_images
 from moco.derive import (MIRROR_GAP, DataFacts, check_queue_fits, derive_data_options,
-                         derive_flip, derive_training_options, mirror_gap, pretrain_load_size_for)
+                         derive_training_options, flip_choice, mirror_gap, pretrain_load_size_for)
 from moco.data.splits import build_data
 
 CPU = torch.device("cpu")
@@ -74,13 +74,13 @@ def test_flips_are_derived_off_for_data_a_mirror_does_not_map_onto_itself() -> N
     noise = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8)
     assert abs(mirror_gap(noise)) < 0.02
     config = load_config(resolve_config_path("folder"), [])
-    notes = derive_flip(config, strokes)
+    notes = flip_choice(config, (mirror_gap(strokes), len(strokes)))
     assert config.aug.flip_p == 0.0 and "not mirror-symmetric" in notes[0] and "median of 200" in notes[0]
     config = load_config(resolve_config_path("folder"), [])
-    derive_flip(config, symmetric)
+    flip_choice(config, (mirror_gap(symmetric), len(symmetric)))
     assert config.aug.flip_p == 0.5
     config = load_config(resolve_config_path("folder"), ["aug.flip_p=0.3"])
-    assert derive_flip(config, strokes) == [] and config.aug.flip_p == 0.3  # set by hand: used as given
+    assert flip_choice(config, (mirror_gap(strokes), len(strokes))) == [] and config.aug.flip_p == 0.3  # set by hand: used as given
 
 
 def test_under_torchrun_one_rank_decodes_the_flip_sample_and_the_others_take_its_measure(

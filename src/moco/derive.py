@@ -165,16 +165,10 @@ def mirror_gap(images: torch.Tensor) -> float:
     return float((nearest - nearest_of_mirror).median())
 
 
-def derive_flip(config: Config, images: torch.Tensor) -> list[str]:
-    """``aug.flip_p``: MoCo's 0.5, or 0 for data that a horizontal flip does not map onto itself
-    (:func:`mirror_gap` on a sample of the training images)."""
-    if not _pending(config, "aug.flip_p"):
-        return []
-    return flip_choice(config, (mirror_gap(images), len(images)) if len(images) >= 2 else None)
-
-
 def flip_choice(config: Config, measured: tuple[float, int] | None) -> list[str]:
-    """``aug.flip_p`` from a sample's :func:`mirror_gap` and size (None: fewer than two images)."""
+    """``aug.flip_p``: MoCo's 0.5, or 0 for data that a horizontal flip does not map onto itself,
+    from :func:`mirror_gap` of a sample of the training images and the sample's size (None: fewer
+    than two images)."""
     notes: list[str] = []
     if not _pending(config, "aug.flip_p"):
         return notes

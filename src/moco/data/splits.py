@@ -91,7 +91,7 @@ def _mirror_gap_on_one_rank(dataset: Any, seed: int, workers: int) -> tuple[floa
     measured = None
     if dist_utils.is_main_process():
         sample = sample_images(dataset, MIRROR_SAMPLE, seed, workers)
-        measured = (float(mirror_gap(sample)), len(sample)) if len(sample) >= 2 else None
+        measured = (mirror_gap(sample), len(sample)) if len(sample) >= 2 else None
     return dist_utils.all_gather_objects(measured)[0]
 
 
