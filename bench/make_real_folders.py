@@ -15,6 +15,9 @@ Nothing is downloaded: each set is made from a package that is already installed
 - ``icons``: the Oxygen icon theme's 128 px PNGs (Debian ``oxygen-icon-theme``), the class the
   theme's context folder (actions, apps, devices, mimetypes, places, status), equal files once:
   about 560 colour drawings with transparency, 43 to 166 per class.
+- ``small_icons``: the same theme's 16 px PNGs, drawn for that size (not scaled down), the
+  class again the context folder: about 1,100 distinct colour icons (37 to 616 per class), the
+  small-image case in colour.
 
 Every set is written as ``OUT/<set>/{train,test}/<class>/*.png`` with a seeded 80/20 split per
 class (the photo patches split by cell), the layout ``data.dataset=folder`` reads::
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +45,7 @@ PHOTOS = ("Autumn", "BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "
           "Kite", "MilkyWay", "OneStandsOut", "Path", "SafeLanding", "summer_1am")
 STAMPS = Path("/usr/share/tuxpaint/stamps")
 STAMP_CLASSES = ("animals", "food", "household", "plants", "seasonal", "symbols", "town", "vehicles")
-ICONS = Path("/usr/share/icons/oxygen/base/128x128")
+ICON_THEME = Path("/usr/share/icons/oxygen/base")
 ICON_CLASSES = ("actions", "apps", "devices", "mimetypes", "places", "status")
 
 
@@ -74,7 +78,7 @@ def stamps(out: Path, seed: int = 0) -> None:
     _copy_classes(out, {name: sorted((STAMPS / name).rglob("*.png")) for name in STAMP_CLASSES}, seed)
 
 
-def icons(out: Path, seed: int = 0) -> None:
+def icons(out: Path, seed: int = 0, size: int = 128) -> None:
     """One file per distinct icon: the theme links many names to one picture, and a picture in both
     splits would let the test images find themselves."""
     import hashlib
@@ -83,7 +87,7 @@ def icons(out: Path, seed: int = 0) -> None:
     classes: dict[str, list[Path]] = {}
     for name in ICON_CLASSES:
         classes[name] = []
-        for path in sorted((ICONS / name).glob("*.png")):
+        for path in sorted((ICON_THEME / f"{size}x{size}" / name).glob("*.png")):
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             if digest not in seen:
                 seen.add(digest)
@@ -142,7 +146,7 @@ def digits(out: Path, seed: int = 0) -> None:
 
 
 BUILDERS = {"clipart": clipart, "photos": photos, "photo_crops": photo_crops, "digits": digits, "stamps": stamps,
-            "icons": icons}
+            "icons": icons, "small_icons": partial(icons, size=16)}
 
 
 def main() -> None:

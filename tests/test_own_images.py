@@ -90,13 +90,35 @@ def test_under_torchrun_one_rank_decodes_the_flip_sample_and_the_others_take_its
     strokes, decoded = _oriented_strokes(50, 0), []
     monkeypatch.setattr(splits, "sample_images", lambda *args: decoded.append(args) or strokes)
     gathered = []
-    monkeypatch.setattr(splits.dist_utils, "all_gather_objects", lambda obj: gathered.append(obj) or [(0.25, 2000), obj])
+    monkeypatch.setattr(splits.dist_utils, "all_gather_objects",
+                        lambda obj: gathered.append(obj) or [((0.25, 2000), None), obj])
     monkeypatch.setattr(splits.dist_utils, "is_main_process", lambda: False)
-    assert splits._mirror_gap_on_one_rank(None, 0, 0) == (0.25, 2000) and decoded == [] and gathered == [None]
+    assert splits._mirror_gap_on_one_rank(None, 0, 0) == (0.25, 2000) and decoded == [] and gathered == [(None, None)]
     monkeypatch.setattr(splits.dist_utils, "is_main_process", lambda: True)
-    monkeypatch.setattr(splits.dist_utils, "all_gather_objects", lambda obj: [obj, None])  # rank 0's, then rank 1's
+    monkeypatch.setattr(splits.dist_utils, "all_gather_objects", lambda obj: [obj, (None, None)])  # rank 0's, rank 1's
     gap, count = splits._mirror_gap_on_one_rank(None, 0, 0)
     assert len(decoded) == 1 and count == 50 and gap == pytest.approx(mirror_gap(strokes))
+
+
+def test_under_torchrun_rank0_failing_to_measure_the_flip_sample_stops_every_rank(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from moco.data import splits
+
+    def unreadable(*args: object) -> None:
+        raise OSError("broken.png: cannot identify image file")
+
+    monkeypatch.setattr(splits, "sample_images", unreadable)
+    monkeypatch.setattr(splits.dist_utils, "is_distributed", lambda: True)
+    sent = []
+    monkeypatch.setattr(splits.dist_utils, "all_gather_objects", lambda obj: sent.append(obj) or [obj, (None, None)])
+    monkeypatch.setattr(splits.dist_utils, "is_main_process", lambda: True)
+    with pytest.raises(OSError, match="broken.png"):  # rank 0 still takes part in the exchange, then raises its own error
+        splits._mirror_gap_on_one_rank(None, 0, 0)
+    assert sent == [(None, "OSError: broken.png: cannot identify image file")]
+    monkeypatch.setattr(splits.dist_utils, "all_gather_objects", lambda obj: [sent[0], obj])
+    monkeypatch.setattr(splits.dist_utils, "is_main_process", lambda: False)
+    with pytest.raises(RuntimeError, match="rank 0 could not measure.*broken.png"):
+        splits._mirror_gap_on_one_rank(None, 0, 0)
 
 
 def test_a_folder_of_oriented_shapes_trains_without_flips_and_says_why(tmp_path: Path) -> None:
