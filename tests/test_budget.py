@@ -78,7 +78,7 @@ def test_the_probe_leaves_the_run_as_it_would_have_been(tmp_path: Path, monkeypa
     from tests.tiny import assert_identical_runs
 
     config_path = tiny_config(tmp_path)
-    monkeypatch.setattr(train, "shorter_run", lambda *args, **kwargs: None)  # a slow spell would change the length
+    monkeypatch.setattr(train, "resized_run", lambda *args, **kwargs: None)  # a slow or fast spell would resize it
     common = ["train.knn_every=0", "train.test_knn=false"]
     pretrain(load_config(config_path, ["train.budget=3s", f"train.output_dir={tmp_path / 'budget'}", *common]))
     epochs = json.loads((tmp_path / "budget" / "summary.json").read_text())["budget"]["epochs"]
@@ -136,28 +136,44 @@ def test_a_shortened_schedule_goes_on_from_where_it_was_and_ends_on_the_last_epo
 
 
 def test_a_run_behind_its_plan_is_cut_to_what_fits_and_one_on_time_is_left_alone() -> None:
-    from moco.budget import shorter_run
+    from moco.budget import resized_run
 
     # 100 s: set-up 10 s, final evaluation 5 s, epochs of 2 s planned -> 37 epochs (90 - 10 - 5 = 75 s)
     plan = plan_epochs(100.0, 10.0, 0.2, 10, 100, 4.0, 0, 0, 10000).to_dict()
     assert (plan["epochs"], plan["epoch_s"], plan["final_s"]) == (37, pytest.approx(2.0), pytest.approx(5.0))
     # 10 epochs done at 2.2 s: 32 s + 27 x 2.2 s + 5.5 s = 96.9 s, inside the budget
-    assert shorter_run(plan, 10, 37, spent_s=32.0, epoch_s=2.2) is None
+    assert resized_run(plan, 10, 37, spent_s=32.0, epoch_s=2.2) is None
     # at 3 s an epoch: 40 + 81 + 7.5 (the final evaluation 1.5x slower too) = 128.5 s; (90 - 40 - 7.5) / 3 = 14 more
-    assert shorter_run(plan, 10, 37, spent_s=40.0, epoch_s=3.0) == 24
-    assert shorter_run(plan, 10, 37, spent_s=95.0, epoch_s=3.0) == 10  # nothing fits: end after this epoch
-    assert shorter_run(plan, 10, 37, spent_s=95.0, epoch_s=3.0, min_epochs=12) == 12  # past the warm-up
+    assert resized_run(plan, 10, 37, spent_s=40.0, epoch_s=3.0) == 24
+    assert resized_run(plan, 10, 37, spent_s=95.0, epoch_s=3.0) == 10  # nothing fits: end after this epoch
+    assert resized_run(plan, 10, 37, spent_s=95.0, epoch_s=3.0, min_epochs=12) == 12  # past the warm-up
     # with a 1 s kNN monitor run every 5 epochs (and after the last): 34 epochs planned
     monitored = plan_epochs(100.0, 10.0, 0.2, 10, 100, 4.0, 2000, 5, 10000).to_dict()
     assert (monitored["epochs"], monitored["monitor_s"]) == (34, pytest.approx(1.0))
     # the runs still to come after epoch 10's steps: at 10, 15, ..., 30 and the last (34): 6
-    assert shorter_run(monitored, 10, 34, spent_s=32.0, epoch_s=2.0) is None  # 32 + 48 + 6 runs + 5 = 91 s
+    assert resized_run(monitored, 10, 34, spent_s=32.0, epoch_s=2.0) is None  # 32 + 48 + 6 runs + 5 = 91 s
     # 1.25x slower: 32 + 24 x 2.5 + (6 runs + 5 s) x 1.25 = 105.75 s; 28 epochs end at 89.5 s, 29 at 92 s
-    assert shorter_run(monitored, 10, 34, spent_s=32.0, epoch_s=2.5) == 28
+    assert resized_run(monitored, 10, 34, spent_s=32.0, epoch_s=2.5) == 28
     # one epoch left: 90 + 2.5 + (2 runs, at 10 and 11, + 5 s) x 1.25 = 101.25 s: the run ends after epoch 10
-    assert shorter_run(monitored, 10, 11, spent_s=90.0, epoch_s=2.5) == 10
-    assert shorter_run(monitored, 10, 11, spent_s=88.0, epoch_s=2.5) is None  # 99.25 s
-    assert shorter_run({**monitored, "epoch_s": 0.0}, 10, 34, 95.0, 3.0) is None  # a plan without its costs
+    assert resized_run(monitored, 10, 11, spent_s=90.0, epoch_s=2.5) == 10
+    assert resized_run(monitored, 10, 11, spent_s=88.0, epoch_s=2.5) is None  # 99.25 s
+    assert resized_run({**monitored, "epoch_s": 0.0}, 10, 34, 95.0, 3.0) is None  # a plan without its costs
+
+
+def test_a_run_well_ahead_of_its_plan_early_on_is_lengthened_to_what_fits() -> None:
+    """The probe was slowed by something that passed: the run uses its budget instead of ending early,
+    but only while at most half of it is done, and not for a pace that is merely a little faster."""
+    from moco.budget import resized_run
+
+    plan = plan_epochs(100.0, 10.0, 0.2, 10, 100, 4.0, 0, 0, 10000).to_dict()  # 37 epochs of 2 s
+    # 5 epochs done at 1 s: 15 + 32 + 5 = 52 s, under 80 s; (90 - 15 - 5) / 1 = 70 more epochs
+    assert resized_run(plan, 5, 37, spent_s=15.0, epoch_s=1.0) == 75
+    # the final evaluation is not counted faster than planned: at 1.5 s, (90 - 15 - 5) / 1.5 = 46.7 more
+    assert resized_run(plan, 5, 37, spent_s=15.0, epoch_s=1.5) == 51
+    assert resized_run(plan, 5, 37, spent_s=15.0, epoch_s=1.9) is None  # 80.8 s: between the marks, left alone
+    assert resized_run(plan, 18, 37, spent_s=28.0, epoch_s=1.0) == 75  # half done: still lengthened
+    assert resized_run(plan, 19, 37, spent_s=29.0, epoch_s=1.0) is None  # past half: ends early instead
+    assert resized_run(plan, 5, 75, spent_s=15.0, epoch_s=1.0) is None  # once lengthened, the same pace keeps it
 
 
 def test_the_pace_is_taken_over_the_recent_epochs_that_cover_enough_time() -> None:
@@ -173,9 +189,9 @@ def _budgeted_cut(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Path, st
     faked, so that it is the same in every process); ``stop_at_step`` sends SIGTERM there."""
     monkeypatch.setattr(train, "time_steps", lambda *args: 0.05)
     monkeypatch.setattr(train, "time_checkpoint", lambda *args: 0.0)
-    monkeypatch.setattr(train, "size_to_budget", _six_epochs(train.size_to_budget))
+    monkeypatch.setattr(train, "size_to_budget", _epochs_planned(train.size_to_budget, 6))
     monkeypatch.setattr(train, "recent_epoch_s", lambda *args: 1.0)
-    monkeypatch.setattr(train, "shorter_run", lambda plan, done, epochs, *args, **kwargs:
+    monkeypatch.setattr(train, "resized_run", lambda plan, done, epochs, *args, **kwargs:
                         4 if (done, epochs) == (2, 6) else None)
     if stop_at_step is not None:
         sigterm_in_step(monkeypatch, stop_at_step)
@@ -183,10 +199,10 @@ def _budgeted_cut(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Path, st
     pretrain(load_config(tiny_config(tmp_path), overrides))
 
 
-def _six_epochs(size_to_budget):  # noqa: ANN001, ANN202
+def _epochs_planned(size_to_budget, epochs: int):  # noqa: ANN001, ANN202
     def sized(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         plan = size_to_budget(*args, **kwargs)
-        plan.epochs = 6
+        plan.epochs = epochs
         return plan
     return sized
 
@@ -209,10 +225,58 @@ def test_a_run_that_falls_behind_shortens_itself_says_so_and_resumes_exactly(
     with pytest.raises(train.TrainingInterrupted):
         _budgeted_cut(tmp_path, monkeypatch, resumed, stop_at_step=2 * STEPS_PER_EPOCH + 4)
     monkeypatch.undo()
-    monkeypatch.setattr(train, "shorter_run", lambda *args, **kwargs: None)  # a resume judges its own pace
+    monkeypatch.setattr(train, "resized_run", lambda *args, **kwargs: None)  # a resume judges its own pace
     pretrain(load_config(tiny_config(tmp_path), ["train.budget=10m", f"train.output_dir={resumed}",
                                                  "train.test_knn=false", "model.m_schedule=cosine"]), resume="auto")
     assert_identical_runs(whole, resumed)
+
+
+def test_a_run_ahead_of_its_plan_lengthens_itself_and_its_schedules_end_on_its_new_last_step(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from moco.schedule import learning_rate
+
+    monkeypatch.setattr(train, "time_steps", lambda *args: 0.05)
+    monkeypatch.setattr(train, "time_checkpoint", lambda *args: 0.0)
+    monkeypatch.setattr(train, "size_to_budget", _epochs_planned(train.size_to_budget, 4))
+    monkeypatch.setattr(train, "recent_epoch_s", lambda *args: 1.0)
+    monkeypatch.setattr(train, "resized_run", lambda plan, done, epochs, *args, **kwargs:
+                        6 if (done, epochs) == (2, 4) else None)
+    run = tmp_path / "run"
+    config = load_config(tiny_config(tmp_path), ["train.budget=10m", f"train.output_dir={run}", "train.test_knn=false",
+                                                 "optim.warmup_epochs=0"])
+    pretrain(config)
+    assert "so the run ends after epoch 6 instead of 4" in capsys.readouterr().out
+    plan = json.loads((run / "summary.json").read_text())["budget"]
+    assert plan["epochs"] == 4 and [(c["epoch"], c["epochs"]) for c in plan["changes"]] == [(2, 6)]
+    rows = read_metrics(run)
+    assert [row["epoch"] for row in rows if row["kind"] == "epoch"] == [1, 2, 3, 4, 5, 6]
+    lr = {row["step"]: row["lr"] for row in rows if row["kind"] == "train"}
+    planned = load_config(tiny_config(tmp_path), ["optim.epochs=4", "optim.warmup_epochs=0"])
+    # the first two epochs follow the planned cosine; from there half of it is left, spread over 4 epochs
+    assert lr[2 * STEPS_PER_EPOCH] == pytest.approx(learning_rate(planned, 2 * STEPS_PER_EPOCH - 1, STEPS_PER_EPOCH))
+    assert lr[2 * STEPS_PER_EPOCH + 1] == pytest.approx(0.5 * lr[1])  # half of the cosine done at the change
+    after, before = (lr[2 * STEPS_PER_EPOCH + 1] - lr[2 * STEPS_PER_EPOCH + 2], lr[2 * STEPS_PER_EPOCH - 1] - lr[2 * STEPS_PER_EPOCH])
+    assert 0.4 * before < after < 0.6 * before  # still falling, half as steeply (what is left spread over twice the epochs)
+    assert lr[6 * STEPS_PER_EPOCH] < 0.01 * lr[2 * STEPS_PER_EPOCH]  # nearly 0 on the new last step
+
+
+def test_under_several_processes_a_run_is_lengthened_only_when_every_rank_proposes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+    from types import SimpleNamespace
+
+    config = load_config(None, ["optim.epochs=9", "train.budget=10m", f"train.output_dir={tmp_path}"])
+    plan = plan_epochs(600.0, 1.0, 0.1, 10, 100, 4.0, 0, 0, 0).to_dict()
+    run = SimpleNamespace(config=config, state=SimpleNamespace(budget=plan), epoch_ends=[time.time()], monitor_s=0.0,
+                          elapsed=lambda: 3.0, run_dir=tmp_path)
+    monkeypatch.setattr(train, "resized_run", lambda *args, **kwargs: 20)  # this rank would lengthen to 20
+    monkeypatch.setattr(train, "recent_epoch_s", lambda *args: 0.5)
+    monkeypatch.setattr(train.dist_utils, "max_over_ranks", lambda value: max(value, -9))  # the other: no change
+    train.keep_to_budget(run, epochs_done=2)
+    assert config.optim.epochs == 9 and not plan["changes"]
+    monkeypatch.setattr(train.dist_utils, "max_over_ranks", lambda value: max(value, -15))  # the other: 15
+    train.keep_to_budget(run, epochs_done=3)
+    assert config.optim.epochs == 15 and plan["changes"] == [{"epoch": 3, "epochs": 15, "epoch_s": 0.5, "spent_s": 3.0}]
 
 
 def test_a_run_slower_than_its_probe_ends_early_with_the_epochs_its_pace_allows(
@@ -280,7 +344,7 @@ def test_epochs_given_on_resuming_a_shortened_run_win_over_its_plan(
     def no_judging(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("a run with optim.epochs given is not shortened")
 
-    monkeypatch.setattr(train, "shorter_run", no_judging)
+    monkeypatch.setattr(train, "resized_run", no_judging)
     config = load_config(tiny_config(tmp_path), ["optim.epochs=6", f"train.output_dir={run}", "train.test_knn=false",
                                                  "model.m_schedule=cosine"])
     pretrain(config, resume="auto")

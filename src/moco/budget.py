@@ -7,10 +7,11 @@ the budget. The number is printed, stored in the checkpoint and the summary, and
 it, so ``--resume`` stays exact.
 
 A probe sees only the first seconds. When the machine then gets slower (other jobs start), the run
-would end late: so at every epoch's end the run projects its end at the pace of its recent epochs
-and, once that passes the budget, shortens itself (:func:`shorter_run`). The change is stored with
-the plan, so a resume goes on with it, and the schedules spread what was left of them over what is
-left of the run (:func:`moco.schedule.schedule_progress`).
+would end late; when the probe itself was slowed by something that passed, most of the budget would
+go unused. So at every epoch's end the run projects its end at the pace of its recent epochs and
+resizes itself when that misses the budget (:func:`resized_run`). The change is stored with the
+plan, so a resume goes on with it, and the schedules spread what was left of them over what is left
+of the run (:func:`moco.schedule.schedule_progress`).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class BudgetPlan:
     epoch_s: float = 0.0       # an epoch's steps and checkpoint
     monitor_s: float = 0.0     # one kNN monitor run, every knn_every epochs and after the last
     knn_every: int = 0
-    changes: list[dict] = field(default_factory=list)  # shorter runs chosen on the way (:func:`shorter_run`)
+    changes: list[dict] = field(default_factory=list)  # new lengths chosen on the way (:func:`resized_run`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,25 +88,32 @@ def plan_epochs(budget_s: float, set_up_s: float, step_s: float, steps_per_epoch
 
 
 def run_lengths(plan: dict) -> list[tuple[int, int]]:
-    """``[(0, planned epochs), (epoch, shorter length), ...]``: the run's length from each epoch on."""
+    """``[(0, planned epochs), (epoch, new length), ...]``: the run's length from each epoch on."""
     return [(0, int(plan["epochs"])), *((int(c["epoch"]), int(c["epochs"])) for c in plan.get("changes", []))]
 
 
-def shorter_run(plan: dict, epochs_done: int, epochs: int, spent_s: float, epoch_s: float,
+def resized_run(plan: dict, epochs_done: int, epochs: int, spent_s: float, epoch_s: float,
                 min_epochs: int = 1) -> int | None:
-    """A shorter length for a run that has fallen behind its plan, or None while it still fits.
+    """A new length for a run whose recent pace says it will not end near its budget, or None.
 
     ``spent_s`` of the budget are gone after ``epochs_done`` of ``epochs``, and the recent epochs'
     steps and checkpoints took ``epoch_s`` each. The epochs left at that pace, with the monitor runs
-    and the final evaluation slowed down as much, are set against the budget; past it, the run is
-    cut to the most epochs that end inside the budget less ``RESERVE`` (so that one slow spell does
-    not cause a cut at every epoch), at least ``min_epochs`` and never fewer than are done. Only
-    ever shorter: a run that goes faster than its probe ends early.
+    and the final evaluation slowed down as much (never counted faster than planned), are set
+    against the budget:
+
+    - past it, the run is cut to the most epochs that end inside the budget less ``RESERVE``, at
+      least ``min_epochs`` and never fewer than are done;
+    - ending before the budget less twice ``RESERVE`` while at most half of the run is done (a probe
+      slowed by something that has passed), it is lengthened to the same mark. Later the schedules
+      are mostly spent, so a longer tail would teach little: such a run ends early.
+
+    Between the two marks nothing changes, so a pace that wavers does not resize the run at every
+    epoch.
     """
     if not plan.get("epoch_s"):  # a plan without its costs (written before they were kept) is not judged
         return None
     slowdown = max(1.0, epoch_s / plan["epoch_s"])
-    every = plan.get("knn_every", 0)
+    every, budget_s = plan.get("knn_every", 0), plan["budget_s"]
 
     def ends_at(length: int) -> float:
         # The monitor runs every `every` epochs and after the last: those at epochs_done..length are to come
@@ -114,12 +122,20 @@ def shorter_run(plan: dict, epochs_done: int, epochs: int, spent_s: float, epoch
         return (spent_s + (length - epochs_done) * epoch_s
                 + (monitor_runs * plan["monitor_s"] + plan["final_s"]) * slowdown)
 
-    if ends_at(epochs) <= plan["budget_s"]:
-        return None
-    length = max(min_epochs, epochs_done)
-    while length + 1 < epochs and ends_at(length + 1) <= plan["budget_s"] * (1 - RESERVE):
-        length += 1
-    return length if length < epochs else None
+    def fits(length: int) -> bool:
+        return ends_at(length) <= budget_s * (1 - RESERVE)
+
+    if ends_at(epochs) > budget_s:
+        length = max(min_epochs, epochs_done)
+        while length + 1 < epochs and fits(length + 1):
+            length += 1
+        return length if length < epochs else None
+    if ends_at(epochs) < budget_s * (1 - 2 * RESERVE) and 2 * epochs_done <= epochs:
+        length = epochs
+        while fits(length + 1):
+            length += 1
+        return length if length > epochs else None
+    return None
 
 
 def recent_epoch_s(epoch_ends: list[float], covering_s: float) -> float | None:

@@ -9,7 +9,7 @@ from moco.config import Config
 from moco.momentum import cosine_momentum
 
 # The run's length from each point on: [(0, planned length), (where it changed, new length), ...].
-# A run sized by ``train.budget`` that falls behind its plan shortens itself (moco.budget.shorter_run).
+# A run sized by ``train.budget`` resizes itself when its pace misses the plan (moco.budget.resized_run).
 Lengths = Sequence[tuple[float, float]]
 
 
@@ -42,7 +42,7 @@ def learning_rate(config: Config, step: int, steps_per_epoch: int, lengths: Leng
         progress = schedule_progress(epoch, o.warmup_epochs, lengths or [(0, o.epochs)])
         return peak * 0.5 * (1 + math.cos(math.pi * progress))
     if o.schedule == "step":
-        if lengths and len(lengths) > 1:  # the milestones move with a shortened run, as the cosine does
+        if lengths and len(lengths) > 1:  # the milestones move with a resized run, as the cosine does
             planned, progress = lengths[0][1], schedule_progress(epoch, 0, lengths)
             return peak * o.gamma ** sum(progress >= milestone / planned for milestone in o.milestones)
         return peak * o.gamma ** sum(epoch >= milestone for milestone in o.milestones)

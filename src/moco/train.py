@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from moco import distributed as dist_utils
-from moco.budget import BudgetPlan, parse_duration, plan_epochs, recent_epoch_s, run_lengths, shorter_run
+from moco.budget import BudgetPlan, parse_duration, plan_epochs, recent_epoch_s, resized_run, run_lengths
 from moco.checkpoint import (CheckpointError, load_checkpoint, preserved_rng, remove_stale_temp_files, rng_state,
                              save_atomic, set_rng_state)
 from moco.config import Config, ConfigError, is_auto, save_config, validate
@@ -135,7 +135,7 @@ class Run:
     monitor_s: float = 0.0  # spent in kNN monitor runs by this process
 
     def lengths(self) -> list[tuple[int, int]] | None:
-        """The run's length from each epoch on where a budget shortened it (moco.schedule)."""
+        """The run's length from each epoch on where a budget resized it (moco.schedule)."""
         return run_lengths(self.state.budget) if self.budgeted and self.state.budget.get("changes") else None
 
     @property
@@ -191,7 +191,7 @@ def _pretrain(config: Config, resume: str | None, overwrite: bool = False) -> Ru
     test_scores = None
     try:
         with StopSignals() as stop:
-            while run.state.epoch < config.optim.epochs:  # a budget may shorten the run on the way
+            while run.state.epoch < config.optim.epochs:  # a budget may resize the run on the way
                 train_one_epoch(run, run.state.epoch, stop)
                 end_of_epoch(run, run.state.epoch, stop)
             test_scores = final_evaluation(run)
@@ -422,23 +422,25 @@ PACE_SHARE = 0.05
 
 def keep_to_budget(run: Run, epochs_done: int) -> None:
     """A budgeted run that has fallen behind its plan (the machine got slower after the probe)
-    shortens itself (:func:`moco.budget.shorter_run`), at the pace of its recent epochs in this
-    process. The change goes into the plan, so the checkpoint this epoch end writes holds it and a
-    resume goes on with it; under several processes the ranks take the shortest length any proposes."""
+    shortens itself, and one well ahead of it early on lengthens itself
+    (:func:`moco.budget.resized_run`), at the pace of its recent epochs in this process. The change
+    goes into the plan, so the checkpoint this epoch end writes holds it and a resume goes on with
+    it; under several processes the ranks take the shortest length any proposes (a run is only
+    lengthened when every rank proposes it)."""
     config, plan = run.config, run.state.budget
     run.epoch_ends.append(time.time() - run.monitor_s)
     pace = recent_epoch_s(run.epoch_ends, PACE_SHARE * plan["budget_s"])
-    proposal = pace and shorter_run(plan, epochs_done, config.optim.epochs, run.elapsed(), pace,
+    proposal = pace and resized_run(plan, epochs_done, config.optim.epochs, run.elapsed(), pace,
                                     min_epochs=math.floor(config.optim.warmup_epochs) + 1)
     length = -dist_utils.max_over_ranks(-(proposal or config.optim.epochs))
-    if length >= config.optim.epochs:
+    if length == config.optim.epochs:
         return
     plan.setdefault("changes", []).append({"epoch": epochs_done, "epochs": length, "epoch_s": pace,
                                            "spent_s": run.elapsed()})
     pace_text = f"take {pace:.1f} s" if pace else "are slower"  # another rank's pace may have decided
     say(f"train.budget={config.train.budget}: epochs now {pace_text} (planned {plan.get('epoch_s', 0.0):.1f} s), "
         f"so the run ends after epoch {length} instead of "
-        f"{config.optim.epochs}; the schedules finish over the epochs left")
+        f"{config.optim.epochs}; the schedules are spread over the epochs left")
     config.optim.epochs = length
     if dist_utils.is_main_process():
         save_config(config, run.run_dir / "config.yaml")
