@@ -187,16 +187,22 @@ def test_the_pace_is_taken_over_the_recent_epochs_that_cover_enough_time() -> No
 def _budgeted_cut(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Path, stop_at_step: int | None) -> None:
     """A 6-epoch budgeted plan that falls behind after epoch 2 and is cut to 4 epochs (the decision
     faked, so that it is the same in every process); ``stop_at_step`` sends SIGTERM there."""
-    monkeypatch.setattr(train, "time_steps", lambda *args: 0.05)
-    monkeypatch.setattr(train, "time_checkpoint", lambda *args: 0.0)
-    monkeypatch.setattr(train, "size_to_budget", _epochs_planned(train.size_to_budget, 6))
-    monkeypatch.setattr(train, "recent_epoch_s", lambda *args: 1.0)
-    monkeypatch.setattr(train, "resized_run", lambda plan, done, epochs, *args, **kwargs:
-                        4 if (done, epochs) == (2, 6) else None)
+    _resized_after_epoch_2(monkeypatch, planned=6, new_length=4)
     if stop_at_step is not None:
         sigterm_in_step(monkeypatch, stop_at_step)
     overrides = ["train.budget=10m", f"train.output_dir={run}", "train.test_knn=false", "model.m_schedule=cosine"]
     pretrain(load_config(tiny_config(tmp_path), overrides))
+
+
+def _resized_after_epoch_2(monkeypatch: pytest.MonkeyPatch, planned: int, new_length: int) -> None:
+    """A budgeted plan of ``planned`` epochs whose pace check resizes it to ``new_length`` at the end
+    of epoch 2, and at no other epoch."""
+    monkeypatch.setattr(train, "time_steps", lambda *args: 0.05)
+    monkeypatch.setattr(train, "time_checkpoint", lambda *args: 0.0)
+    monkeypatch.setattr(train, "size_to_budget", _epochs_planned(train.size_to_budget, planned))
+    monkeypatch.setattr(train, "recent_epoch_s", lambda *args: 1.0)
+    monkeypatch.setattr(train, "resized_run", lambda plan, done, epochs, *args, **kwargs:
+                        new_length if (done, epochs) == (2, planned) else None)
 
 
 def _epochs_planned(size_to_budget, epochs: int):  # noqa: ANN001, ANN202
@@ -235,12 +241,7 @@ def test_a_run_ahead_of_its_plan_lengthens_itself_and_its_schedules_end_on_its_n
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     from moco.schedule import learning_rate
 
-    monkeypatch.setattr(train, "time_steps", lambda *args: 0.05)
-    monkeypatch.setattr(train, "time_checkpoint", lambda *args: 0.0)
-    monkeypatch.setattr(train, "size_to_budget", _epochs_planned(train.size_to_budget, 4))
-    monkeypatch.setattr(train, "recent_epoch_s", lambda *args: 1.0)
-    monkeypatch.setattr(train, "resized_run", lambda plan, done, epochs, *args, **kwargs:
-                        6 if (done, epochs) == (2, 4) else None)
+    _resized_after_epoch_2(monkeypatch, planned=4, new_length=6)
     run = tmp_path / "run"
     config = load_config(tiny_config(tmp_path), ["train.budget=10m", f"train.output_dir={run}", "train.test_knn=false",
                                                  "optim.warmup_epochs=0"])
