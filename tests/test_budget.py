@@ -174,6 +174,12 @@ def test_a_run_well_ahead_of_its_plan_early_on_is_lengthened_to_what_fits() -> N
     assert resized_run(plan, 18, 37, spent_s=28.0, epoch_s=1.0) == 75  # half done: still lengthened
     assert resized_run(plan, 19, 37, spent_s=29.0, epoch_s=1.0) is None  # past half: ends early instead
     assert resized_run(plan, 5, 75, spent_s=15.0, epoch_s=1.0) is None  # once lengthened, the same pace keeps it
+    # lengthened from 37 to 75 at epoch 18: by epoch 37 two thirds of the schedules are spent, so even a
+    # pace twice as fast again does not lengthen it a second time (the half mark does not move with the length)
+    grown = {**plan, "changes": [{"epoch": 18, "epochs": 75}]}
+    assert resized_run(grown, 37, 75, spent_s=47.0, epoch_s=0.5) is None
+    assert resized_run(grown, 19, 75, spent_s=29.0, epoch_s=0.5) == 131  # 49.5% spent: (90 - 29 - 5) / 0.5 = 112 more
+    assert resized_run(plan, 5, 37, spent_s=15.0, epoch_s=0.0) is None  # no pace, no judgement
 
 
 def test_the_pace_is_taken_over_the_recent_epochs_that_cover_enough_time() -> None:
@@ -184,10 +190,12 @@ def test_the_pace_is_taken_over_the_recent_epochs_that_cover_enough_time() -> No
     assert recent_epoch_s(ends, 10.0) is None  # not that long yet: no judgement
 
 
-def _budgeted_cut(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Path, stop_at_step: int | None) -> None:
+def _budgeted_cut(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: Path, stop_at_step: int | None,
+                  planned: int = 6, new_length: int = 4) -> None:
     """A 6-epoch budgeted plan that falls behind after epoch 2 and is cut to 4 epochs (the decision
-    faked, so that it is the same in every process); ``stop_at_step`` sends SIGTERM there."""
-    _resized_after_epoch_2(monkeypatch, planned=6, new_length=4)
+    faked, so that it is the same in every process), or another resize; ``stop_at_step`` sends
+    SIGTERM there."""
+    _resized_after_epoch_2(monkeypatch, planned, new_length)
     if stop_at_step is not None:
         sigterm_in_step(monkeypatch, stop_at_step)
     overrides = ["train.budget=10m", f"train.output_dir={run}", "train.test_knn=false", "model.m_schedule=cosine"]
@@ -213,23 +221,25 @@ def _epochs_planned(size_to_budget, epochs: int):  # noqa: ANN001, ANN202
     return sized
 
 
-def test_a_run_that_falls_behind_shortens_itself_says_so_and_resumes_exactly(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("planned, new_length", [(6, 4), (4, 6)], ids=["shortened", "lengthened"])
+def test_a_resized_run_says_so_records_it_and_resumes_exactly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, planned: int,
+        new_length: int) -> None:
     from tests.tiny import assert_identical_runs
 
     whole = tmp_path / "whole"
-    _budgeted_cut(tmp_path, monkeypatch, whole, None)
-    assert "so the run ends after epoch 4 instead of 6" in capsys.readouterr().out
+    _budgeted_cut(tmp_path, monkeypatch, whole, None, planned, new_length)
+    assert f"so the run ends after epoch {new_length} instead of {planned}" in capsys.readouterr().out
     plan = json.loads((whole / "summary.json").read_text())["budget"]
-    assert plan["epochs"] == 6 and [(c["epoch"], c["epochs"]) for c in plan["changes"]] == [(2, 4)]
-    assert yaml.safe_load((whole / "config.yaml").read_text())["optim"]["epochs"] == 4
-    assert [row["epoch"] for row in read_metrics(whole) if row["kind"] == "epoch"] == [1, 2, 3, 4]
-    assert load_checkpoint(whole / "checkpoint_last.pth")["config"]["optim"]["epochs"] == 4
+    assert plan["epochs"] == planned and [(c["epoch"], c["epochs"]) for c in plan["changes"]] == [(2, new_length)]
+    assert yaml.safe_load((whole / "config.yaml").read_text())["optim"]["epochs"] == new_length
+    assert [row["epoch"] for row in read_metrics(whole) if row["kind"] == "epoch"] == list(range(1, new_length + 1))
+    assert load_checkpoint(whole / "checkpoint_last.pth")["config"]["optim"]["epochs"] == new_length
     monkeypatch.undo()
-    # stopped in epoch 3, after the cut: the resume goes on with the shortened schedule
+    # stopped in epoch 3, after the change: the resume goes on with the resized schedule
     resumed = tmp_path / "resumed"
     with pytest.raises(train.TrainingInterrupted):
-        _budgeted_cut(tmp_path, monkeypatch, resumed, stop_at_step=2 * STEPS_PER_EPOCH + 4)
+        _budgeted_cut(tmp_path, monkeypatch, resumed, 2 * STEPS_PER_EPOCH + 4, planned, new_length)
     monkeypatch.undo()
     monkeypatch.setattr(train, "resized_run", lambda *args, **kwargs: None)  # a resume judges its own pace
     pretrain(load_config(tiny_config(tmp_path), ["train.budget=10m", f"train.output_dir={resumed}",
@@ -237,8 +247,8 @@ def test_a_run_that_falls_behind_shortens_itself_says_so_and_resumes_exactly(
     assert_identical_runs(whole, resumed)
 
 
-def test_a_run_ahead_of_its_plan_lengthens_itself_and_its_schedules_end_on_its_new_last_step(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_a_lengthened_runs_lr_goes_on_from_where_it_was_and_ends_on_its_new_last_step(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from moco.schedule import learning_rate
 
     _resized_after_epoch_2(monkeypatch, planned=4, new_length=6)
@@ -246,11 +256,7 @@ def test_a_run_ahead_of_its_plan_lengthens_itself_and_its_schedules_end_on_its_n
     config = load_config(tiny_config(tmp_path), ["train.budget=10m", f"train.output_dir={run}", "train.test_knn=false",
                                                  "optim.warmup_epochs=0"])
     pretrain(config)
-    assert "so the run ends after epoch 6 instead of 4" in capsys.readouterr().out
-    plan = json.loads((run / "summary.json").read_text())["budget"]
-    assert plan["epochs"] == 4 and [(c["epoch"], c["epochs"]) for c in plan["changes"]] == [(2, 6)]
     rows = read_metrics(run)
-    assert [row["epoch"] for row in rows if row["kind"] == "epoch"] == [1, 2, 3, 4, 5, 6]
     lr = {row["step"]: row["lr"] for row in rows if row["kind"] == "train"}
     planned = load_config(tiny_config(tmp_path), ["optim.epochs=4", "optim.warmup_epochs=0"])
     # the first two epochs follow the planned cosine; from there half of it is left, spread over 4 epochs
@@ -262,7 +268,7 @@ def test_a_run_ahead_of_its_plan_lengthens_itself_and_its_schedules_end_on_its_n
 
 
 def test_under_several_processes_a_run_is_lengthened_only_when_every_rank_proposes_it(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     import time
     from types import SimpleNamespace
 
@@ -278,6 +284,10 @@ def test_under_several_processes_a_run_is_lengthened_only_when_every_rank_propos
     monkeypatch.setattr(train.dist_utils, "max_over_ranks", lambda value: max(value, -15))  # the other: 15
     train.keep_to_budget(run, epochs_done=3)
     assert config.optim.epochs == 15 and plan["changes"] == [{"epoch": 3, "epochs": 15, "epoch_s": 0.5, "spent_s": 3.0}]
+    assert "epochs now take 0.5 s" not in capsys.readouterr().out  # 15 was the other rank's proposal
+    monkeypatch.setattr(train.dist_utils, "max_over_ranks", lambda value: max(value, -7))  # the other cuts to 7
+    train.keep_to_budget(run, epochs_done=4)
+    assert config.optim.epochs == 7 and "take longer on another process" in capsys.readouterr().out
 
 
 def test_a_run_slower_than_its_probe_ends_early_with_the_epochs_its_pace_allows(
@@ -327,7 +337,7 @@ def test_under_several_processes_every_rank_takes_the_shortest_length_any_propos
     train.keep_to_budget(run, epochs_done=2)
     assert proposals == [9]  # this rank: no change (its epochs have not yet covered 5% of the budget)
     assert config.optim.epochs == 5 and plan["changes"][0]["epochs"] == 5
-    assert "epochs now are slower" in capsys.readouterr().out
+    assert "epochs now take longer on another process" in capsys.readouterr().out
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["epochs"] == 5
 
 

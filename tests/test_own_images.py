@@ -114,10 +114,15 @@ def test_under_torchrun_rank0_failing_to_measure_the_flip_sample_stops_every_ran
     monkeypatch.setattr(splits.dist_utils, "is_main_process", lambda: True)
     with pytest.raises(OSError, match="broken.png"):  # rank 0 still takes part in the exchange, then raises its own error
         splits._mirror_gap_on_one_rank(None, 0, 0)
-    assert sent == [(None, "OSError: broken.png: cannot identify image file")]
+    assert sent == [(None, ("OSError", "broken.png: cannot identify image file"))]
     monkeypatch.setattr(splits.dist_utils, "all_gather_objects", lambda obj: [sent[0], obj])
     monkeypatch.setattr(splits.dist_utils, "is_main_process", lambda: False)
-    with pytest.raises(RuntimeError, match="rank 0 could not measure.*broken.png"):
+    with pytest.raises(RuntimeError, match="rank 0 could not measure.*OSError: broken.png"):
+        splits._mirror_gap_on_one_rank(None, 0, 0)
+    # a user's error on rank 0 is the same one-line error on the others
+    monkeypatch.setattr(splits.dist_utils, "all_gather_objects",
+                        lambda obj: [(None, ("ConfigError", "data.root: no images in /x")), obj])
+    with pytest.raises(ConfigError, match=r"^data.root: no images in /x$"):
         splits._mirror_gap_on_one_rank(None, 0, 0)
 
 

@@ -21,6 +21,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from moco.errors import ConfigError
+from moco.schedule import schedule_progress
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}
 # The probe times a few steps at the start; a run's later steps went up to 10% slower than that on a
@@ -103,14 +104,16 @@ def resized_run(plan: dict, epochs_done: int, epochs: int, spent_s: float, epoch
 
     - past it, the run is cut to the most epochs that end inside the budget less ``RESERVE``, at
       least ``min_epochs`` and never fewer than are done;
-    - ending before the budget less twice ``RESERVE`` while at most half of the run is done (a probe
-      slowed by something that has passed), it is lengthened to the same mark. Later the schedules
-      are mostly spent, so a longer tail would teach little: such a run ends early.
+    - ending before the budget less twice ``RESERVE`` while at most half of the schedules is spent
+      (a probe slowed by something that has passed), it is lengthened to the same mark. Later a
+      longer tail would teach little: such a run ends early.
 
     Between the two marks nothing changes, so a pace that wavers does not resize the run at every
     epoch.
     """
     if not plan.get("epoch_s"):  # a plan without its costs (written before they were kept) is not judged
+        return None
+    if not (math.isfinite(epoch_s) and epoch_s > 0):
         return None
     slowdown = max(1.0, epoch_s / plan["epoch_s"])
     every, budget_s = plan.get("knn_every", 0), plan["budget_s"]
@@ -130,7 +133,8 @@ def resized_run(plan: dict, epochs_done: int, epochs: int, spent_s: float, epoch
         while length + 1 < epochs and fits(length + 1):
             length += 1
         return length if length < epochs else None
-    if ends_at(epochs) < budget_s * (1 - 2 * RESERVE) and 2 * epochs_done <= epochs:
+    schedule_spent = schedule_progress(epochs_done, 0, run_lengths(plan))  # not the length: it moves as it grows
+    if ends_at(epochs) < budget_s * (1 - 2 * RESERVE) and schedule_spent <= 0.5:
         length = epochs
         while fits(length + 1):
             length += 1

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from moco.config import Config
 from moco.momentum import cosine_momentum
+
+if TYPE_CHECKING:  # moco.config reads budgets (moco.budget), which read this module's progress
+    from moco.config import Config
 
 # The run's length from each point on: [(0, planned length), (where it changed, new length), ...].
 # A run sized by ``train.budget`` resizes itself when its pace misses the plan (moco.budget.resized_run).

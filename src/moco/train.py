@@ -437,7 +437,8 @@ def keep_to_budget(run: Run, epochs_done: int) -> None:
         return
     plan.setdefault("changes", []).append({"epoch": epochs_done, "epochs": length, "epoch_s": pace,
                                            "spent_s": run.elapsed()})
-    pace_text = f"take {pace:.1f} s" if pace else "are slower"  # another rank's pace may have decided
+    pace_text = (f"take {pace:.1f} s" if pace and proposal == length
+                 else "take longer on another process")  # the ranks' shortest proposal decides
     say(f"train.budget={config.train.budget}: epochs now {pace_text} (planned {plan.get('epoch_s', 0.0):.1f} s), "
         f"so the run ends after epoch {length} instead of "
         f"{config.optim.epochs}; the schedules are spread over the epochs left")

@@ -99,11 +99,14 @@ def _mirror_gap_on_one_rank(dataset: Any, seed: int, workers: int) -> tuple[floa
                 raise
             failure = error
     measured_on_rank0, failed_on_rank0 = dist_utils.all_gather_objects(
-        (measured, None if failure is None else f"{type(failure).__name__}: {failure}"))[0]
+        (measured, None if failure is None else (type(failure).__name__, str(failure))))[0]
     if failure is not None:
         raise failure
     if failed_on_rank0 is not None:
-        raise RuntimeError(f"aug.flip_p=auto: rank 0 could not measure the images' mirror gap ({failed_on_rank0})")
+        kind, message = failed_on_rank0
+        if kind == ConfigError.__name__:  # a user's error reads the same on every rank
+            raise ConfigError(message)
+        raise RuntimeError(f"aug.flip_p=auto: rank 0 could not measure the images' mirror gap ({kind}: {message})")
     return measured_on_rank0
 
 
