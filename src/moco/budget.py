@@ -125,19 +125,20 @@ def resized_run(plan: dict, epochs_done: int, epochs: int, spent_s: float, epoch
         return (spent_s + (length - epochs_done) * epoch_s
                 + (monitor_runs * plan["monitor_s"] + plan["final_s"]) * slowdown)
 
-    def fits(length: int) -> bool:
-        return ends_at(length) <= budget_s * (1 - RESERVE)
-
-    if ends_at(epochs) > budget_s:
-        length = max(min_epochs, epochs_done)
-        while length + 1 < epochs and fits(length + 1):
+    def most_that_fit(length: int) -> int:
+        """``length`` grown one epoch at a time while the run still ends inside the budget less
+        ``RESERVE`` (``ends_at`` only grows with the length)."""
+        while ends_at(length + 1) <= budget_s * (1 - RESERVE):
             length += 1
+        return length
+
+    projected = ends_at(epochs)
+    if projected > budget_s:
+        length = most_that_fit(max(min_epochs, epochs_done))
         return length if length < epochs else None
     schedule_spent = schedule_progress(epochs_done, 0, run_lengths(plan))  # not the length: it moves as it grows
-    if ends_at(epochs) < budget_s * (1 - 2 * RESERVE) and schedule_spent <= 0.5:
-        length = epochs
-        while fits(length + 1):
-            length += 1
+    if projected < budget_s * (1 - 2 * RESERVE) and schedule_spent <= 0.5:
+        length = most_that_fit(epochs)
         return length if length > epochs else None
     return None
 

@@ -280,6 +280,32 @@ def all_gather_objects(obj: Any) -> list[Any]:
 
 
 @torch.no_grad()
+def computed_on_main_process(compute: Callable[[], Any], failure: str) -> Any:
+    """``compute()`` run on rank 0 only and its result handed to every rank: work done once (decoding
+    a sample of the data), through :func:`all_gather_objects`. When it fails on rank 0 every rank
+    raises instead of waiting for a result that never comes: rank 0 its own error, the others the
+    same one-line ``ConfigError`` when it was one (a user's error), else a RuntimeError that starts
+    with ``failure`` and names rank 0's error."""
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = compute()
+        except Exception as raised:
+            if not is_distributed():
+                raise
+            error = raised
+    result_of_rank0, error_of_rank0 = all_gather_objects(
+        (result, None if error is None else (type(error).__name__, str(error))))[0]
+    if error is not None:
+        raise error
+    if error_of_rank0 is not None:
+        kind, message = error_of_rank0
+        if kind == ConfigError.__name__:
+            raise ConfigError(message)
+        raise RuntimeError(f"{failure} ({kind}: {message})")
+    return result_of_rank0
+
+
 def broadcast_buffers(module: nn.Module) -> None:
     """Copy rank 0's buffers (BN running statistics) to every rank, e.g. before evaluation."""
     if not is_distributed():

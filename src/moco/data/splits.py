@@ -87,27 +87,13 @@ def decode_once(dataset: Any, d: Any, channels: int) -> bool:
 def _mirror_gap_on_one_rank(dataset: Any, seed: int, workers: int) -> tuple[float, int] | None:
     """``aug.flip_p=auto``'s measure, :func:`moco.derive.mirror_gap` of a sample of up to
     ``MIRROR_SAMPLE`` decoded images, and the sample's size (None below two images). Under torchrun
-    rank 0 decodes and measures and the other ranks take its result: the same images, decoded once.
-    If rank 0 fails, every rank stops with its error instead of waiting for a result that never comes."""
-    measured, failure = None, None
-    if dist_utils.is_main_process():
-        try:
-            sample = sample_images(dataset, MIRROR_SAMPLE, seed, workers)
-            measured = (mirror_gap(sample), len(sample)) if len(sample) >= 2 else None
-        except Exception as error:
-            if not dist_utils.is_distributed():
-                raise
-            failure = error
-    measured_on_rank0, failed_on_rank0 = dist_utils.all_gather_objects(
-        (measured, None if failure is None else (type(failure).__name__, str(failure))))[0]
-    if failure is not None:
-        raise failure
-    if failed_on_rank0 is not None:
-        kind, message = failed_on_rank0
-        if kind == ConfigError.__name__:  # a user's error reads the same on every rank
-            raise ConfigError(message)
-        raise RuntimeError(f"aug.flip_p=auto: rank 0 could not measure the images' mirror gap ({kind}: {message})")
-    return measured_on_rank0
+    rank 0 decodes and measures and the other ranks take its result: the same images, decoded once."""
+    def measure() -> tuple[float, int] | None:
+        sample = sample_images(dataset, MIRROR_SAMPLE, seed, workers)
+        return (mirror_gap(sample), len(sample)) if len(sample) >= 2 else None
+
+    return dist_utils.computed_on_main_process(
+        measure, failure="aug.flip_p=auto: rank 0 could not measure the images' mirror gap")
 
 
 def build_data(config: Config, device: torch.device | None = None, pretraining: bool = True) -> Data:
