@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -267,15 +268,21 @@ def test_a_lengthened_runs_lr_goes_on_from_where_it_was_and_ends_on_its_new_last
     assert lr[6 * STEPS_PER_EPOCH] < 0.01 * lr[2 * STEPS_PER_EPOCH]  # nearly 0 on the new last step
 
 
-def test_under_several_processes_a_run_is_lengthened_only_when_every_rank_proposes_it(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def _run_at_its_epoch_end(tmp_path: Path) -> Any:
+    """What :func:`train.keep_to_budget` reads of a run: 9 epochs of a 10-minute plan, 3 s spent."""
     import time
     from types import SimpleNamespace
 
     config = load_config(None, ["optim.epochs=9", "train.budget=10m", f"train.output_dir={tmp_path}"])
     plan = plan_epochs(600.0, 1.0, 0.1, 10, 100, 4.0, 0, 0, 0).to_dict()
-    run = SimpleNamespace(config=config, state=SimpleNamespace(budget=plan), epoch_ends=[time.time()], monitor_s=0.0,
-                          elapsed=lambda: 3.0, run_dir=tmp_path)
+    return SimpleNamespace(config=config, state=SimpleNamespace(budget=plan), epoch_ends=[time.time()], monitor_s=0.0,
+                           elapsed=lambda: 3.0, run_dir=tmp_path)
+
+
+def test_under_several_processes_a_run_is_lengthened_only_when_every_rank_proposes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    run = _run_at_its_epoch_end(tmp_path)
+    config, plan = run.config, run.state.budget
     monkeypatch.setattr(train, "resized_run", lambda *args, **kwargs: 20)  # this rank would lengthen to 20
     monkeypatch.setattr(train, "recent_epoch_s", lambda *args: 0.5)
     monkeypatch.setattr(train.dist_utils, "max_over_ranks", lambda value: max(value, -9))  # the other: no change
@@ -320,13 +327,8 @@ def test_under_several_processes_every_rank_takes_the_shortest_length_any_propos
     """Ranks time their own epochs; they must still agree on the run's length, or one would wait in
     a collective the others never reach. This rank judges too early to propose anything (None); the
     other rank proposes 5 epochs: both shorten to 5."""
-    import time
-    from types import SimpleNamespace
-
-    config = load_config(None, ["optim.epochs=9", "train.budget=10m", f"train.output_dir={tmp_path}"])
-    plan = plan_epochs(600.0, 1.0, 0.1, 10, 100, 4.0, 0, 0, 0).to_dict()
-    run = SimpleNamespace(config=config, state=SimpleNamespace(budget=plan), epoch_ends=[time.time()], monitor_s=0.0,
-                          elapsed=lambda: 3.0, run_dir=tmp_path)
+    run = _run_at_its_epoch_end(tmp_path)
+    config, plan = run.config, run.state.budget
     proposals = []
 
     def other_rank_proposes_five(value: int) -> int:  # the max of -length over two ranks: the shortest length
