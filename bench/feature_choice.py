@@ -15,7 +15,7 @@ checkpoint and prints, at k = 10 and 200 (weighted, T = ``train.knn_t``):
 
 With ``--leave-one-out`` it reads every labelled training image instead (hold-out included) and
 classifies each by its neighbours among the others, for the backbone, the encoder output and the
-pixels, centred: on a small folder, seven times the hold-out's images, so differences of half a
+pixels, centred (on colour images also the pixels in gray, BT.601 luma): on a small folder, seven times the hold-out's images, so differences of half a
 point mean something (the images were seen by pretraining, without their labels).
 
     python bench/feature_choice.py /tmp/inv/clipart /tmp/inv/stamps
@@ -35,7 +35,7 @@ from torch import nn
 
 from moco.config import from_dict
 from moco.data.augment import EvalTransform
-from moco.data.datasets import make_loader
+from moco.data.datasets import LUMA_601, make_loader
 from moco.data.splits import build_data
 from moco.evaluate.knn import centre_on_bank, knn_predict_many, topk_accuracy
 from moco.pretrained import load_pretrained
@@ -141,9 +141,15 @@ def evaluate_run_leave_one_out(run: Path) -> dict[str, dict[int, float]]:
     feats, labels = features(pretrained.encoder().eval(), labelled)
     classes, t = data.num_classes, config.train.knn_t
     pixels = torch.cat([x.flatten(1) for x, _ in labelled])
-    return {"backbone, centred": leave_one_out(feats["backbone"], labels, classes, t),
+    rows = {"backbone, centred": leave_one_out(feats["backbone"], labels, classes, t),
             "encoder, centred": leave_one_out(feats["encoder"], labels, classes, t),
             "pixels, centred": leave_one_out(pixels, labels, classes, t)}
+    if data.channels == 3:  # whether colour is what tells the classes apart: the same pixels in gray
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (data.mean, data.std))
+        luma = torch.tensor(LUMA_601).view(1, 3, 1, 1)
+        gray = torch.cat([((x * std + mean) * luma).sum(1).flatten(1) for x, _ in labelled])
+        rows["gray pixels, centred"] = leave_one_out(gray, labels, classes, t)
+    return rows
 
 
 def main() -> None:
